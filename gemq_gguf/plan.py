@@ -1,0 +1,72 @@
+"""Expert plans: the ggml type of every routed expert matrix, keyed by (layer, projection).
+
+A plan is what the allocation decides and what the writer consumes. On disk it is the `units` list
+that allocation reports also carry, so an allocation's JSON can be fed back with `--plan`:
+
+    {"units": [{"layer": 0, "expert": 3, "proj": null, "type": "Q4_K"}, ...]}
+
+`expert: null` means every expert of that layer, `proj: null` every projection (gate, up, down).
+Later units override earlier ones, so a plan can set a layer default and then single experts.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import GemqError
+from .ggml_quant import type_info
+
+PROJS = ("gate", "up", "down")
+ExpertPlan = dict[tuple[int, str], list[str]]
+
+
+def uniform_plan(layers: list[int], n_experts: int, type_name: str, projs: tuple[str, ...] = PROJS) -> ExpertPlan:
+    """Every routed expert of every MoE layer gets one type."""
+    t = type_info(type_name).name
+    return {(l, p): [t] * n_experts for l in layers for p in projs}
+
+
+def plan_from_units(units: list[dict], layers: list[int], n_experts: int, projs: tuple[str, ...] = PROJS) -> ExpertPlan:
+    """Resolve a `units` list against the model; every expert matrix must end up with a type."""
+    plan: dict[tuple[int, str], list[str | None]] = {(l, p): [None] * n_experts for l in layers for p in projs}
+    for i, u in enumerate(units):
+        try:
+            layer, expert, proj, t = int(u["layer"]), u.get("expert"), u.get("proj"), str(u["type"])
+        except (KeyError, TypeError, ValueError):
+            raise GemqError(f"plan unit #{i} ({u}) is not {{layer, expert, proj, type}}.",
+                            "write units like {\"layer\": 0, \"expert\": 3, \"proj\": null, \"type\": \"Q4_K\"}.") from None
+        t = type_info(t).name
+        if layer not in layers:
+            raise GemqError(f"plan unit #{i} names layer {layer}, which has no routed experts.",
+                            f"MoE layers are {layers[0]}..{layers[-1]}" + (f" ({len(layers)} layers)." if layers else "."))
+        if expert is not None and not 0 <= int(expert) < n_experts:
+            raise GemqError(f"plan unit #{i} names expert {expert}, but layers have {n_experts} experts.",
+                            f"use expert ids 0..{n_experts - 1}.")
+        if proj is not None and proj not in projs:
+            raise GemqError(f"plan unit #{i} names projection '{proj}'.", f"use one of {', '.join(projs)} or null.")
+        for p in (projs if proj is None else (proj,)):
+            for e in (range(n_experts) if expert is None else (int(expert),)):
+                plan[(layer, p)][e] = t
+    missing = [(l, p, e) for (l, p), ts in plan.items() for e, t in enumerate(ts) if t is None]
+    if missing:
+        l, p, e = missing[0]
+        raise GemqError(f"the plan gives no type to {len(missing)} expert matrices (first: layer {l}, expert {e}, {p}).",
+                        "add units for them, or a layer default like {\"layer\": L, \"expert\": null, \"proj\": null, ...}.")
+    return plan  # type: ignore[return-value]
+
+
+def load_plan(path: Path, layers: list[int], n_experts: int) -> ExpertPlan:
+    """Read a plan (or an allocation report) from JSON."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise GemqError(f"cannot read plan {path}: {e}.", "pass a JSON file with a 'units' list.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("units"), list):
+        raise GemqError(f"plan {path} has no 'units' list.", "pass a plan or an allocation JSON written by gemq-gguf.")
+    return plan_from_units(data["units"], layers, n_experts)
+
+
+def plan_units(plan: ExpertPlan) -> list[dict]:
+    """The plan as an explicit `units` list (one unit per expert matrix)."""
+    return [{"layer": l, "expert": e, "proj": p, "type": t}
+            for (l, p), ts in sorted(plan.items()) for e, t in enumerate(ts)]

@@ -1,0 +1,43 @@
+"""Where the (patched) llama.cpp pieces live: converter, tools, libraries.
+
+`cpp_patch/build.py` records them in `${GEMQ_GGUF_HOME:-~/.cache/gemq-gguf}/llama.cpp/PATHS.json`
+(keys `converter_dir`, `bin_dir`, `lib_dir`, `src_dir`); environment variables override single paths.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import GemqError
+
+
+def home() -> Path:
+    """Cache root for downloads, builds and the demo model."""
+    return Path(os.environ.get("GEMQ_GGUF_HOME", Path.home() / ".cache" / "gemq-gguf"))
+
+
+def _paths() -> dict[str, str]:
+    f = home() / "llama.cpp" / "PATHS.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def _path(key: str, env: str) -> Path:
+    value = os.environ.get(env) or _paths().get(key)
+    if not value:
+        raise GemqError(f"the llama.cpp build is missing ({key} unknown).",
+                        f"run ./setup.sh (or python cpp_patch/build.py), or set {env}.")
+    return Path(value)
+
+
+def converter_dir() -> Path:
+    """Folder holding llama.cpp's convert_hf_to_gguf.py and its `conversion` package."""
+    return _path("converter_dir", "GEMQ_CONVERTER_DIR")
+
+
+def bin_path(name: str) -> Path:
+    """A built llama.cpp tool (llama-perplexity, llama-bench, ...)."""
+    p = _path("bin_dir", "GEMQ_LLAMA_BIN_DIR") / name
+    if not p.exists():
+        raise GemqError(f"{p} does not exist.", "run ./setup.sh to build the llama.cpp tools.")
+    return p

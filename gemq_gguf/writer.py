@@ -1,0 +1,248 @@
+"""Stage 2 of a conversion: float GGUF -> typed GGUF, one tensor at a time.
+
+Every tensor gets its planned type through ggml's own quantizer. Routed-expert tensors whose experts
+have different types are written in the grouped layout of docs/gguf-layout.md; uniform ones keep the
+stock name, so a file without mixed projections is a plain llama.cpp file. The source is memory-mapped
+and the output streamed: peak memory is about one expert tensor. The file appears under its final
+name only when complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, Keys, LlamaFileType
+from tqdm import tqdm
+
+from .errors import GemqError
+from .ggml_quant import fitting_type, quantize, type_info
+from .plan import ExpertPlan
+from .policy import EXPERT_RE, TensorPolicy
+
+GEMQ_VERSION = 1
+log = logging.getLogger("gemq")
+
+# (tensor name, expert, type) -> quantized bytes: lets cost estimation hand its work to the writer.
+QuantCache = dict[tuple[str, int, str], np.ndarray]
+
+
+@dataclass
+class _Out:
+    """One output tensor: its info, and how to produce its bytes when its turn comes."""
+
+    name: str
+    type_name: str
+    byte_shape: tuple[int, ...]
+    n_params: int
+    make: Callable[[], np.ndarray]
+    expert: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.byte_shape))
+
+
+@dataclass
+class WriteSummary:
+    """What was written: the numbers llama.cpp users compare."""
+
+    path: str
+    file_bytes: int
+    total_params: int
+    tensor_bytes: int
+    expert_params: int
+    expert_bytes: int
+    grouped: int
+    type_counts: dict[str, int] = field(default_factory=dict)
+    expert_type_counts: dict[str, int] = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)
+
+    @property
+    def file_bpw(self) -> float:
+        return 8.0 * self.tensor_bytes / max(self.total_params, 1)
+
+    @property
+    def expert_bpw(self) -> float:
+        return 8.0 * self.expert_bytes / max(self.expert_params, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "file_bytes": self.file_bytes, "file_gib": self.file_bytes / 2**30,
+                "file_bpw": self.file_bpw, "expert_bpw": self.expert_bpw, "total_params": self.total_params,
+                "expert_params": self.expert_params, "grouped_projections": self.grouped,
+                "tensor_type_counts": self.type_counts, "expert_matrix_type_counts": self.expert_type_counts,
+                "fallbacks": self.fallbacks}
+
+
+def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, skip: set[str]) -> None:
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name in skip or f.name == Keys.General.ARCHITECTURE:
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+
+
+def _add_gemq_metadata(writer: GGUFWriter, meta: dict[str, Any], summary_counts: Counter, grouped: int,
+                       expert_bpw: float, routers_tuned: bool) -> None:
+    writer.add_uint32("gemq.version", GEMQ_VERSION)
+    if meta.get("budget") is not None:
+        writer.add_float32("gemq.budget", float(meta["budget"]))
+    writer.add_string("gemq.strategy", str(meta.get("strategy", "uniform")))
+    writer.add_string("gemq.granularity", str(meta.get("granularity", "expert")))
+    if meta.get("candidate_types"):
+        writer.add_array("gemq.candidate_types", list(meta["candidate_types"]))
+    writer.add_float32("gemq.expert_bpw", float(expert_bpw))
+    writer.add_string("gemq.type_counts", json.dumps(dict(sorted(summary_counts.items()))))
+    writer.add_uint32("gemq.grouped_tensors", grouped)
+    writer.add_bool("gemq.routers_tuned", routers_tuned)
+
+
+class _Planner:
+    """Turns source tensors into output tensors (names, types, byte shapes, lazy bytes)."""
+
+    def __init__(self, plan: ExpertPlan, policy: TensorPolicy, imatrix: dict[str, np.ndarray] | None,
+                 routers: dict[str, np.ndarray] | None, strict_plan: bool, cache: QuantCache | None) -> None:
+        self.plan, self.policy, self.imatrix = plan, policy, imatrix or {}
+        self.routers, self.strict, self.cache = routers or {}, strict_plan, cache if cache is not None else {}
+        self.fallbacks: list[str] = []
+        self.expert_counts: Counter = Counter()
+        self.grouped = 0
+
+    def _fit(self, name: str, requested: str, width: int, strict: bool) -> str:
+        t = fitting_type(requested, width)
+        if t != type_info(requested).name:
+            if strict:
+                raise GemqError(f"{name}: {requested} needs rows whose width is a multiple of "
+                                f"{type_info(requested).block_size}, but its rows are {width} wide.",
+                                f"choose a type that fits these rows (llama.cpp would fall back to {t}).")
+            msg = f"{name}: rows {width} wide cannot be {requested}; using {t} (as llama-quantize does)"
+            log.warning(msg)
+            self.fallbacks.append(msg)
+        return t
+
+    def plain(self, name: str, data: np.ndarray) -> _Out:
+        rows = data.reshape(-1, data.shape[-1]) if data.ndim > 1 else data.reshape(1, -1)
+        if name in self.routers:
+            new = np.asarray(self.routers[name], dtype=np.float32)
+            if new.shape != data.shape:
+                raise ValueError(f"router {name}: tuned shape {new.shape} != {data.shape}")
+            rows = new.reshape(rows.shape)
+        want = self.policy.type_for(name, data.ndim)
+        t = self._fit(name, want, rows.shape[1], strict=False)
+        imat = self.imatrix.get(name)
+        nbytes_row = type_info(t).row_bytes(rows.shape[1])
+        byte_shape = (*data.shape[:-1], nbytes_row) if data.ndim > 1 else (nbytes_row,)
+
+        def make() -> np.ndarray:
+            q = quantize(np.asarray(rows, dtype=np.float32), t, None if imat is None else imat.reshape(-1))
+            return q.reshape(byte_shape)
+        return _Out(name, t, byte_shape, int(data.size), make)
+
+    def _expert_bytes(self, name: str, data: np.ndarray, e: int, t: str) -> np.ndarray:
+        key = (name, e, t)
+        if key not in self.cache:
+            imat = self.imatrix.get(name)
+            if imat is not None:
+                imat = imat.reshape(data.shape[0], -1)[e] if imat.size == data.shape[0] * data.shape[2] else imat.reshape(-1)
+            self.cache[key] = quantize(np.asarray(data[e], dtype=np.float32), t, imat)
+        return self.cache.pop(key)
+
+    def experts(self, name: str, data: np.ndarray, layer: int, proj: str) -> list[_Out]:
+        n_exp, n_out, n_in = data.shape
+        try:
+            types = self.plan[(layer, proj)]
+        except KeyError:
+            raise GemqError(f"the plan has no types for {name}.", "give every MoE layer a type (see --plan).") from None
+        if len(types) != n_exp:
+            raise GemqError(f"the plan gives {len(types)} types for {name}, which has {n_exp} experts.",
+                            "make the plan match the model.")
+        types = [self._fit(f"{name} expert {e}", t, n_in, self.strict) for e, t in enumerate(types)]
+        self.expert_counts.update(types)
+        groups = sorted(set(types), key=lambda t: type_info(t).id)
+        stock = name.removesuffix(".weight")
+        if len(groups) == 1:
+            names = [(name, groups[0], list(range(n_exp)))]
+        else:
+            self.grouped += 1
+            names = [(f"{stock}.q{g}.weight", t, [e for e in range(n_exp) if types[e] == t]) for g, t in enumerate(groups)]
+        outs = []
+        for out_name, t, members in names:
+            row_bytes = type_info(t).row_bytes(n_in)
+
+            def make(members: list[int] = members, t: str = t) -> np.ndarray:
+                return np.stack([self._expert_bytes(name, data, e, t) for e in members])
+            outs.append(_Out(out_name, t, (len(members), n_out, row_bytes), len(members) * n_out * n_in, make, True))
+        if len(groups) > 1:
+            qmap = np.full((len(groups), n_exp), -1, dtype=np.int32)
+            for g, (_, _, members) in enumerate(names):
+                qmap[g, members] = np.arange(len(members), dtype=np.int32)
+            outs.append(_Out(f"{stock}.qmap", "I32", qmap.shape, 0, lambda q=qmap: q))
+        return outs
+
+
+def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
+               imatrix: dict[str, np.ndarray] | None = None, routers: dict[str, np.ndarray] | None = None,
+               metadata: dict[str, Any] | None = None, strict_plan: bool = False,
+               quant_cache: QuantCache | None = None, progress: bool = True) -> WriteSummary:
+    """Write `dst` from the float GGUF `src` with every tensor typed by `plan` (experts) and `policy`."""
+    reader = GGUFReader(src)
+    arch = str(reader.fields[Keys.General.ARCHITECTURE].contents())
+    planner = _Planner(plan, policy, imatrix, routers, strict_plan, quant_cache)
+    outs: list[_Out] = []
+    for t in reader.tensors:
+        data = t.data  # memory-mapped, numpy order (reversed ggml ne)
+        if t.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+            raise GemqError(f"{src} holds {t.name} as {t.tensor_type.name}; re-typing needs float tensors.",
+                            "convert from the Hugging Face checkpoint (or a F32/F16/BF16 GGUF).")
+        if t.tensor_type == GGMLQuantizationType.BF16:
+            data = _bf16_to_f32(data)
+        m = EXPERT_RE.match(t.name)
+        outs.extend(planner.experts(t.name, data, int(m.group(1)), m.group(2)) if m else [planner.plain(t.name, data)])
+
+    counts = Counter(o.type_name for o in outs)
+    expert_params = sum(o.n_params for o in outs if o.expert)
+    expert_bytes = sum(o.nbytes for o in outs if o.expert)
+    tmp = dst.with_name(dst.name + ".tmp")
+    try:
+        writer = GGUFWriter(tmp, arch)
+        _copy_metadata(reader, writer, skip={Keys.General.FILE_TYPE} | {k for k in reader.fields if k.startswith("gemq.")})
+        writer.add_file_type(LlamaFileType.GUESSED)
+        _add_gemq_metadata(writer, metadata or {}, planner.expert_counts, planner.grouped,
+                           8.0 * expert_bytes / max(expert_params, 1), bool(routers))
+        for o in outs:
+            dtype = np.int32 if o.type_name == "I32" else np.uint8
+            raw = None if o.type_name == "I32" else GGMLQuantizationType[o.type_name]
+            writer.add_tensor_info(o.name, o.byte_shape, np.dtype(dtype), o.nbytes, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with tqdm(total=sum(o.nbytes for o in outs), unit="B", unit_scale=True, desc="quantize+write",
+                  disable=not progress) as bar:
+            for o in outs:
+                arr = o.make()
+                if arr.nbytes != o.nbytes:
+                    raise AssertionError(f"{o.name}: produced {arr.nbytes} bytes, planned {o.nbytes}")
+                writer.write_tensor_data(arr)
+                bar.update(o.nbytes)
+        writer.close()
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return WriteSummary(path=str(dst), file_bytes=dst.stat().st_size, total_params=sum(o.n_params for o in outs),
+                        tensor_bytes=sum(o.nbytes for o in outs if o.type_name != "I32"),
+                        expert_params=expert_params, expert_bytes=expert_bytes, grouped=planner.grouped,
+                        type_counts=dict(counts), expert_type_counts=dict(planner.expert_counts),
+                        fallbacks=planner.fallbacks)
+
+
+def _bf16_to_f32(data: np.ndarray) -> np.ndarray:
+    """BF16 GGUF tensors come as uint16 (or raw bytes); widen lazily to float32 per tensor."""
+    u16 = data.view(np.uint16)
+    return (u16.astype(np.uint32) << 16).view(np.float32)

@@ -1,0 +1,67 @@
+"""Tiny random MoE checkpoints, one per supported architecture, built with transformers in the tests.
+
+Widths are multiples of 256 so every K-quant and IQ type fits; a real byte-level BPE tokenizer is
+trained on the packaged calibration text so llama.cpp tokenizes exactly like Hugging Face.
+"""
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from gemq_gguf.data import calib_texts
+
+VOCAB = 384
+COMMON = dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+              pad_token_id=1, rms_norm_eps=1e-6)
+
+CONFIGS: dict[str, dict] = {
+    "mixtral": dict(model_type="mixtral", num_key_value_heads=2, intermediate_size=256, num_local_experts=6,
+                    num_experts_per_tok=2, head_dim=64, sliding_window=None),
+    "qwen2_moe": dict(model_type="qwen2_moe", num_key_value_heads=2, intermediate_size=512, moe_intermediate_size=256,
+                      shared_expert_intermediate_size=512, num_experts=6, num_experts_per_tok=2, norm_topk_prob=False,
+                      decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False),
+    "qwen3_moe": dict(model_type="qwen3_moe", num_key_value_heads=2, intermediate_size=512, moe_intermediate_size=256,
+                      num_experts=6, num_experts_per_tok=2, norm_topk_prob=True, head_dim=64, decoder_sparse_step=1,
+                      mlp_only_layers=[], use_sliding_window=False),
+    "olmoe": dict(model_type="olmoe", num_key_value_heads=4, intermediate_size=256, num_experts=6,
+                  num_experts_per_tok=2, norm_topk_prob=False),
+    "deepseek_v2": dict(model_type="deepseek_v2", num_key_value_heads=4, intermediate_size=512,
+                        moe_intermediate_size=256, n_routed_experts=6, num_experts_per_tok=2, n_shared_experts=1,
+                        first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=256, qk_rope_head_dim=32,
+                        qk_nope_head_dim=64, v_head_dim=64, n_group=1, topk_group=1, topk_method="greedy",
+                        routed_scaling_factor=1.0, norm_topk_prob=False, num_hidden_layers=3),
+}
+ARCHS = tuple(CONFIGS)
+
+
+@cache
+def _tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([t[:60_000] for t in calib_texts().values()], trainer)
+    assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a random `arch` checkpoint with tokenizer to out_dir; returns out_dir."""
+    kwargs = {**COMMON, **CONFIGS[arch]}
+    cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    with torch.no_grad():  # routers with real spread, so top-k choices are not near-ties
+        for name, p in model.named_parameters():
+            if name.endswith(("gate.weight", "shared_expert_gate.weight")):
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(out_dir)
+    _tokenizer().save_pretrained(out_dir)
+    return out_dir
