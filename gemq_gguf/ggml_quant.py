@@ -103,12 +103,17 @@ class TypeInfo:
         return n_per_row // self.block_size * self.type_size
 
 
-def _type_id(name: str) -> int:
+def canonical(name: str) -> str:
+    """The ggml spelling of a type name ('q4_k' -> 'Q4_K'); a clear error for unknown names."""
     try:
-        return int(GGMLQuantizationType[name.upper()])
+        return GGMLQuantizationType[name.strip().upper()].name
     except KeyError:
         known = ", ".join(t.name for t in GGMLQuantizationType)
         raise GemqError(f"unknown ggml type '{name}'.", f"use one of: {known}.") from None
+
+
+def _type_id(name: str) -> int:
+    return int(GGMLQuantizationType[canonical(name)])
 
 
 @cache

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from .errors import GemqError
-from .ggml_quant import type_info
+from .ggml_quant import canonical
 
 PROJS = ("gate", "up", "down")
 ExpertPlan = dict[tuple[int, str], list[str]]
@@ -22,7 +22,7 @@ ExpertPlan = dict[tuple[int, str], list[str]]
 
 def uniform_plan(layers: list[int], n_experts: int, type_name: str, projs: tuple[str, ...] = PROJS) -> ExpertPlan:
     """Every routed expert of every MoE layer gets one type."""
-    t = type_info(type_name).name
+    t = canonical(type_name)
     return {(l, p): [t] * n_experts for l in layers for p in projs}
 
 
@@ -35,7 +35,7 @@ def plan_from_units(units: list[dict], layers: list[int], n_experts: int, projs:
         except (KeyError, TypeError, ValueError):
             raise GemqError(f"plan unit #{i} ({u}) is not {{layer, expert, proj, type}}.",
                             "write units like {\"layer\": 0, \"expert\": 3, \"proj\": null, \"type\": \"Q4_K\"}.") from None
-        t = type_info(t).name
+        t = canonical(t)
         if layer not in layers:
             raise GemqError(f"plan unit #{i} names layer {layer}, which has no routed experts.",
                             f"MoE layers are {layers[0]}..{layers[-1]}" + (f" ({len(layers)} layers)." if layers else "."))

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import GemqError
-from .ggml_quant import type_info
+from .ggml_quant import canonical
 
 EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight$")
 
@@ -61,13 +61,12 @@ class TensorPolicy:
         """Build from `--non-expert TYPE` (all categories but routers) and `--tensor-type PATTERN=TYPE`."""
         policy = cls()
         if non_expert:
-            type_info(non_expert)
-            policy.defaults.update({k: non_expert.upper() for k in policy.defaults if k != "router"})
+            policy.defaults.update({k: canonical(non_expert) for k in policy.defaults if k != "router"})
         for spec in specs or []:
             if "=" not in spec:
                 raise GemqError(f"--tensor-type '{spec}' is not PATTERN=TYPE.", "write e.g. attn=Q8_0 or 'blk\\.0\\..*'=Q8_0.")
             pattern, type_name = spec.rsplit("=", 1)
-            type_name = type_info(type_name).name
+            type_name = canonical(type_name)
             if pattern in policy.defaults:
                 policy.defaults[pattern] = type_name
             elif pattern == "expert":

@@ -52,9 +52,9 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
 
 
-def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
     """Write a random `arch` checkpoint with tokenizer to out_dir; returns out_dir."""
-    kwargs = {**COMMON, **CONFIGS[arch]}
+    kwargs = {**COMMON, **CONFIGS[arch], **overrides}
     cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
