@@ -14,15 +14,15 @@ from gemq_gguf.plan import ExpertPlan
 
 
 def load_hf(model_dir: Path, plan: ExpertPlan | None = None) -> torch.nn.Module:
-    """The HF model in float64, with each planned expert matrix replaced by its ggml round trip."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    """The HF model in float32 (MoE kernels take no float64), with each planned expert matrix replaced by its ggml round trip."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if plan:
         adapter = adapter_for(AutoConfig.from_pretrained(model_dir).architectures)
         for (layer, proj), types in plan.items():
             block = adapter.moe_block(model, layer)
             for e, t in enumerate(types):
                 w = adapter.expert_weights(block, e)
-                w = {**w, proj: torch.from_numpy(roundtrip(w[proj].float().numpy(), t)).double()}
+                w = {**w, proj: torch.from_numpy(roundtrip(w[proj].detach().float().numpy(), t))}
                 adapter.set_expert_weights(block, e, w)
     return model
 

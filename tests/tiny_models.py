@@ -29,10 +29,10 @@ CONFIGS: dict[str, dict] = {
                       num_experts=6, num_experts_per_tok=2, norm_topk_prob=True, head_dim=64, decoder_sparse_step=1,
                       mlp_only_layers=[], use_sliding_window=False),
     "olmoe": dict(model_type="olmoe", num_key_value_heads=4, intermediate_size=256, num_experts=6,
-                  num_experts_per_tok=2, norm_topk_prob=False),
+                  num_experts_per_tok=2, norm_topk_prob=False, rms_norm_eps=1e-5),  # llama.cpp: n_kv == n_head, eps 1e-5
     "deepseek_v2": dict(model_type="deepseek_v2", num_key_value_heads=4, intermediate_size=512,
                         moe_intermediate_size=256, n_routed_experts=6, num_experts_per_tok=2, n_shared_experts=1,
-                        first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=256, qk_rope_head_dim=32,
+                        first_k_dense_replace=1, q_lora_rank=256, kv_lora_rank=256, qk_rope_head_dim=32,
                         qk_nope_head_dim=64, v_head_dim=64, n_group=1, topk_group=1, topk_method="greedy",
                         routed_scaling_factor=1.0, norm_topk_prob=False, num_hidden_layers=3),
 }
