@@ -137,10 +137,16 @@ class AllocationProblem:
                 f"Units {bad} have no allowed quant type (every cost is inf).",
                 "add a type their shape supports (e.g. Q8_0 or Q4_0) to --types.",
             )
+        if len(set(map(tuple, self.units))) != u:
+            raise ValueError("units must be distinct")
         groups = [np.asarray(g, dtype=np.int64) for g in self.groups]
+        seen = np.zeros(u, dtype=np.int64)
         for g in groups:
             if g.ndim != 1 or (g.size and (g.min() < 0 or g.max() >= u)):
                 raise ValueError("groups must be 1-D arrays of unit indices")
+            np.add.at(seen, g, 1)
+        if (seen > 1).any():
+            raise ValueError("groups must be disjoint (a unit lives in one (layer, projection) tensor)")
         object.__setattr__(self, "units", [tuple(x) for x in self.units])
         object.__setattr__(self, "types", list(self.types))
         object.__setattr__(self, "cost", cost)
@@ -593,7 +599,10 @@ def _gap(cost: float, bound: float) -> float:
 
 
 class _State:
-    """Mutable assignment with per-group type counts, so moves can be checked for max-types in O(1)."""
+    """Mutable assignment with per-group type counts, so moves can be checked for max-types in O(1).
+
+    Groups are disjoint (validated by AllocationProblem), so each unit has at most one group.
+    """
 
     def __init__(
         self,
@@ -603,49 +612,59 @@ class _State:
         locked: set[int] | None = None,
     ) -> None:
         self.p = problem
-        self.choice = choice.copy()
+        self.choice = np.array(choice, dtype=np.int64)
         self.max_types = max_types
         self.bits = problem.bit_matrix
         self.cost = problem.cost
         self.allowed = problem.allowed
         self.locked = locked or set()
         self.version = np.zeros(problem.n_units, dtype=np.int64)
-        self.unit_groups: list[list[int]] = [[] for _ in range(problem.n_units)]
-        self.counts: list[dict[int, int]] = []
         groups = problem.groups if max_types is not None else []
+        self.group = np.full(problem.n_units, -1, dtype=np.int64)
         for gi, g in enumerate(groups):
-            cnt: dict[int, int] = {}
-            for u in g:
-                self.unit_groups[int(u)].append(gi)
-                t = int(self.choice[u])
-                cnt[t] = cnt.get(t, 0) + 1
-            self.counts.append(cnt)
+            self.group[g] = gi
+        self.counts = np.zeros((len(groups), problem.n_types), dtype=np.int64)
+        m = self.group >= 0
+        np.add.at(self.counts, (self.group[m], self.choice[m]), 1)
+        self.n_used = (self.counts > 0).sum(axis=1)
         rows = np.arange(problem.n_units)
         self.total_bits = float(self.bits[rows, self.choice].sum())
 
     def can_move(self, u: int, t: int) -> bool:
         if u in self.locked or not self.allowed[u, t]:
             return False
-        old = int(self.choice[u])
-        if self.max_types is None or t == old:
+        g = self.group[u]
+        if g < 0 or self.max_types is None or self.counts[g, t] > 0:
             return True
-        for gi in self.unit_groups[u]:
-            cnt = self.counts[gi]
-            if t in cnt:
-                continue
-            n = len(cnt) - (1 if cnt.get(old, 0) == 1 else 0)
-            if n + 1 > self.max_types:
-                return False
-        return True
+        old = self.choice[u]
+        n = self.n_used[g] - (1 if self.counts[g, old] == 1 else 0)
+        return bool(n + 1 <= self.max_types)
+
+    def valid_mask(self) -> np.ndarray:
+        """can_move for every (unit, type) at once."""
+        ok = self.allowed.copy()
+        if self.locked:
+            ok[list(self.locked)] = False
+        m = self.group >= 0
+        if self.max_types is None or not m.any():
+            return ok
+        g = self.group[m]
+        present = self.counts[g] > 0  # (n, T)
+        alone = self.counts[g, self.choice[m]] == 1
+        room = (self.n_used[g] - alone.astype(np.int64) + 1) <= self.max_types
+        ok[m] &= present | room[:, None]
+        return ok
 
     def move(self, u: int, t: int) -> None:
         old = int(self.choice[u])
-        for gi in self.unit_groups[u]:
-            cnt = self.counts[gi]
-            cnt[old] -= 1
-            if cnt[old] == 0:
-                del cnt[old]
-            cnt[t] = cnt.get(t, 0) + 1
+        g = self.group[u]
+        if g >= 0:
+            self.counts[g, old] -= 1
+            if self.counts[g, old] == 0:
+                self.n_used[g] -= 1
+            if self.counts[g, t] == 0:
+                self.n_used[g] += 1
+            self.counts[g, t] += 1
         self.total_bits += float(self.bits[u, t] - self.bits[u, old])
         self.choice[u] = t
         self.version[u] += 1
@@ -697,7 +716,7 @@ def _repair_down(s: _State, cap: float) -> bool:
     if s.total_bits <= cap:
         return True
     dc, db = _deltas(s)
-    mask = s.allowed & (db < 0)
+    mask = s.valid_mask() & (db < 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         heap = _heap_from(np.where(mask, dc / -db, 0.0), mask, s)
     while s.total_bits > cap and heap:
@@ -710,22 +729,22 @@ def _repair_down(s: _State, cap: float) -> bool:
     return s.total_bits <= cap
 
 
-def _fill_up(s: _State, cap: float, rounds: int = 4) -> None:
+def _fill_up(s: _State, cap: float, rounds: int = 64) -> None:
     """Spend leftover bits on the best cost-saved-per-bit upgrades that still fit.
 
-    Only moves that fit the current slack are queued (keeps large instances fast); another round
-    runs if bit-saving upgrades (dominated types left by max-types) opened more slack.
+    Only moves that fit the current slack are queued, and the queue is rebuilt whenever the slack
+    halves, so large instances do not pop hundreds of thousands of moves that can no longer fit.
     """
     for _ in range(rounds):
-        start = s.total_bits
+        slack0 = cap - s.total_bits
         dc, db = _deltas(s)
-        mask = s.allowed & (dc < 0) & (db <= cap - s.total_bits)
+        mask = s.valid_mask() & (dc < 0) & (db <= slack0)
         if not mask.any():
             return
         with np.errstate(divide="ignore", invalid="ignore"):
             key = np.where(db > 0, dc / np.where(db > 0, db, 1.0), -np.inf)
         heap = _heap_from(key, mask, s)
-        lowest = start
+        moved = False
         while heap:
             _, u, t, ver = heapq.heappop(heap)
             if ver != s.version[u]:
@@ -734,11 +753,13 @@ def _fill_up(s: _State, cap: float, rounds: int = 4) -> None:
             if s.total_bits + step > cap or not s.can_move(u, t):
                 continue
             s.move(u, t)
-            lowest = min(lowest, s.total_bits)
+            moved = True
             for m in _up_moves(s, u):
                 if m[0] == -np.inf or s.bits[m[1], m[2]] - s.bits[u, t] <= cap - s.total_bits:
                     heapq.heappush(heap, m)
-        if lowest >= start:
+            if cap - s.total_bits < 0.5 * slack0:
+                break  # rebuild a smaller queue
+        if not moved:
             return
 
 
@@ -946,7 +967,12 @@ def solve_lp_round(
         c = greedy_repair(problem, start, budget_bpw, max_types, paper_constraint)
         if not violations(problem, c, budget_bpw, max_types, paper_constraint):
             candidates.append(c)
-    choice = min(candidates, key=lambda c: problem.cost[rows, c].sum()) if candidates else under
+    if not candidates:
+        raise GemqError(
+            f"The fast solver found no allocation meeting {budget_bpw:g} bpw with these constraints.",
+            "use the MILP (method 'milp' / 'auto'), raise --budget or --max-types.",
+        )
+    choice = min(candidates, key=lambda c: problem.cost[rows, c].sum())
     total = float(problem.cost[rows, choice].sum())
     return make_allocation(
         problem, choice, strategy="gemq", budget_bpw=budget_bpw,
@@ -1027,13 +1053,17 @@ def solve_gemq(
         raise GemqError(f"--max-types {max_types} allows no type at all.", "use --max-types 1 or more.")
     t0 = time.perf_counter()
     rows = np.arange(problem.n_units)
-    heur = solve_lp_round(problem, budget_bpw, max_types, time_limit, paper_constraint)
-    heur_ok = not violations(problem, heur.type_index, budget_bpw, max_types, paper_constraint)
+    try:
+        heur: Allocation | None = solve_lp_round(problem, budget_bpw, max_types, time_limit, paper_constraint)
+    except GemqError:
+        if method == "lp-round":
+            raise
+        heur = None
     if method == "lp-round":
-        if not heur_ok:
-            _raise_infeasible(problem, budget_bpw, max_types, paper_constraint)
+        assert heur is not None
         return heur
-    if method == "auto" and heur_ok and heur.gap <= mip_rel_gap:
+    heur_ok = heur is not None
+    if method == "auto" and heur is not None and heur.gap <= mip_rel_gap:
         return replace(heur, status="optimal", seconds=time.perf_counter() - t0)
     try:
         exact = solve_milp(
@@ -1044,7 +1074,7 @@ def solve_gemq(
         if not heur_ok:
             raise
         exact = None
-    candidates = ([exact] if exact is not None else []) + ([heur] if heur_ok else [])
+    candidates = [a for a in (exact, heur) if a is not None]
     if not candidates:
         _raise_infeasible(problem, budget_bpw, max_types, paper_constraint)
     best = min(candidates, key=lambda a: a.total_cost)  # ties keep the MILP answer
