@@ -1,0 +1,367 @@
+"""GEMQ costs: the predicted loss increase of quantizing each unit to each candidate ggml type.
+
+c[l, e, t] = Σ_tokens Σ_d (w_e(x)·g_d)² (E_e(x) − E_e,q(x))_d²  (DESIGN.md §5), over the tokens routed
+to expert e, with only that expert (or one of its projections) quantized to t by ggml's own
+quantizer with the expert's imatrix: the exact bytes that will ship. Quantizing one expert does not
+change the router's input, so this equals re-running the whole block, without re-running it.
+
+Units by granularity:
+- 'expert': gate, up and down quantized together (the paper's choice). A type a projection's row
+  width cannot take is replaced for that projection by llama.cpp's own fallback (`fitting_type`,
+  e.g. Q4_K -> Q5_0 for 1408-wide rows), exactly what the writer will do; cost and bits use it.
+- 'expert-proj': each projection alone, the others in full precision; a type must fit the rows.
+- 'tensor': one type per layer-projection, cost = Σ over the layer's experts of the 'expert-proj'
+  costs. This quantizes every expert of the tensor at once while each cost term assumes the other
+  experts exact; since each routing slot of a token touches one expert, the cross terms only come
+  from the other slots of the same token, so summing per-expert costs is the natural first-order
+  approximation (exact when top-k = 1).
+Experts never routed during calibration get, per type, the largest cost of a routed expert of the
+same layer (a conservative default: they are assumed as sensitive as the layer's most sensitive
+expert); they are listed in `CostTable.never_routed` and `notes`.
+Quantization is the CPU hot spot: each distinct (matrix, effective type) is quantized once, in a
+thread pool (ggml releases the GIL), one layer ahead of the cost arithmetic; results go into the
+writer's `QuantCache` when they fit `cache_limit` bytes, so the final write re-quantizes nothing.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .allocate import DEFAULT_TYPES, AllocationProblem, UnitKey
+from .archs import ArchAdapter
+from .errors import GemqError
+from .ggml_quant import dequantize, fitting_type, quantize, type_info
+from .imatrix_io import expert_imatrix, expert_tensor_name
+from .plan import ExpertPlan
+from .stats import CalibStats, LayerStats
+from .writer import QuantCache
+
+GRANULARITIES = ("expert", "expert-proj", "tensor")
+PROJS = ("gate", "up", "down")
+DEFAULT_CACHE_LIMIT = 2**30
+Act = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class CostTable:
+    """Costs and exact sizes of every (unit, type), in the shape `allocate.AllocationProblem` wants.
+
+    cost[u, t] is np.inf where type t is not allowed for unit u (row width, or no imatrix for a type
+    that needs one); bits[u, t] is exact (rows × row_bytes × 8 over the unit's matrices).
+    """
+
+    units: list[UnitKey]
+    types: list[str]
+    cost: np.ndarray
+    params: np.ndarray
+    bits: np.ndarray
+    never_routed: list[tuple[int, int]]
+    token_counts: dict[int, np.ndarray]
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def problem(self) -> AllocationProblem:
+        return AllocationProblem.build(self.units, self.types, self.cost, self.params, bits=self.bits)
+
+
+def unit_keys(layers: Sequence[int], n_experts: int, granularity: str) -> list[UnitKey]:
+    """Units in a fixed order: layer-major, then expert, then projection."""
+    if granularity == "expert":
+        return [(l, e, None) for l in layers for e in range(n_experts)]
+    if granularity == "expert-proj":
+        return [(l, e, p) for l in layers for e in range(n_experts) for p in PROJS]
+    if granularity == "tensor":
+        return [(l, None, p) for l in layers for p in PROJS]
+    raise GemqError(f"unknown granularity '{granularity}'.", f"use one of: {', '.join(GRANULARITIES)}.")
+
+
+def effective_type(t: str, width: int, fallback: bool, has_imatrix: bool) -> str | None:
+    """The type rows of `width` really get for candidate t (None: not allowed)."""
+    et = fitting_type(t, width) if fallback else type_info(t).name
+    if not type_info(et).fits(width) or (type_info(et).requires_imatrix and not has_imatrix):
+        return None
+    return et
+
+
+def matrix_bits(rows: int, width: int, t: str) -> int:
+    return rows * type_info(t).row_bytes(width) * 8
+
+
+# -- the arithmetic (pure) -------------------------------------------------------------------------
+
+def weighted_sse(delta: torch.Tensor, gw: torch.Tensor) -> float:
+    """Σ (gw ⊙ delta)²: the Fisher-weighted squared change of the block output."""
+    return float(((gw * delta) ** 2).sum())
+
+
+@dataclass(frozen=True)
+class ExpertPass:
+    """An expert's full-precision forward on its routed tokens, reused by every quantized variant."""
+
+    x: torch.Tensor
+    w: dict[str, torch.Tensor]
+    a: torch.Tensor   # act(x W_gate^T)
+    up: torch.Tensor  # x W_up^T
+    h: torch.Tensor   # a * up, the down projection's input
+
+
+def expert_pass(x: torch.Tensor, w: dict[str, torch.Tensor], act: Act) -> ExpertPass:
+    a, up = act(x @ w["gate"].T), x @ w["up"].T
+    return ExpertPass(x, w, a, up, a * up)
+
+
+def expert_delta(base: ExpertPass, wq: dict[str, torch.Tensor], act: Act) -> torch.Tensor:
+    """E(x) − E_q(x) with the projections in `wq` replaced (the others stay exact).
+
+    Written with weight differences (h − h_q = (a − a_q)·up + a_q·x ΔW_up^T, ...), so the small
+    delta keeps its precision in float32 instead of being a difference of two large outputs.
+    """
+    x, w = base.x, base.w
+    delta = base.h @ (w["down"] - wq["down"]).T if "down" in wq else None
+    if "gate" in wq or "up" in wq:
+        a_q = act(x @ wq["gate"].T) if "gate" in wq else base.a
+        dh = (base.a - a_q) * base.up if "gate" in wq else torch.zeros_like(base.h)
+        if "up" in wq:
+            dh = dh + a_q * (x @ (w["up"] - wq["up"]).T)
+        d = dh @ wq.get("down", w["down"]).T
+        delta = d if delta is None else delta + d
+    return delta
+
+
+# -- quantization jobs -----------------------------------------------------------------------------
+
+@dataclass
+class _LayerJobs:
+    """A layer's float expert weights and the pending quantizations of its matrices."""
+
+    layer: int
+    weights: list[dict[str, np.ndarray]]
+    eff: dict[str, dict[str, str | None]]            # proj -> candidate -> effective type
+    futures: dict[tuple[str, int, str], Future]      # QuantCache key -> quantized bytes
+
+
+def _submit_layer(pool: ThreadPoolExecutor, adapter: ArchAdapter, block: nn.Module, layer: int, n_experts: int,
+                  types: Sequence[str], means: dict[str, np.ndarray] | None, fallback: bool,
+                  cache: QuantCache) -> _LayerJobs:
+    weights = [{p: w.detach().to("cpu", torch.float32).numpy() for p, w in adapter.expert_weights(block, e).items()}
+               for e in range(n_experts)]
+    imat = {p: expert_imatrix(means, layer, p, n_experts) if means else None for p in PROJS}
+    eff = {p: {t: effective_type(t, weights[0][p].shape[1], fallback, imat[p] is not None) for t in types}
+           for p in PROJS}
+    futures: dict[tuple[str, int, str], Future] = {}
+    for e in range(n_experts):
+        for p in PROJS:
+            name = expert_tensor_name(layer, p)
+            for et in {v for v in eff[p].values() if v is not None}:
+                key = (name, e, et)
+                if key in cache:
+                    futures[key] = _done(cache[key])
+                else:
+                    im = None if imat[p] is None else imat[p][e]
+                    futures[key] = pool.submit(quantize, weights[e][p], et, im, 1)
+    return _LayerJobs(layer, weights, eff, futures)
+
+
+def _done(value: np.ndarray) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+def _layer_jobs(pool: ThreadPoolExecutor, model: nn.Module, adapter: ArchAdapter, layers: Sequence[int],
+                n_experts: int, types: Sequence[str], means: dict[str, np.ndarray] | None, fallback: bool,
+                cache: QuantCache) -> Iterator[_LayerJobs]:
+    """Yield each layer's jobs while the next layer's quantizations are already queued."""
+    def submit(l: int) -> _LayerJobs:
+        return _submit_layer(pool, adapter, adapter.moe_block(model, l), l, n_experts, types, means, fallback, cache)
+    pending = submit(layers[0]) if layers else None
+    for i in range(len(layers)):
+        current = pending
+        pending = submit(layers[i + 1]) if i + 1 < len(layers) else None
+        yield current
+
+
+# -- per-layer costs -------------------------------------------------------------------------------
+
+def _expert_costs(jobs: _LayerJobs, s: LayerStats, e: int, act: Act, types: Sequence[str], granularity: str,
+                  device: torch.device, dtype: torch.dtype) -> np.ndarray:
+    """Costs of one routed expert: [T] for 'expert', [3, T] (gate, up, down) otherwise."""
+    tok, rw = s.routed(e)
+    x = s.x[tok].to(device, dtype)
+    gw = s.g[tok].to(device, dtype) * rw.to(device, dtype)[:, None]
+    w = {p: torch.from_numpy(jobs.weights[e][p]).to(device, dtype) for p in PROJS}
+    base = expert_pass(x, w, act)
+    deq: dict[tuple[str, str], torch.Tensor] = {}
+
+    def wq(p: str, et: str) -> torch.Tensor:
+        if (p, et) not in deq:
+            data = jobs.futures[(expert_tensor_name(jobs.layer, p), e, et)].result()
+            deq[(p, et)] = torch.from_numpy(dequantize(data, et, w[p].shape[1])).to(device, dtype)
+        return deq[(p, et)]
+
+    memo: dict[tuple, float] = {}
+
+    def cost(combo: tuple[tuple[str, str], ...]) -> float:
+        if combo not in memo:
+            memo[combo] = weighted_sse(expert_delta(base, {p: wq(p, et) for p, et in combo}, act), gw)
+        return memo[combo]
+
+    if granularity == "expert":
+        out = np.full(len(types), np.inf)
+        for j, t in enumerate(types):
+            combo = tuple((p, jobs.eff[p][t]) for p in PROJS)
+            if all(et is not None for _, et in combo):
+                out[j] = cost(combo)
+        return out
+    out = np.full((len(PROJS), len(types)), np.inf)
+    for i, p in enumerate(PROJS):
+        for j, t in enumerate(types):
+            et = jobs.eff[p][t]
+            if et is not None:
+                out[i, j] = cost(((p, et),))
+    return out
+
+
+def _fill_never_routed(c: np.ndarray, routed: np.ndarray) -> np.ndarray:
+    """Unrouted experts' costs := the layer's largest routed cost per (projection,) type."""
+    if routed.all() or not routed.any():
+        return c
+    c = c.copy()
+    c[~routed] = c[routed].max(axis=0)
+    return c
+
+
+def _matrix_bits(jobs: _LayerJobs, p: str, t: str) -> int | None:
+    et = jobs.eff[p][t]
+    if et is None:
+        return None
+    rows, width = jobs.weights[0][p].shape
+    return matrix_bits(rows, width, et)
+
+
+def _unit_bits(jobs: _LayerJobs, projs: Sequence[str], types: Sequence[str], n: int = 1) -> np.ndarray:
+    """Bits of a unit made of `projs` (× n experts) for every type; nominal bpw where not allowed."""
+    out = np.empty(len(types))
+    params = n * sum(jobs.weights[0][p].size for p in projs)
+    for j, t in enumerate(types):
+        b = [_matrix_bits(jobs, p, t) for p in projs]
+        out[j] = n * sum(b) if all(v is not None for v in b) else params * type_info(t).bpw
+    return out
+
+
+def _keep(cache: QuantCache, jobs: _LayerJobs, keep: bool) -> None:
+    if keep:
+        for key, f in jobs.futures.items():
+            cache[key] = f.result()
+
+
+def _quant_bytes(adapter: ArchAdapter, model: nn.Module, layers: Sequence[int], n_experts: int,
+                 types: Sequence[str], fallback: bool) -> int:
+    """Upper bound of the bytes that caching every quantized matrix would hold."""
+    total = 0
+    for l in layers[:1]:
+        w = adapter.expert_weights(adapter.moe_block(model, l), 0)
+        for p in PROJS:
+            rows, width = w[p].shape
+            ets = {fitting_type(t, width) if fallback else type_info(t).name for t in types}
+            total += sum(rows * type_info(et).row_bytes(width) for et in ets if type_info(et).fits(width))
+    return total * n_experts * len(layers)
+
+
+def estimate_costs(model: nn.Module, adapter: ArchAdapter, stats: CalibStats,
+                   imatrix: dict[str, np.ndarray] | None, *, types: Sequence[str] = DEFAULT_TYPES,
+                   granularity: str = "expert", cache: QuantCache | None = None,
+                   cache_limit: int = DEFAULT_CACHE_LIMIT, device: str | torch.device | None = None,
+                   dtype: torch.dtype = torch.float32, threads: int | None = None,
+                   progress: bool = False) -> CostTable:
+    """The GEMQ cost table of every unit and candidate type.
+
+    imatrix: per-matrix means keyed by GGUF name ([E, n_in] for expert tensors), e.g.
+    `stats.imatrix().means()` or `read_imatrix(path).means()`; None quantizes without one (types that
+    need one are then not allowed). `cache`: the writer's QuantCache, filled with every quantized
+    matrix when they all fit `cache_limit` bytes (existing entries are reused, never recomputed).
+    """
+    t0 = time.perf_counter()
+    shape = adapter.moe_shape(model.config)
+    layers = [l for l in shape.moe_layers if l in stats.layers]
+    missing = sorted(set(shape.moe_layers) - set(stats.layers))
+    if missing:
+        raise GemqError(f"calibration statistics lack MoE layers {missing}.", "collect stats on the same model.")
+    types = [type_info(t).name for t in types]
+    units = unit_keys(layers, shape.n_experts, granularity)
+    fallback = granularity == "expert"
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cache = {} if cache is None else cache
+    keep = _quant_bytes(adapter, model, layers, shape.n_experts, types, fallback) <= cache_limit
+    costs, bits, params, never, notes = [], [], [], [], []
+    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+        it = _layer_jobs(pool, model, adapter, layers, shape.n_experts, types, imatrix, fallback, cache)
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(it, total=len(layers), desc="GEMQ costs", unit="layer")
+        for jobs in it:
+            s = stats.layers[jobs.layer]
+            act = adapter.expert_act(adapter.moe_block(model, jobs.layer))
+            routed = s.counts.numpy() > 0
+            never += [(jobs.layer, e) for e in np.flatnonzero(~routed).tolist()]
+            per_expert = np.stack([
+                _expert_costs(jobs, s, e, act, types, granularity, device, dtype) if routed[e]
+                else np.zeros((len(types),) if granularity == "expert" else (len(PROJS), len(types)))
+                for e in range(shape.n_experts)])
+            if granularity == "tensor":
+                costs.append(per_expert.sum(axis=0))
+                bits += [_unit_bits(jobs, (p,), types, shape.n_experts) for p in PROJS]
+                params += [shape.n_experts * jobs.weights[0][p].size for p in PROJS]
+            elif granularity == "expert":
+                costs.append(_fill_never_routed(per_expert, routed))
+                bits += [_unit_bits(jobs, PROJS, types)] * shape.n_experts
+                params += [sum(jobs.weights[0][p].size for p in PROJS)] * shape.n_experts
+            else:
+                costs.append(_fill_never_routed(per_expert, routed).reshape(-1, len(types)))
+                bits += [_unit_bits(jobs, (p,), types) for _ in range(shape.n_experts) for p in PROJS]
+                params += [jobs.weights[0][p].size for _ in range(shape.n_experts) for p in PROJS]
+            _keep(cache, jobs, keep)
+            notes += _layer_notes(jobs, types, fallback)
+    if never:
+        what = "do not count in the tensor sums" if granularity == "tensor" else \
+            "got their layer's largest routed cost per type (conservative default)"
+        notes.append(f"{len(never)} experts were never routed during calibration and {what}: "
+                     + ", ".join(f"L{l}.E{e}" for l, e in never))
+    if not keep:
+        notes.append("quantized experts did not fit the cache limit; the writer quantizes the chosen types again")
+    return CostTable(units=units, types=types, cost=np.concatenate(costs).reshape(len(units), len(types)),
+                     params=np.asarray(params, dtype=np.float64), bits=np.stack(bits), never_routed=never,
+                     token_counts={l: stats.layers[l].counts.numpy().copy() for l in layers}, notes=notes,
+                     seconds=time.perf_counter() - t0)
+
+
+def _layer_notes(jobs: _LayerJobs, types: Sequence[str], fallback: bool) -> list[str]:
+    notes = []
+    for p in PROJS:
+        width = jobs.weights[0][p].shape[1]
+        for t in types:
+            et = jobs.eff[p][t]
+            if et is None:
+                notes.append(f"L{jobs.layer}.{p}: {t} not allowed (rows {width} wide"
+                             f"{', or no imatrix' if type_info(t).requires_imatrix else ''})")
+            elif et != t and fallback:
+                notes.append(f"L{jobs.layer}.{p}: {t} becomes {et} for rows {width} wide (llama.cpp's fallback)")
+    return notes
+
+
+def prune_cache(cache: QuantCache, plan: ExpertPlan) -> None:
+    """Drop cached matrices the plan does not use, before the write (frees the other types' bytes)."""
+    for key in list(cache):
+        name, e, et = key
+        layer, proj = int(name.split(".")[1]), name.split(".")[2][len("ffn_"):-len("_exps")]
+        planned = plan.get((layer, proj))
+        width = cache[key].shape[1] // type_info(et).type_size * type_info(et).block_size
+        if planned is None or fitting_type(planned[e], width) != et:
+            del cache[key]

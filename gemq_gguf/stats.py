@@ -1,0 +1,221 @@
+"""Calibration statistics for GEMQ, from one forward + backward pass over the calibration tokens.
+
+For every MoE layer we keep what the cost of quantizing any expert needs (DESIGN.md §5):
+the block input x [T, H], the gradient g [T, H] of the LM loss w.r.t. the block output (routed plus
+shared part, i.e. what the block returns), the routing (ids, weights [T, k]), and per expert the
+importance matrix sums (Σ x² for gate/up inputs, Σ (act(gate x)·up x)² for down inputs) and token
+counts, exactly what llama.cpp's imatrix tool accumulates.
+
+How: a forward hook on each MoE block records x and the routing and accumulates the imatrix; a tensor
+hook on the block output records g during backward. The loss is Σ_seq mean_token CE, so g does not
+depend on the batch size. Parameters get no gradients (only activations do), which keeps backward
+memory at one batch's activations.
+
+Memory trade-off: the whole model is held on the device (or spread over GPUs by `accelerate`'s
+device_map when it is installed), and x and g cost 2 · n_moe_layers · T · H values (bf16 by default:
+32k tokens × 2048 hidden × 24 layers ≈ 6 GiB). Past `ram_limit` bytes they go to np.memmap files in a
+work directory, so RAM holds only the model and one batch. A layer-sequential version (not
+implemented) would remove the "whole model in memory" term: forward one decoder layer at a time over
+all batches, storing the residual stream at layer boundaries on disk; then backward from the LM head,
+one layer at a time, loading that layer's weights from safetensors, recomputing its forward from the
+stored boundary input and back-propagating the boundary gradient, recording g at each MoE block.
+Peak memory would be one layer's weights plus boundary activations; compute is one extra forward.
+"""
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .archs import ArchAdapter
+from .imatrix_io import Imatrix, expert_tensor_name
+
+DEFAULT_RAM_LIMIT = 2 * 2**30
+
+
+@dataclass
+class LayerStats:
+    """One MoE layer's calibration record (tokens in calibration order)."""
+
+    layer: int
+    x: torch.Tensor          # [T, H] block input, store dtype
+    g: torch.Tensor          # [T, H] dLoss / d block output, store dtype
+    ids: torch.Tensor        # [T, k] int64 selected experts
+    weights: torch.Tensor    # [T, k] float32 routing weights
+    in_sum2: torch.Tensor    # [E, H] float64: Σ x² over tokens routed to each expert
+    down_sum2: torch.Tensor  # [E, I] float64: Σ (act(gate x)·up x)² over the same tokens
+    counts: torch.Tensor     # [E] int64: tokens routed to each expert
+
+    def routed(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token indices, routing weights) of the tokens that chose `expert` (a token picks it at most once)."""
+        hit = self.ids == expert
+        tok = hit.any(dim=1).nonzero().squeeze(1)
+        return tok, (self.weights * hit).sum(dim=1)[tok]
+
+
+@dataclass
+class CalibStats:
+    """Everything the cost estimation needs; `layers` is keyed by model layer index."""
+
+    layers: dict[int, LayerStats]
+    n_seq: int
+    seq_len: int
+    loss: float
+    datasets: list[str] = field(default_factory=list)
+    work_dir: Path | None = None
+
+    def imatrix(self) -> Imatrix:
+        """The routed experts' importance matrices, keyed by GGUF tensor name (llama.cpp's raw sums/counts)."""
+        sums: dict[str, np.ndarray] = {}
+        counts: dict[str, np.ndarray] = {}
+        for l, s in self.layers.items():
+            c = s.counts.numpy().astype(np.float32)
+            for proj, src in (("gate", s.in_sum2), ("up", s.in_sum2), ("down", s.down_sum2)):
+                name = expert_tensor_name(l, proj)
+                sums[name] = src.numpy().astype(np.float32)
+                counts[name] = c
+        return Imatrix(sums=sums, counts=counts, datasets=list(self.datasets), chunk_size=self.seq_len,
+                       chunk_count=self.n_seq)
+
+
+def _buffer(shape: tuple[int, ...], dtype: torch.dtype, path: Path | None) -> torch.Tensor:
+    """A zeroed CPU tensor, in RAM or backed by a memmap file (bf16 stored as uint16 bits)."""
+    if path is None:
+        return torch.zeros(shape, dtype=dtype)
+    np_dtype = np.uint16 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
+    arr = np.memmap(path, dtype=np_dtype, mode="w+", shape=shape)
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+def _accumulate_imatrix(adapter: ArchAdapter, block: nn.Module, x: torch.Tensor, ids: torch.Tensor,
+                        s: LayerStats) -> None:
+    act = adapter.expert_act(block)
+    for e in ids.unique().tolist():
+        tok = (ids == e).any(dim=1)
+        xe = x[tok]
+        w = adapter.expert_weights(block, e)
+        h = act(xe @ w["gate"].T) * (xe @ w["up"].T)
+        s.in_sum2[e] += (xe.double() ** 2).sum(0).cpu()
+        s.down_sum2[e] += (h.double() ** 2).sum(0).cpu()
+        s.counts[e] += int(tok.sum())
+
+
+class _Recorder:
+    """Hooks on the MoE blocks; `offset` / `n` locate the current batch in the token buffers."""
+
+    def __init__(self, adapter: ArchAdapter, blocks: dict[int, nn.Module], stats: dict[int, LayerStats]) -> None:
+        self.adapter, self.blocks, self.stats = adapter, blocks, stats
+        self.offset = 0
+        self.handles = [b.register_forward_hook(self._hook(l)) for l, b in blocks.items()]
+
+    def _hook(self, layer: int) -> Callable[..., None]:
+        def hook(block: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            s, start = self.stats[layer], self.offset
+            out = output[0] if isinstance(output, tuple) else output
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            end = start + x.shape[0]
+            with torch.no_grad():
+                ids, weights = self.adapter.route(block, x)
+                s.x[start:end] = x.to(s.x.dtype).cpu()
+                s.ids[start:end] = ids.cpu()
+                s.weights[start:end] = weights.float().cpu()
+                _accumulate_imatrix(self.adapter, block, x, ids, s)
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                s.g[start:end] = grad.detach().reshape(-1, grad.shape[-1]).to(s.g.dtype).cpu()
+            if out.requires_grad:
+                out.register_hook(grad_hook)
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _sequence_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Σ over sequences of the mean next-token cross-entropy (batch-size independent gradients)."""
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1),
+                         reduction="sum")
+    return ce / (tokens.shape[1] - 1)
+
+
+def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, *, batch_size: int = 4,
+                  store_dtype: torch.dtype = torch.bfloat16, ram_limit: int = DEFAULT_RAM_LIMIT,
+                  work_dir: Path | None = None, datasets: list[str] | None = None,
+                  progress: bool = False) -> CalibStats:
+    """Forward + backward over `tokens` [n_seq, L]; returns per-MoE-layer x, g, routing and imatrix sums.
+
+    x and g live in RAM when 2·layers·T·H values fit `ram_limit` bytes, else in memmap files under
+    `work_dir` (a fresh temporary directory when None; the caller deletes it).
+    """
+    shape = adapter.moe_shape(model.config)
+    n_seq, seq_len = tokens.shape
+    n_tok = n_seq * seq_len
+    spill = stats_bytes(len(shape.moe_layers), n_tok, shape.hidden, store_dtype) > ram_limit
+    if spill:
+        work_dir = Path(work_dir or tempfile.mkdtemp(prefix="gemq-stats-"))
+        work_dir.mkdir(parents=True, exist_ok=True)
+    blocks = {l: adapter.moe_block(model, l) for l in shape.moe_layers}
+    stats = {l: LayerStats(
+        layer=l,
+        x=_buffer((n_tok, shape.hidden), store_dtype, work_dir / f"x{l}.bin" if spill else None),
+        g=_buffer((n_tok, shape.hidden), store_dtype, work_dir / f"g{l}.bin" if spill else None),
+        ids=torch.zeros((n_tok, shape.top_k), dtype=torch.int64),
+        weights=torch.zeros((n_tok, shape.top_k), dtype=torch.float32),
+        in_sum2=torch.zeros((shape.n_experts, shape.hidden), dtype=torch.float64),
+        down_sum2=torch.zeros((shape.n_experts, shape.expert_ffn), dtype=torch.float64),
+        counts=torch.zeros(shape.n_experts, dtype=torch.int64)) for l in shape.moe_layers}
+
+    device = model.get_input_embeddings().weight.device
+    was_training = model.training
+    model.eval()
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    embed_hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    recorder = _Recorder(adapter, blocks, stats)
+    total = 0.0
+    try:
+        starts = range(0, n_seq, batch_size)
+        if progress:
+            from tqdm import tqdm
+            starts = tqdm(starts, desc="calibration", unit="batch")
+        for start in starts:
+            batch = tokens[start:start + batch_size].to(device)
+            recorder.offset = start * seq_len
+            logits = model(input_ids=batch, use_cache=False).logits
+            loss = _sequence_loss(logits, batch.to(logits.device))
+            loss.backward()
+            total += float(loss.detach())
+    finally:
+        recorder.close()
+        embed_hook.remove()
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+        model.train(was_training)
+    return CalibStats(layers=stats, n_seq=n_seq, seq_len=seq_len, loss=total / n_seq, datasets=list(datasets or []),
+                      work_dir=work_dir if spill else None)
+
+
+def load_for_calibration(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """The HF model on the best device: bf16 on GPU (spread over GPUs when accelerate is installed), f32 on CPU."""
+    from transformers import AutoModelForCausalLM
+    cuda = torch.cuda.is_available()
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    if cuda and torch.cuda.device_count() > 1 and importlib.util.find_spec("accelerate"):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto").eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to("cuda" if cuda else "cpu").eval()
+
+
+def stats_bytes(n_moe_layers: int, n_tokens: int, hidden: int, store_dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes that x and g take for a run (to size `ram_limit` and the work directory)."""
+    return 2 * n_moe_layers * n_tokens * hidden * torch.empty(0, dtype=store_dtype).element_size()

@@ -1,0 +1,229 @@
+"""GEMQ statistics and costs on tiny random MoE models, in float64 so exactness checks are tight."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from gemq_gguf.archs import adapter_for
+from gemq_gguf.calib import calibration_tokens
+from gemq_gguf.costs import PROJS, _fill_never_routed, estimate_costs, prune_cache
+from gemq_gguf.ggml_quant import dequantize, type_info
+from gemq_gguf.imatrix_io import expert_tensor_name
+from gemq_gguf.stats import collect_stats
+from tiny_models import COMMON, CONFIGS, make_tiny_model
+
+TYPES = ("Q2_K", "Q4_K", "Q6_K")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matmuls run fastest on one thread (and leave the cores to ggml's quantizer threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _load(path: Path) -> torch.nn.Module:
+    # eager experts: transformers' grouped_mm kernels take no float64
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, experts_implementation="eager").eval()
+
+
+def _tokens(path: Path, n_seq: int = 4, seq_len: int = 64, seed: int = 0) -> torch.Tensor:
+    return calibration_tokens(AutoTokenizer.from_pretrained(path), None, n_tokens=n_seq * seq_len, seq_len=seq_len, seed=seed)
+
+
+@pytest.fixture(scope="module", params=["qwen2_moe", "deepseek_v2"])
+def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """(model, adapter, stats, expert-granularity table, its quant cache) for an arch with shared experts."""
+    path = make_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+    model = _load(path)
+    adapter = adapter_for(model.config.architectures)
+    stats = collect_stats(model, adapter, _tokens(path), store_dtype=torch.float64)
+    cache: dict = {}
+    table = estimate_costs(model, adapter, stats, stats.imatrix().means(), types=TYPES, dtype=torch.float64,
+                           cache=cache)
+    return model, adapter, stats, table, cache
+
+
+def _block_cost(model, adapter, stats, layer: int, expert: int, wq: dict[str, torch.Tensor]) -> float:
+    """The cost by definition: re-run the whole MoE block with the expert's weights replaced."""
+    block, s = adapter.moe_block(model, layer), stats.layers[layer]
+    x = s.x.reshape(1, -1, s.x.shape[1])
+    orig = {p: w.detach().clone() for p, w in adapter.expert_weights(block, expert).items()}
+    with torch.no_grad():
+        y = block(x)
+        adapter.set_expert_weights(block, expert, {**orig, **wq})
+        y_q = block(x)
+        adapter.set_expert_weights(block, expert, orig)
+    return float(((s.g * (y - y_q).reshape(s.g.shape)) ** 2).sum())
+
+
+def _dequantized(cache: dict, layer: int, expert: int, proj: str, t: str, width: int) -> torch.Tensor:
+    data = cache[(expert_tensor_name(layer, proj), expert, t)]
+    return torch.from_numpy(dequantize(data, t, width)).double()
+
+
+def test_shortcut_equals_block_rerun(tiny) -> None:
+    model, adapter, stats, table, cache = tiny
+    layer = next(iter(stats.layers))
+    width = {p: w.shape[1] for p, w in adapter.expert_weights(adapter.moe_block(model, layer), 0).items()}
+    for expert in (0, 3):
+        for j, t in enumerate(table.types):
+            wq = {p: _dequantized(cache, layer, expert, p, t, width[p]) for p in PROJS}
+            want = _block_cost(model, adapter, stats, layer, expert, wq)
+            got = table.cost[table.units.index((layer, expert, None)), j]
+            assert want > 0 and abs(got - want) <= 1e-5 * want, (expert, t, got, want)
+
+
+def test_projection_costs_equal_block_rerun(tiny) -> None:
+    model, adapter, stats, _, cache = tiny
+    layer = next(iter(stats.layers))
+    table = estimate_costs(model, adapter, stats, stats.imatrix().means(), types=("Q2_K",),
+                           granularity="expert-proj", dtype=torch.float64, cache=cache)
+    width = {p: w.shape[1] for p, w in adapter.expert_weights(adapter.moe_block(model, layer), 1).items()}
+    for p in PROJS:
+        want = _block_cost(model, adapter, stats, layer, 1, {p: _dequantized(cache, layer, 1, p, "Q2_K", width[p])})
+        got = table.cost[table.units.index((layer, 1, p)), 0]
+        assert abs(got - want) <= 1e-5 * want, (p, got, want)
+    tensor = estimate_costs(model, adapter, stats, stats.imatrix().means(), types=("Q2_K",), granularity="tensor",
+                            dtype=torch.float64, cache=cache)
+    for p in PROJS:
+        per_expert = [table.cost[table.units.index((layer, e, p)), 0] for e in range(6)]
+        assert tensor.cost[tensor.units.index((layer, None, p)), 0] == pytest.approx(sum(per_expert), rel=1e-12)
+
+
+def test_costs_fall_with_bits(tiny) -> None:
+    _, _, _, table, _ = tiny
+    q2, q6 = table.cost[:, table.types.index("Q2_K")], table.cost[:, table.types.index("Q6_K")]
+    assert (q6 < q2).mean() >= 0.9
+    assert np.median(q2 / q6) > 10
+
+
+def test_bits_params_and_problem(tiny) -> None:
+    model, adapter, stats, table, _ = tiny
+    w = adapter.expert_weights(adapter.moe_block(model, next(iter(stats.layers))), 0)
+    params = sum(v.numel() for v in w.values())
+    assert (table.params == params).all()
+    for j, t in enumerate(table.types):
+        exact = sum(v.shape[0] * type_info(t).row_bytes(v.shape[1]) * 8 for v in w.values())
+        assert (table.bits[:, j] == exact).all()
+    problem = table.problem()
+    assert problem.n_units == len(stats.layers) * 6 and problem.types == list(TYPES)
+    assert table.never_routed == [] and all(c.sum() == stats.n_seq * stats.seq_len * 2 for c in table.token_counts.values())
+
+
+def test_never_routed_experts_get_the_layers_largest_cost(tiny) -> None:
+    model, adapter, stats, table, cache = tiny
+    layer = next(iter(stats.layers))
+    saved = stats.layers[layer].counts.clone()
+    stats.layers[layer].counts[2] = 0  # as if calibration never chose expert 2
+    try:
+        t2 = estimate_costs(model, adapter, stats, stats.imatrix().means(), types=TYPES, dtype=torch.float64, cache=cache)
+    finally:
+        stats.layers[layer].counts.copy_(saved)
+    rows = [t2.units.index((layer, e, None)) for e in range(6)]
+    others = [r for e, r in enumerate(rows) if e != 2]
+    assert t2.never_routed == [(layer, 2)] and any("never routed" in n for n in t2.notes)
+    np.testing.assert_array_equal(t2.cost[rows[2]], t2.cost[others].max(axis=0))
+
+
+def test_fill_never_routed_pure() -> None:
+    c = np.array([[1.0, 5.0], [0.0, 0.0], [3.0, 2.0]])
+    np.testing.assert_array_equal(_fill_never_routed(c, np.array([True, False, True])), [[1, 5], [3, 5], [3, 2]])
+
+
+def test_deterministic_with_seed(tmp_path: Path) -> None:
+    path = make_tiny_model("olmoe", tmp_path / "m")
+    model = _load(path)
+    adapter = adapter_for(model.config.architectures)
+    runs = []
+    for _ in range(2):
+        stats = collect_stats(model, adapter, _tokens(path, 2, 32, seed=3), store_dtype=torch.float64)
+        runs.append((stats, estimate_costs(model, adapter, stats, stats.imatrix().means(), types=("Q4_K",),
+                                           dtype=torch.float64)))
+    (s1, c1), (s2, c2) = runs
+    assert all(s1.layers[l].g.equal(s2.layers[l].g) and s1.layers[l].x.equal(s2.layers[l].x) for l in s1.layers)
+    np.testing.assert_array_equal(c1.cost, c2.cost)
+
+
+def test_gradient_is_the_loss_gradient(tmp_path: Path) -> None:
+    """Nudging a block's output along v changes the loss by <g, v> (central difference; the model's
+    RMSNorms compute in float32, which sets the tolerance)."""
+    path = make_tiny_model("mixtral", tmp_path / "m")
+    model = _load(path)
+    adapter = adapter_for(model.config.architectures)
+    tokens = _tokens(path, 2, 32)
+    stats = collect_stats(model, adapter, tokens, batch_size=1, store_dtype=torch.float64)
+    layer, eps = 1, 1e-3
+    v = torch.randn(stats.layers[layer].g.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def loss(shift: float) -> float:
+        h = adapter.moe_block(model, layer).register_forward_hook(lambda m, a, o: o + shift * v.reshape(o.shape))
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=tokens, use_cache=False).logits
+        finally:
+            h.remove()
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                                               reduction="sum")
+        return float(ce) / (tokens.shape[1] - 1)
+    fd = (loss(eps) - loss(-eps)) / (2 * eps)
+    assert fd == pytest.approx(float((stats.layers[layer].g * v).sum()), rel=1e-3)
+    assert stats.loss == pytest.approx(loss(0.0) / tokens.shape[0], rel=1e-6)
+
+
+def test_spill_to_disk_matches_ram(tmp_path: Path) -> None:
+    path = make_tiny_model("qwen3_moe", tmp_path / "m")
+    model = _load(path)
+    adapter = adapter_for(model.config.architectures)
+    tokens = _tokens(path, 2, 32)
+    ram = collect_stats(model, adapter, tokens)
+    disk = collect_stats(model, adapter, tokens, ram_limit=0, work_dir=tmp_path / "work")
+    assert disk.work_dir == tmp_path / "work" and (tmp_path / "work" / "x0.bin").exists()
+    for l in ram.layers:
+        assert ram.layers[l].x.dtype == torch.bfloat16
+        assert ram.layers[l].x.equal(disk.layers[l].x) and ram.layers[l].g.equal(disk.layers[l].g)
+
+
+def test_odd_widths_use_llama_fallbacks(tmp_path: Path) -> None:
+    """160-wide down rows: K/IQ types fall back per projection for whole experts, are refused per projection."""
+    kwargs = {**COMMON, **CONFIGS["qwen3_moe"], "moe_intermediate_size": 160}
+    cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float64, experts_implementation="eager").eval()
+    adapter = adapter_for(["Qwen3MoeForCausalLM"])
+    stats = collect_stats(model, adapter, torch.randint(0, 384, (2, 32)), store_dtype=torch.float64)
+    types = ("IQ4_XS", "Q4_K", "Q8_0")
+    whole = estimate_costs(model, adapter, stats, stats.imatrix().means(), types=types, dtype=torch.float64)
+    assert np.isfinite(whole.cost).all()
+    q4k = types.index("Q4_K")
+    down_q5_0 = 256 * type_info("Q5_0").row_bytes(160) * 8  # Q4_K -> Q5_0 for the down rows
+    assert whole.bits[0, q4k] == 2 * 160 * type_info("Q4_K").row_bytes(256) * 8 + down_q5_0
+    assert any("Q4_K becomes Q5_0" in n for n in whole.notes)
+    proj = estimate_costs(model, adapter, stats, stats.imatrix().means(), types=types, granularity="expert-proj",
+                          dtype=torch.float64)
+    down = [i for i, u in enumerate(proj.units) if u[2] == "down"]
+    assert np.isinf(proj.cost[down][:, :2]).all() and np.isfinite(proj.cost[down][:, 2]).all()
+    assert np.isfinite(np.delete(proj.cost, down, axis=0)).all()
+
+
+def test_no_imatrix_refuses_types_that_need_one(tiny) -> None:
+    model, adapter, stats, _, _ = tiny
+    table = estimate_costs(model, adapter, stats, None, types=("IQ2_XXS", "Q2_K"), granularity="tensor",
+                           dtype=torch.float64)
+    assert np.isinf(table.cost[:, 0]).all() and np.isfinite(table.cost[:, 1]).all()
+
+
+def test_prune_cache_keeps_the_plan(tiny) -> None:
+    _, _, stats, _, cache = tiny
+    layers = list(stats.layers)
+    plan = {(l, p): ["Q4_K"] * 3 + ["Q6_K"] * 3 for l in layers for p in PROJS}
+    kept = dict(cache)
+    prune_cache(kept, plan)
+    assert len(kept) == len(layers) * 3 * 6
+    assert all(t == ("Q4_K" if e < 3 else "Q6_K") for (_, e, t) in kept)
