@@ -232,6 +232,51 @@ class AllocationProblem:
         )
 
 
+def coarsen(
+    problem: AllocationProblem, key: Callable[[UnitKey], UnitKey]
+) -> tuple[AllocationProblem, list[np.ndarray]]:
+    """Merge units that map to the same key: costs, params and bits add (the Fisher cost is additive
+    over experts and projections). Returns the merged problem and, per new unit, the old indices.
+
+    A merged (unit, type) is allowed only if every member allows it. Groups are rebuilt by
+    (layer, proj) of the new keys.
+    """
+    members: dict[UnitKey, list[int]] = {}
+    for i, u in enumerate(problem.units):
+        members.setdefault(tuple(key(u)), []).append(i)
+    new_units = list(members)
+    idx = [np.asarray(v, dtype=np.int64) for v in members.values()]
+    cost = np.stack([problem.cost[m].sum(axis=0) for m in idx])
+    params = np.array([problem.params[m].sum() for m in idx])
+    bits = np.stack([problem.bit_matrix[m].sum(axis=0) for m in idx])
+    return (
+        AllocationProblem(
+            units=new_units, types=problem.types, cost=cost, params=params, bpw=problem.bpw,
+            bits=bits, groups=default_groups(new_units),
+        ),
+        idx,
+    )
+
+
+def to_tensor_granularity(problem: AllocationProblem) -> tuple[AllocationProblem, list[np.ndarray]]:
+    """One unit per (layer, projection): the stock-llama.cpp mode (solve_tensor = gemq on this)."""
+    return coarsen(problem, lambda u: (u[0], None, u[2]))
+
+
+def to_expert_granularity(problem: AllocationProblem) -> tuple[AllocationProblem, list[np.ndarray]]:
+    """One unit per expert (gate/up/down share a type), from expert-projection costs."""
+    return coarsen(problem, lambda u: (u[0], u[1], None))
+
+
+def expand(alloc_choice: Sequence[str], members: list[np.ndarray], n_units: int) -> list[str]:
+    """Per original unit, the type its merged unit got (for the writer, which works per tensor row)."""
+    out: list[str] = [""] * n_units
+    for t, m in zip(alloc_choice, members):
+        for i in m:
+            out[int(i)] = t
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class Allocation:
     """A solved plan: one type per unit, with the numbers a report and the GGUF writer need.
@@ -890,31 +935,71 @@ class _Relaxation:
         return choice, value, float(self.B[rows, choice].sum())
 
 
+def _forced_bounds(rel: _Relaxation, lam: float, budget_bpw: float) -> np.ndarray:
+    """For every (unit, type): the Lagrangian lower bound on total cost (caller's units) when that
+    unit is forced to that type. Used to fix variables: above the best known cost = never optimal."""
+    V = rel.C + lam * rel.B
+    U, T = V.shape
+    vmin = V.min(axis=1)
+    total = float(vmin[rel.free].sum()) - lam * float(budget_bpw)
+    out = np.full((U, T), np.inf)
+    if rel.gidx.size:
+        pad = rel.gidx < 0
+        Vg = V[np.where(pad, 0, rel.gidx)]
+        Vg[pad] = 0.0
+        M = Vg[:, :, rel.subs[:, 0]]
+        for j in range(1, rel.subs.shape[1]):
+            np.minimum(M, Vg[:, :, rel.subs[:, j]], out=M)
+        tot = M.sum(axis=1)  # (G, K)
+        gbest = tot.min(axis=1)  # (G,)
+        total += float(gbest.sum())
+        with np.errstate(invalid="ignore"):
+            A = np.where(np.isfinite(M), tot[:, None, :] - M, np.inf)  # group value without unit i
+        contains = np.zeros((rel.subs.shape[0], T), dtype=bool)
+        contains[np.arange(rel.subs.shape[0])[:, None], rel.subs] = True
+        real = rel.gidx[~pad]
+        for t in range(T):
+            best_t = np.where(contains[None, None, :, t], A, np.inf).min(axis=-1)  # (G, n)
+            val = total - gbest[:, None] + best_t + Vg[:, :, t]
+            out[real, t] = val[~pad]
+    out[rel.free] = total + V[rel.free] - vmin[rel.free, None]
+    return out * rel.scale
+
+
+@dataclass(frozen=True)
+class _Lagrangian:
+    under: np.ndarray
+    over: np.ndarray | None
+    bound: float
+    lam: float
+    rel: _Relaxation
+
+
 def lagrangian_allocation(
     problem: AllocationProblem,
     budget_bpw: float,
     max_types: int | None,
     iters: int = 60,
-) -> tuple[np.ndarray, np.ndarray | None, float]:
+) -> _Lagrangian:
     """Minimizers of the Lagrangian on both sides of the budget, and the best lower bound on cost.
 
     Without max-types this is the LP relaxation solved exactly through its dual (the one-type-per-unit
     polytope is integral); with max-types it is at least as strong. Bisection on the bit price.
-    Returns (cheapest budget-feasible minimizer, tightest over-budget minimizer or None, bound in the
-    caller's cost units; nan if no finite bound was found).
+    Gives the cheapest budget-feasible minimizer, the tightest over-budget one (or None), the bound
+    in the caller's cost units (nan if none was finite) and the price that gave it.
     """
     rel = _Relaxation.build(problem, max_types)
     cap = float(budget_bpw) * (1 + 1e-12)
     rows = np.arange(problem.n_units)
-    best_bound = -np.inf
+    best_bound, best_lam = -np.inf, 0.0
     best: tuple[float, np.ndarray] | None = None
     over: tuple[float, np.ndarray] | None = None
 
     def visit(lam: float) -> bool:
-        nonlocal best_bound, best, over
+        nonlocal best_bound, best_lam, best, over
         choice, value, used = rel.evaluate(lam)
-        if np.isfinite(value):
-            best_bound = max(best_bound, value - lam * float(budget_bpw))
+        if np.isfinite(value) and value - lam * float(budget_bpw) > best_bound:
+            best_bound, best_lam = value - lam * float(budget_bpw), lam
         if used <= cap:
             c = float(problem.cost[rows, choice].sum())
             if best is None or c < best[0]:
@@ -940,7 +1025,35 @@ def lagrangian_allocation(
                 break
     bound = best_bound * rel.scale if np.isfinite(best_bound) else float("nan")
     feasible = _min_bits_choice(problem) if best is None else best[1]
-    return feasible, None if over is None else over[1], bound
+    return _Lagrangian(feasible, None if over is None else over[1], bound, best_lam, rel)
+
+
+def _lp_round(
+    problem: AllocationProblem, budget_bpw: float, max_types: int | None, paper_constraint: bool
+) -> tuple[Allocation, _Lagrangian]:
+    t0 = time.perf_counter()
+    lag = lagrangian_allocation(problem, budget_bpw, max_types)
+    rows = np.arange(problem.n_units)
+    candidates = []
+    for start in (lag.under, lag.over):
+        if start is None:
+            continue
+        c = greedy_repair(problem, start, budget_bpw, max_types, paper_constraint)
+        if not violations(problem, c, budget_bpw, max_types, paper_constraint):
+            candidates.append(c)
+    if not candidates:
+        raise GemqError(
+            f"The fast solver found no allocation meeting {budget_bpw:g} bpw with these constraints.",
+            "use the MILP (method 'milp' / 'auto'), raise --budget or --max-types.",
+        )
+    choice = min(candidates, key=lambda c: problem.cost[rows, c].sum())
+    total = float(problem.cost[rows, choice].sum())
+    alloc = make_allocation(
+        problem, choice, strategy="gemq", budget_bpw=budget_bpw,
+        status="heuristic", gap=_gap(total, lag.bound), bound=lag.bound,
+        seconds=time.perf_counter() - t0, method="lp-round", max_types=max_types,
+    )
+    return alloc, lag
 
 
 def solve_lp_round(
@@ -957,28 +1070,16 @@ def solve_lp_round(
     the leftover bits; the cheaper one wins. time_limit is unused (kept for a uniform signature).
     """
     check_budget(problem, budget_bpw)
-    t0 = time.perf_counter()
-    under, over, bound = lagrangian_allocation(problem, budget_bpw, max_types)
-    rows = np.arange(problem.n_units)
-    candidates = []
-    for start in (under, over):
-        if start is None:
-            continue
-        c = greedy_repair(problem, start, budget_bpw, max_types, paper_constraint)
-        if not violations(problem, c, budget_bpw, max_types, paper_constraint):
-            candidates.append(c)
-    if not candidates:
-        raise GemqError(
-            f"The fast solver found no allocation meeting {budget_bpw:g} bpw with these constraints.",
-            "use the MILP (method 'milp' / 'auto'), raise --budget or --max-types.",
-        )
-    choice = min(candidates, key=lambda c: problem.cost[rows, c].sum())
-    total = float(problem.cost[rows, choice].sum())
-    return make_allocation(
-        problem, choice, strategy="gemq", budget_bpw=budget_bpw,
-        status="heuristic", gap=_gap(total, bound), bound=bound,
-        seconds=time.perf_counter() - t0, method="lp-round", max_types=max_types,
-    )
+    return _lp_round(problem, budget_bpw, max_types, paper_constraint)[0]
+
+
+def reduce_by_bound(problem: AllocationProblem, forced: np.ndarray, upper: float, keep: np.ndarray) -> AllocationProblem:
+    """Drop (unit, type) pairs whose forced lower bound exceeds the best known cost: no solution
+    cheaper than `upper` uses them, so the MILP over the rest is exact. `keep` = the incumbent."""
+    slack = 1e-9 * abs(upper) + 1e-300
+    allowed = problem.allowed & (forced <= upper + slack)
+    allowed[np.arange(problem.n_units), keep] = True
+    return replace(problem, cost=np.where(allowed, problem.cost, np.inf))
 
 
 def _raise_infeasible(problem: AllocationProblem, budget_bpw: float, max_types: int | None, paper: bool) -> None:
@@ -1040,10 +1141,13 @@ def solve_gemq(
 ) -> Allocation:
     """Global minimum of sum(cost) under the bits budget: GEMQ's allocation.
 
-    method='auto' (default): the relaxation heuristic first (a second or so at 10^4 units); if its
-    proven gap is within mip_rel_gap (typical for thousands of units) return it, else run the
-    HiGHS MILP for the rest of time_limit and keep the cheaper answer, gap against the best bound.
-    'milp' always runs HiGHS (still keeping the heuristic as a fallback); 'lp-round' never does.
+    1. Relaxation + rounding (solve_lp_round): an incumbent and a proven lower bound in about a
+       second at 10^4 units. method='auto' returns it when the gap is already <= mip_rel_gap.
+    2. Otherwise the HiGHS MILP, on the problem reduced by Lagrangian variable fixing (a pair
+       (unit, type) whose forced lower bound exceeds the incumbent cannot be in a better solution,
+       so dropping it is exact); this shrinks 10^4-unit models to a few hundred live variables.
+       The cheaper of incumbent and MILP answer is returned, gap against the best proven bound.
+    method='milp' always runs step 2; 'lp-round' stops after step 1.
     status: 'optimal' = proven within mip_rel_gap; 'time_limit' = best found, see gap.
     """
     if method not in ("auto", "milp", "lp-round"):
@@ -1052,36 +1156,58 @@ def solve_gemq(
     if max_types is not None and max_types < 1:
         raise GemqError(f"--max-types {max_types} allows no type at all.", "use --max-types 1 or more.")
     t0 = time.perf_counter()
-    rows = np.arange(problem.n_units)
+    heur: Allocation | None
+    lag: _Lagrangian | None
     try:
-        heur: Allocation | None = solve_lp_round(problem, budget_bpw, max_types, time_limit, paper_constraint)
+        heur, lag = _lp_round(problem, budget_bpw, max_types, paper_constraint)
     except GemqError:
         if method == "lp-round":
             raise
-        heur = None
+        heur, lag = None, None
     if method == "lp-round":
         assert heur is not None
         return heur
-    heur_ok = heur is not None
     if method == "auto" and heur is not None and heur.gap <= mip_rel_gap:
         return replace(heur, status="optimal", seconds=time.perf_counter() - t0)
+    target = problem
+    if heur is not None and lag is not None and np.isfinite(lag.bound):
+        forced = _forced_bounds(lag.rel, lag.lam, budget_bpw)
+        target = reduce_by_bound(problem, forced, heur.total_cost, heur.type_index)
+    exact: Allocation | None
     try:
         exact = solve_milp(
-            problem, budget_bpw, max_types, time_limit - (time.perf_counter() - t0),
+            target, budget_bpw, max_types, time_limit - (time.perf_counter() - t0),
             mip_rel_gap, paper_constraint,
         )
     except GemqError:
-        if not heur_ok:
+        if heur is None:
             raise
-        exact = None
+        exact = None  # reduced problem has nothing cheaper than the incumbent
+        exact_bound = heur.total_cost
+    else:
+        exact_bound = float("nan") if exact is None else exact.bound
+    if exact is not None and violations(problem, exact.type_index, budget_bpw, max_types, paper_constraint):
+        exact = None  # a paper row dropped by the reduction: the incumbent stands
+    bounds = []
+    if heur is not None:
+        bounds.append(heur.bound)
+        # any solution cheaper than the incumbent lives in the reduced problem
+        if np.isfinite(exact_bound):
+            bounds.append(min(heur.total_cost, exact_bound))
+    elif exact is not None:
+        bounds.append(exact.bound)
+    bounds = [b for b in bounds if np.isfinite(b)]
+    bound = max(bounds) if bounds else float("nan")
     candidates = [a for a in (exact, heur) if a is not None]
     if not candidates:
         _raise_infeasible(problem, budget_bpw, max_types, paper_constraint)
     best = min(candidates, key=lambda a: a.total_cost)  # ties keep the MILP answer
-    bounds = [a.bound for a in candidates if np.isfinite(a.bound)]
-    bound = max(bounds) if bounds else float("nan")
+    best = make_allocation(
+        problem, best.type_index, strategy="gemq", budget_bpw=budget_bpw, status="",
+        gap=0.0, bound=0.0, seconds=0.0, method=best.method, max_types=max_types,
+    )
     gap = _gap(best.total_cost, bound)
-    proven = (exact is not None and exact.status == "optimal") or (np.isfinite(gap) and gap <= mip_rel_gap)
+    proven = np.isfinite(gap) and gap <= mip_rel_gap * (1 + 1e-9)
     return replace(
         best, status="optimal" if proven else "time_limit", gap=gap, bound=bound,
         seconds=time.perf_counter() - t0,
@@ -1152,6 +1278,7 @@ def solve_layerwise(
     time_limit: float = 60.0,
     mip_rel_gap: float = 1e-4,
     paper_constraint: bool = False,
+    method: str = "auto",
 ) -> Allocation:
     """Every layer gets the same bpw budget, solved per layer with the GEMQ MILP (PMQ / MC-MoE style)."""
     check_budget(problem, budget_bpw)
@@ -1170,7 +1297,7 @@ def solve_layerwise(
                 "raise --budget or use --strategy gemq, which shares bits across layers.",
             )
         left = max(0.5, (time_limit - (time.perf_counter() - t0)) / (len(uniq) - i))
-        a = solve_gemq(sub, budget_bpw, max_types, left, mip_rel_gap, paper_constraint)
+        a = solve_gemq(sub, budget_bpw, max_types, left, mip_rel_gap, paper_constraint, method)
         choice[idx] = a.type_index
         statuses.append(a.status)
         gaps.append(a.gap)
