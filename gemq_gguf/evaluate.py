@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
+from .data import eval_texts
 from .errors import GemqError
 from .runtime import bin_path
 
@@ -632,6 +633,10 @@ _COLUMNS = (("tokens", "n_tokens", "{:d}"), ("PPL", "ppl", "{:.4f}"), ("PPL/ref"
             ("p99.9 KLD", "kld_p999", "{:.6f}"), ("same top", "same_top_p", "{:.3%}"))
 
 
+def _cells(s: EvalStats) -> list[str]:
+    return [fmt.format(getattr(s, key)) for _, key, fmt in _COLUMNS]
+
+
 def print_result(result: EvalResult, file: Any = None) -> None:
     """A rich table: one row per domain and the token-weighted total."""
     from rich.console import Console
@@ -641,13 +646,14 @@ def print_result(result: EvalResult, file: Any = None) -> None:
     table.add_column("domain")
     for header, _, _ in _COLUMNS:
         table.add_column(header, justify="right")
-    rows = list(result.domains.items())
-    if len(rows) > 1:
-        rows.append(("total", result.total))
-    for name, s in rows:
-        table.add_row(name, *(fmt.format(getattr(s, key)) for _, key, fmt in _COLUMNS),
-                      end_section=name == "total" or len(rows) == 1)
-    Console(file=file).print(table)
+    for name, s in result.domains.items():
+        table.add_row(name, *_cells(s))
+    if len(result.domains) > 1:
+        table.add_section()
+        table.add_row("total", *_cells(result.total))
+    console = Console(file=file)
+    console.width = max(console.width, 120)  # never truncate numbers, even on a narrow or piped terminal
+    console.print(table)
 
 
 def read_texts(paths: Sequence[Path | str]) -> dict[str, str]:
@@ -666,7 +672,8 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m gemq_gguf.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("model", type=Path, help="GGUF file to judge")
     ap.add_argument("--ref", type=Path, required=True, help="reference GGUF (full precision)")
-    ap.add_argument("--text", type=Path, nargs="+", required=True, help="text files, one domain each")
+    ap.add_argument("--text", type=Path, nargs="+", default=None,
+                    help="text files, one domain each (default: the packaged prose/tech/code/math eval text)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=None, help="at most this many chunks per file")
     ap.add_argument("--json", type=Path, default=None, help="write the result here")
@@ -681,7 +688,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        result = evaluate_gguf(args.model, args.ref, read_texts(args.text), args.ctx, args.chunks,
+        texts = read_texts(args.text) if args.text else eval_texts()
+        result = evaluate_gguf(args.model, args.ref, texts, args.ctx, args.chunks,
                                backend=args.backend, ref_cache_dir=args.ref_cache,
                                opts=RunOptions(n_threads=args.threads, f32_kv=args.f32_kv),
                                binary=args.llama_perplexity)

@@ -217,7 +217,7 @@ def _peaked_tiny_mixtral(out: Path) -> Path:
 
     make_tiny_model("mixtral", out)
     weights = load_file(out / "model.safetensors")
-    weights["lm_head.weight"] *= 40
+    weights["lm_head.weight"] *= 12
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     return out
 
@@ -253,7 +253,8 @@ def gguf_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from gemq_gguf.hf_to_gguf import hf_to_float_gguf
 
     tmp = tmp_path_factory.mktemp("evalmodels")
-    files = {"ref": hf_to_float_gguf(_peaked_tiny_mixtral(tmp / "hf"), tmp / "ref-f32.gguf")}
+    files = {"hf": _peaked_tiny_mixtral(tmp / "hf")}
+    files["ref"] = hf_to_float_gguf(files["hf"], tmp / "ref-f32.gguf")
     for q in ("Q8_0", "Q4_0"):
         files[q] = tmp / f"test-{q}.gguf"
         _requantize(files["ref"], files[q], q)
@@ -329,6 +330,23 @@ def test_cli_writes_json(gguf_files: dict[str, Path], texts: dict[str, str], tmp
     assert set(data["domains"]) == {"prose", "code"} and data["total"]["n_tokens"] == 4 * 255
     ev.print_result(ev.evaluate_gguf(gguf_files["Q8_0"], gguf_files["ref"], texts, max_chunks=2), file=buf)
     assert "total" in buf.getvalue()
+
+
+@pytest.mark.slow
+def test_llama_logits_match_hf(gguf_files: dict[str, Path], texts: dict[str, str]) -> None:
+    """The helper the converter's exactness tests use: F32 GGUF + F32 KV cache vs torch, same tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    llm = ev.open_llama(gguf_files["ref"], 512, ev.RunOptions())
+    tokens = ev.tokenize_like_perplexity(llm, texts["prose"])[:96].tolist()
+    llm.close()
+    ours = ev.llama_logits(gguf_files["ref"], tokens)
+    with torch.no_grad():
+        hf = AutoModelForCausalLM.from_pretrained(gguf_files["hf"], dtype=torch.float32)(torch.tensor([tokens])).logits
+    c = ev.kld_vs_logits(ours, hf)
+    assert c.n_tokens == 96 and c.same_top_p == 1.0
+    assert c.kld_max < 1e-6 and c.max_abs_logprob_diff < 1e-2
 
 
 def test_too_little_text_is_a_clear_error() -> None:
