@@ -100,6 +100,9 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
     config, adapter, shape = inspect_checkpoint(model_dir)
     check_output(opts.out)
     policy = TensorPolicy.from_args(opts.tensor_types, opts.non_expert)
+    if opts.budget is not None:
+        from .gemq import check_request
+        check_request(opts, shape)
     log.info("%s: %s, %d MoE layers x %d experts (top-%d)", model_dir, adapter.name, len(shape.moe_layers),
              shape.n_experts, shape.top_k)
 

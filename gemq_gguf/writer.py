@@ -45,7 +45,7 @@ class _Out:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.byte_shape))
+        return int(np.prod(self.byte_shape)) * (4 if self.type_name == "I32" else 1)
 
 
 @dataclass

@@ -98,3 +98,8 @@ def test_type_the_shape_cannot_take(capsys, tmp_path) -> None:
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"units": [{"layer": l, "expert": None, "proj": None, "type": "Q4_K"} for l in (0, 1)]}))
     _fails(capsys, tmp_path, [str(odd), "--plan", str(plan)], "multiple of 256")
+
+
+def test_budget_outside_reachable_range(capsys, tmp_path, model) -> None:
+    _fails(capsys, tmp_path, [str(model), "--budget", "1.5"], "below the lowest reachable")
+    _fails(capsys, tmp_path, [str(model), "--budget", "9", "--types", "Q2_K,Q4_K"], "above")
