@@ -868,9 +868,9 @@ def greedy_repair(
             locked.add(u)
     s = _State(problem, choice, max_types, locked)
     if not _repair_down(s, cap):
+        # stuck (max-types or locked units): restart from the narrowest types, always in budget;
+        # paper rows may then fail, which the caller's violations() check catches
         s = _State(problem, _min_bits_choice(problem), max_types, None)
-        if paper_constraint:
-            s.locked = set()
     _fill_up(s, cap)
     return s.choice
 
