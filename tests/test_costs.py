@@ -227,3 +227,35 @@ def test_prune_cache_keeps_the_plan(tiny) -> None:
     prune_cache(kept, plan)
     assert len(kept) == len(layers) * 3 * 6
     assert all(t == ("Q4_K" if e < 3 else "Q6_K") for (_, e, t) in kept)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v2"])
+def test_cached_experts_are_the_writers_bytes(arch: str, tmp_path: Path) -> None:
+    """The QuantCache filled during cost estimation (from HF weights) holds exactly the bytes the writer
+    would make from the float GGUF: a file written with the cache is byte-identical to one without."""
+    from gemq_gguf import runtime
+    from gemq_gguf.errors import GemqError
+    from gemq_gguf.hf_to_gguf import hf_to_float_gguf
+    from gemq_gguf.policy import TensorPolicy
+    from gemq_gguf.writer import write_gguf
+    try:
+        runtime.converter_dir()
+    except GemqError:
+        pytest.skip("llama.cpp's converter is not installed")
+    path = make_tiny_model(arch, tmp_path / "hf")
+    f32 = hf_to_float_gguf(path, tmp_path / "f32.gguf")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    adapter = adapter_for(model.config.architectures)
+    stats = collect_stats(model, adapter, _tokens(path, 2, 32), store_dtype=torch.float32)
+    means = stats.imatrix().means()
+    cache: dict = {}
+    estimate_costs(model, adapter, stats, means, types=("IQ3_XXS", "Q4_K"), cache=cache)
+    plan = {(l, p): ["IQ3_XXS", "Q4_K"] * 3 for l in stats.layers for p in PROJS}
+    prune_cache(cache, plan)
+    with_cache = write_gguf(f32, tmp_path / "a.gguf", plan, TensorPolicy(), imatrix=means, quant_cache=cache,
+                            progress=False)
+    assert not cache  # the writer used every cached matrix
+    write_gguf(f32, tmp_path / "b.gguf", plan, TensorPolicy(), imatrix=means, progress=False)
+    assert with_cache.grouped > 0
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
