@@ -264,15 +264,16 @@ def _keep(cache: QuantCache, jobs: _LayerJobs, keep: bool) -> None:
 
 def _quant_bytes(adapter: ArchAdapter, model: nn.Module, layers: Sequence[int], n_experts: int,
                  types: Sequence[str], fallback: bool) -> int:
-    """Upper bound of the bytes that caching every quantized matrix would hold."""
-    total = 0
-    for l in layers[:1]:
-        w = adapter.expert_weights(adapter.moe_block(model, l), 0)
-        for p in PROJS:
-            rows, width = w[p].shape
-            ets = {fitting_type(t, width) if fallback else type_info(t).name for t in types}
-            total += sum(rows * type_info(et).row_bytes(width) for et in ets if type_info(et).fits(width))
-    return total * n_experts * len(layers)
+    """Bytes that caching every quantized matrix would hold (all MoE layers share one shape)."""
+    if not layers:
+        return 0
+    w = adapter.expert_weights(adapter.moe_block(model, layers[0]), 0)
+    per_expert = 0
+    for p in PROJS:
+        rows, width = w[p].shape
+        ets = {fitting_type(t, width) if fallback else type_info(t).name for t in types}
+        per_expert += sum(rows * type_info(et).row_bytes(width) for et in ets if type_info(et).fits(width))
+    return per_expert * n_experts * len(layers)
 
 
 def estimate_costs(model: nn.Module, adapter: ArchAdapter, stats: CalibStats,
@@ -298,8 +299,8 @@ def estimate_costs(model: nn.Module, adapter: ArchAdapter, stats: CalibStats,
     units = unit_keys(layers, shape.n_experts, granularity)
     fallback = granularity == "expert"
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    keep = cache is not None and _quant_bytes(adapter, model, layers, shape.n_experts, types, fallback) <= cache_limit
     cache = {} if cache is None else cache
-    keep = _quant_bytes(adapter, model, layers, shape.n_experts, types, fallback) <= cache_limit
     costs, bits, params, never, notes = [], [], [], [], []
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
         it = _layer_jobs(pool, model, adapter, layers, shape.n_experts, types, imatrix, fallback, cache)
@@ -335,7 +336,8 @@ def estimate_costs(model: nn.Module, adapter: ArchAdapter, stats: CalibStats,
         notes.append(f"{len(never)} experts were never routed during calibration and {what}: "
                      + ", ".join(f"L{l}.E{e}" for l, e in never))
     if not keep:
-        notes.append("quantized experts did not fit the cache limit; the writer quantizes the chosen types again")
+        notes.append("quantized experts were not cached (no cache given, or over the cache limit); "
+                     "the writer quantizes the chosen types again")
     return CostTable(units=units, types=types, cost=np.concatenate(costs).reshape(len(units), len(types)),
                      params=np.asarray(params, dtype=np.float64), bits=np.stack(bits), never_routed=never,
                      token_counts={l: stats.layers[l].counts.numpy().copy() for l in layers}, notes=notes,

@@ -259,3 +259,14 @@ def test_cached_experts_are_the_writers_bytes(arch: str, tmp_path: Path) -> None
     write_gguf(f32, tmp_path / "b.gguf", plan, TensorPolicy(), imatrix=means, progress=False)
     assert with_cache.grouped > 0
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
+def test_table_feeds_the_allocator(tiny) -> None:
+    """The cost table is an AllocationProblem as is: GEMQ spends bits where the costs say, within budget."""
+    from gemq_gguf.allocate import solve
+    _, _, _, table, _ = tiny
+    problem = table.problem()
+    gemq, uniform = solve("gemq", problem, 4.5), solve("uniform", problem, 4.5)
+    for alloc in (gemq, uniform):
+        assert alloc.unit_bits.sum() <= 4.5 * table.params.sum() + 1e-6
+    assert gemq.unit_cost.sum() <= uniform.unit_cost.sum()
