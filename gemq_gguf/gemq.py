@@ -66,7 +66,7 @@ def check_request(opts: ConvertOptions, shape: MoeShape) -> list[str]:
     return types
 
 
-def _calibrate(opts: ConvertOptions, src: Source) -> tuple[Any, Any, dict[str, np.ndarray]]:
+def calibrate(opts: ConvertOptions, src: Source) -> tuple[Any, Any, dict[str, np.ndarray]]:
     """(model, stats, imatrix means by GGUF name): one forward+backward pass over the calibration text."""
     from transformers import AutoTokenizer
 
@@ -90,7 +90,7 @@ def allocate_plan(opts: ConvertOptions, src: Source) -> tuple[ExpertPlan, dict[s
 
     types = check_request(opts, src.shape)
     budget = float(opts.budget)  # type: ignore[arg-type]
-    model, stats, imatrix = _calibrate(opts, src)
+    model, stats, imatrix = calibrate(opts, src)
     cache: dict = {}
     extras: dict[str, Any] = {"calibration": {"sequences": stats.n_seq, "seq_len": stats.seq_len,
                                               "loss": stats.loss, "datasets": stats.datasets}}
