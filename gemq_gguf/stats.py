@@ -114,13 +114,14 @@ class _Recorder:
     def __init__(self, adapter: ArchAdapter, blocks: dict[int, nn.Module], stats: dict[int, LayerStats]) -> None:
         self.adapter, self.blocks, self.stats = adapter, blocks, stats
         self.offset = 0
-        self.handles = [b.register_forward_hook(self._hook(l)) for l, b in blocks.items()]
+        self.handles = [b.register_forward_hook(self._hook(l), with_kwargs=True) for l, b in blocks.items()]
 
     def _hook(self, layer: int) -> Callable[..., None]:
-        def hook(block: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        def hook(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             s, start = self.stats[layer], self.offset
             out = output[0] if isinstance(output, tuple) else output
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            x_in = args[0] if args else kwargs["hidden_states"]
+            x = x_in.detach().reshape(-1, x_in.shape[-1])
             end = start + x.shape[0]
             with torch.no_grad():
                 ids, weights = self.adapter.route(block, x)
