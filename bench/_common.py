@@ -1,0 +1,95 @@
+"""Shared steps of the quality benchmarks: one calibration and cost table, many files, one evaluator.
+
+Every benchmark row must differ from the others only in what the row names (allocation, recipe), so
+the reference, the calibration, the imatrix and the non-expert policy are built once, here.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gguf import GGUFReader
+
+from gemq_gguf.allocate import DEFAULT_TYPES, Allocation, AllocationProblem, to_tensor_granularity
+from gemq_gguf.checkpoint import inspect_checkpoint
+from gemq_gguf.costs import estimate_costs
+from gemq_gguf.data import eval_texts
+from gemq_gguf.evaluate import evaluate_gguf
+from gemq_gguf.gemq import calibrate
+from gemq_gguf.hf_to_gguf import hf_to_float_gguf
+from gemq_gguf.pipeline import ConvertOptions, Source, resolve_model
+from gemq_gguf.plan import ExpertPlan, plan_from_units
+from gemq_gguf.policy import EXPERT_RE, TensorPolicy
+from gemq_gguf.writer import write_gguf
+
+
+@dataclass
+class Bench:
+    """The model, its F32 reference GGUF, and (after `prepare_costs`) calibration results."""
+
+    src: Source
+    out_dir: Path
+    eval_chunks: int | None
+    imatrix: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
+    problems: dict[str, AllocationProblem] = field(default_factory=dict)
+    model: Any = None
+    prep_seconds: float = 0.0
+
+    @classmethod
+    def open(cls, model: str, out_dir: Path, eval_chunks: int | None) -> "Bench":
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model_dir = resolve_model(model)
+        config, adapter, shape = inspect_checkpoint(model_dir)
+        ref = out_dir / f"{model_dir.name}.f32.gguf"
+        if not ref.exists():
+            hf_to_float_gguf(model_dir, ref, "f32")
+        return cls(Source(model_dir, config, adapter, shape, ref), out_dir, eval_chunks)
+
+    @property
+    def ref(self) -> Path:
+        return self.src.float_gguf
+
+    def prepare_costs(self, calib_tokens: int, keep_model: bool = False) -> None:
+        """Calibrate once; costs at expert granularity and, coarsened from expert-proj, tensor granularity."""
+        t0 = time.perf_counter()
+        opts = ConvertOptions(model=str(self.src.model_dir), out=self.out_dir / "x.gguf", calib_tokens=calib_tokens)
+        model, stats, self.imatrix = calibrate(opts, self.src)
+        tables = {g: estimate_costs(model, self.src.adapter, stats, self.imatrix, types=DEFAULT_TYPES, granularity=g,
+                                    cache=self.cache, progress=True) for g in ("expert", "expert-proj")}
+        self.problems = {"expert": tables["expert"].problem(),
+                         "tensor": to_tensor_granularity(tables["expert-proj"].problem())[0]}
+        self.model = model if keep_model else None
+        self.prep_seconds = time.perf_counter() - t0
+
+    def plan_of(self, alloc: Allocation) -> ExpertPlan:
+        return plan_from_units(alloc.to_dict()["units"], list(self.src.shape.moe_layers), self.src.shape.n_experts)
+
+    def write(self, name: str, plan: ExpertPlan, meta: dict[str, Any], routers: dict | None = None) -> Path:
+        out = self.out_dir / f"{name}.gguf"
+        write_gguf(self.ref, out, plan, TensorPolicy(), imatrix=self.imatrix, routers=routers,
+                   quant_cache=dict(self.cache), metadata=meta, progress=False)
+        return out
+
+    def evaluate(self, path: Path) -> dict[str, Any]:
+        """KLD/PPL/top-1 vs the F32 reference, plus size facts read from the file itself."""
+        res = evaluate_gguf(path, self.ref, eval_texts(), ctx=512, max_chunks=self.eval_chunks,
+                            ref_cache_dir=self.out_dir / "refcache")
+        return {**file_facts(path), "ppl": res.total.ppl, "ppl_base": res.total.ppl_base,
+                "kld_mean": res.total.kld_mean, "kld_p999": res.total.kld_p999, "kld_p99": res.total.kld_p99,
+                "same_top_p": res.total.same_top_p, "kld_by_domain": {d: s.kld_mean for d, s in res.domains.items()}}
+
+
+def file_facts(path: Path) -> dict[str, float]:
+    """Size, whole-file bpw and routed-expert bpw of any GGUF (ours or llama-quantize's)."""
+    tensors = [t for t in GGUFReader(path).tensors if not t.name.endswith(".qmap")]
+    expert = [t for t in tensors if EXPERT_RE.match(t.name) or "_exps.q" in t.name]
+    bpw = lambda ts: 8.0 * sum(int(t.n_bytes) for t in ts) / max(sum(int(t.n_elements) for t in ts), 1)  # noqa: E731
+    return {"file_mib": path.stat().st_size / 2**20, "file_bpw": bpw(tensors), "expert_bpw": bpw(expert)}
+
+
+def save_rows(out_dir: Path, name: str, rows: list[dict], extra: dict | None = None) -> None:
+    (out_dir / f"{name}.json").write_text(json.dumps({"rows": rows, **(extra or {})}, indent=1))
