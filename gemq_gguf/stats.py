@@ -24,7 +24,9 @@ Peak memory would be one layer's weights plus boundary activations; compute is o
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -154,16 +156,17 @@ def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, 
                   progress: bool = False) -> CalibStats:
     """Forward + backward over `tokens` [n_seq, L]; returns per-MoE-layer x, g, routing and imatrix sums.
 
-    x and g live in RAM when 2·layers·T·H values fit `ram_limit` bytes, else in memmap files under
-    `work_dir` (a fresh temporary directory when None; the caller deletes it).
+    x and g live in RAM when 2·layers·T·H values fit `ram_limit` bytes, else in memmap files in a fresh
+    directory under `work_dir` (the system temp dir when None), deleted with the returned statistics.
     """
     shape = adapter.moe_shape(model.config)
     n_seq, seq_len = tokens.shape
     n_tok = n_seq * seq_len
     spill = stats_bytes(len(shape.moe_layers), n_tok, shape.hidden, store_dtype) > ram_limit
     if spill:
-        work_dir = Path(work_dir or tempfile.mkdtemp(prefix="gemq-stats-"))
-        work_dir.mkdir(parents=True, exist_ok=True)
+        if work_dir is not None:
+            Path(work_dir).mkdir(parents=True, exist_ok=True)
+        work_dir = Path(tempfile.mkdtemp(prefix="gemq-stats-", dir=work_dir))
     blocks = {l: adapter.moe_block(model, l) for l in shape.moe_layers}
     stats = {l: LayerStats(
         layer=l,
@@ -202,8 +205,11 @@ def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, 
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
         model.train(was_training)
-    return CalibStats(layers=stats, n_seq=n_seq, seq_len=seq_len, loss=total / n_seq, datasets=list(datasets or []),
-                      work_dir=work_dir if spill else None)
+    result = CalibStats(layers=stats, n_seq=n_seq, seq_len=seq_len, loss=total / n_seq, datasets=list(datasets or []),
+                        work_dir=work_dir if spill else None)
+    if spill:  # the memmap files go when the statistics do
+        weakref.finalize(result, shutil.rmtree, work_dir, ignore_errors=True)
+    return result
 
 
 def load_for_calibration(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
