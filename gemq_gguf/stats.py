@@ -213,10 +213,16 @@ def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, 
 
 
 def load_for_calibration(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """The HF model on the best device: bf16 on GPU (spread over GPUs when accelerate is installed), f32 on CPU."""
-    from transformers import AutoModelForCausalLM
+    """The HF model on the best device, spread over GPUs when `accelerate` is installed.
+
+    Default dtype keeps every weight's exact value (so quantized bytes cached during cost estimation
+    equal the writer's): bf16 on GPU for bf16 checkpoints, float32 otherwise.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
     cuda = torch.cuda.is_available()
-    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    if dtype is None:
+        stored = getattr(AutoConfig.from_pretrained(path), "dtype", None)
+        dtype = torch.bfloat16 if cuda and stored in (torch.bfloat16, "bfloat16") else torch.float32
     if cuda and torch.cuda.device_count() > 1 and importlib.util.find_spec("accelerate"):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto").eval()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
