@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--imatrix", type=Path, help="llama.cpp imatrix GGUF to use instead of our own statistics")
     r = p.add_argument_group("router tuning")
     r.add_argument("--finetune-routers", action="store_true", help="train the routers against the quantized experts")
-    r.add_argument("--progressive", type=int, default=0, metavar="K", help="refine the allocation in K steps")
+    r.add_argument("--ft-loss", choices=("kd", "ce"), default="kd",
+                   help="kd: KL to the full-precision model (default); ce: LM cross-entropy (the paper's)")
+    r.add_argument("--progressive", type=int, default=0, metavar="K",
+                   help="reach the budget in K allocations from budget+1 down, tuning the routers at each")
     t = p.add_argument_group("other tensors and output")
     t.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE",
                    help="type for a category (embd, output, attn, shexp, ffn, router, other) or a regex on GGUF names")
@@ -63,9 +66,9 @@ def options_from_args(ns: argparse.Namespace) -> ConvertOptions:
                           strategy=ns.strategy, granularity=ns.granularity, types=types, max_types=ns.max_types,
                           tensor_types=ns.tensor_type, non_expert=ns.non_expert, imatrix=ns.imatrix, calib=ns.calib,
                           calib_tokens=ns.calib_tokens, seq_len=ns.seq_len, seed=ns.seed,
-                          finetune_routers=ns.finetune_routers, progressive=ns.progressive, work_dir=ns.work_dir,
-                          keep_intermediate=ns.keep_intermediate, dry_run=ns.dry_run, report_json=ns.report_json,
-                          heatmap=ns.heatmap, verbose=ns.verbose)
+                          finetune_routers=ns.finetune_routers, ft_loss=ns.ft_loss, progressive=ns.progressive,
+                          work_dir=ns.work_dir, keep_intermediate=ns.keep_intermediate, dry_run=ns.dry_run,
+                          report_json=ns.report_json, heatmap=ns.heatmap, verbose=ns.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,16 +66,21 @@ def check_request(opts: ConvertOptions, shape: MoeShape) -> list[str]:
     return types
 
 
-def calibrate(opts: ConvertOptions, src: Source) -> tuple[Any, Any, dict[str, np.ndarray]]:
-    """(model, stats, imatrix means by GGUF name): one forward+backward pass over the calibration text."""
+def calib_tokens(opts: ConvertOptions, src: Source) -> Any:
+    """The calibration tokens [n_seq, seq_len] (seeded: the same on every call)."""
     from transformers import AutoTokenizer
 
     from .calib import calibration_tokens
+    tokenizer = AutoTokenizer.from_pretrained(src.model_dir)
+    return calibration_tokens(tokenizer, opts.calib or None, opts.calib_tokens, opts.seq_len, opts.seed)
+
+
+def calibrate(opts: ConvertOptions, src: Source) -> tuple[Any, Any, dict[str, np.ndarray]]:
+    """(model, stats, imatrix means by GGUF name): one forward+backward pass over the calibration text."""
     from .imatrix_io import read_imatrix
     from .stats import collect_stats, load_for_calibration
 
-    tokenizer = AutoTokenizer.from_pretrained(src.model_dir)
-    tokens = calibration_tokens(tokenizer, opts.calib or None, opts.calib_tokens, opts.seq_len, opts.seed)
+    tokens = calib_tokens(opts, src)
     log.info("calibration: %d sequences x %d tokens", *tokens.shape)
     model = load_for_calibration(src.model_dir)
     stats = collect_stats(model, src.adapter, tokens, progress=True, work_dir=src.float_gguf.parent,
@@ -103,8 +108,9 @@ def allocate_plan(opts: ConvertOptions, src: Source) -> tuple[ExpertPlan, dict[s
         extras["never_routed_experts"] = [f"L{l}.E{e}" for l, e in table.never_routed]
         extras["cost_notes"] = table.notes
         extras["cost_seconds"] = table.seconds
-    del model, stats
-    alloc = solve(opts.strategy, problem, budget, max_types=opts.max_types)
+    del stats
+    alloc, tuned = _solve_and_tune(opts, src, model, imatrix, problem, cache)
+    del model
     plan = plan_from_units(alloc.to_dict()["units"], list(src.shape.moe_layers), src.shape.n_experts)
     prune_cache(cache, plan)
     print_allocation(alloc, extras)
@@ -115,4 +121,20 @@ def allocate_plan(opts: ConvertOptions, src: Source) -> tuple[ExpertPlan, dict[s
         raise GemqError(f"the allocation uses {alloc.bpw:.4f} bpw, over the budget {budget}.", "report this as a bug.")
     return plan, {"strategy": opts.strategy, "granularity": opts.granularity, "budget": budget,
                   "candidate_types": types, "allocation": report_dict(alloc, extras),
-                  "_imatrix": imatrix, "_cache": cache}
+                  **tuned, "_imatrix": imatrix, "_cache": cache}
+
+
+def _solve_and_tune(opts: ConvertOptions, src: Source, model: Any, imatrix: dict[str, np.ndarray],
+                    problem: AllocationProblem, cache: dict) -> tuple[Any, dict[str, Any]]:
+    """The allocation at the budget, and with --finetune-routers / --progressive the tuned routers
+    (`_routers`) and their report sections (router_ft.py, progressive.py)."""
+    if opts.progressive:
+        from .progressive import progressive_allocation
+        return progressive_allocation(opts, src, model, calib_tokens(opts, src), imatrix, problem, cache)
+    alloc = solve(opts.strategy, problem, float(opts.budget), max_types=opts.max_types)  # type: ignore[arg-type]
+    if not opts.finetune_routers:
+        return alloc, {}
+    from .router_ft import tune_for_plan
+    plan = plan_from_units(alloc.to_dict()["units"], list(src.shape.moe_layers), src.shape.n_experts)
+    return alloc, tune_for_plan(model, src.adapter, calib_tokens(opts, src), plan, imatrix, cache,
+                                loss=opts.ft_loss, seed=opts.seed)

@@ -43,6 +43,7 @@ class ConvertOptions:
     seq_len: int = 512
     seed: int = 0
     finetune_routers: bool = False
+    ft_loss: str = "kd"
     progressive: int = 0
     work_dir: Path | None = None
     keep_intermediate: bool = False
@@ -85,6 +86,9 @@ def _expert_plan(opts: ConvertOptions, src: Source) -> tuple[ExpertPlan, dict[st
     if len(chosen) != 1:
         raise GemqError("say how to type the experts: exactly one of --budget, --uniform or --plan.",
                         "e.g. --budget 3.0 (GEMQ), or --uniform Q4_K.")
+    if (opts.finetune_routers or opts.progressive) and opts.budget is None:
+        raise GemqError("--finetune-routers and --progressive work with --budget (they need the calibration).",
+                        "add --budget BPW, or drop the router-tuning flags.")
     layers, n_experts = list(src.shape.moe_layers), src.shape.n_experts
     if opts.uniform is not None:
         return uniform_plan(layers, n_experts, opts.uniform), {"strategy": "uniform", "granularity": "tensor"}

@@ -1,0 +1,351 @@
+"""Router fine-tuning against the quantized experts (DESIGN.md §6), for `--finetune-routers`.
+
+Quantization changes what the experts return, so the hidden states the later routers see drift and
+tokens go to other experts than in full precision. We replace every routed expert's weights in the
+Hugging Face model by ggml's round trip of its planned type (exactly what llama.cpp will hold) and
+train only the router weights (`ffn_gate_inp`, and the shared-expert gate `ffn_gate_inp_shexp`) on the
+calibration tokens, with everything else frozen.
+
+Losses:
+- `ce`: the LM cross-entropy on the calibration text (the paper's choice).
+- `kd`: KL(full precision || quantized) over next-token distributions. Only one model is held: the
+  teacher's top-K log-probs (logit − logsumexp) per token are cached in one full-precision pass
+  before the experts are quantized (K = 64: 64 × 8 bytes per token). The tail beyond the top K is one
+  bucket: the loss is the exact KL of the (K + 1)-outcome distributions (top-K tokens, "anything
+  else"), whose tail term is p_tail · log(p_tail / q_tail) with q_tail = 1 − Σ_topK q. By the log-sum
+  inequality it is a lower bound of the full KL that is tight when the tail is negligible or when
+  the student keeps the tail's shape.
+
+Routers train in float32 master copies (AdamW, no weight decay: decay would flatten the routing);
+the model's own copies (bf16 on GPU) are refreshed after every step, and the float32 masters are
+what ships (llama.cpp keeps routers in F32). A fixed seed gives bit-identical routers on the same
+device and thread count: shuffling uses a seeded generator and torch runs deterministic algorithms.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .archs import EXPERT_PROJS, ArchAdapter
+from .errors import GemqError
+from .ggml_quant import dequantize, fitting_type, roundtrip
+from .imatrix_io import expert_imatrix, expert_tensor_name
+from .plan import ExpertPlan
+from .writer import QuantCache
+
+LOSSES = ("kd", "ce")
+DEFAULT_LOSS = "kd"
+TEACHER_TOP_K = 64
+DEFAULT_LR = 1e-4
+
+
+# -- the model as llama.cpp computes it ------------------------------------------------------------
+
+def router_tensors(model: nn.Module, adapter: ArchAdapter) -> dict[str, nn.Parameter]:
+    """Every router parameter of the model keyed by its GGUF tensor name (HF shape = GGUF numpy shape)."""
+    shape = adapter.moe_shape(model.config)
+    return {f"blk.{l}.{suffix}.weight": p for l in shape.moe_layers
+            for suffix, p in adapter.router_params(adapter.moe_block(model, l)).items()}
+
+
+def quantize_experts_(model: nn.Module, adapter: ArchAdapter, plan: ExpertPlan,
+                      imatrix: dict[str, np.ndarray] | None, cache: QuantCache | None = None) -> None:
+    """Replace every routed expert's matrices, in place, by ggml's round trip of its planned type.
+
+    The effective type is llama.cpp's fallback for the row width, as the writer does; bytes already in
+    the writer's cache (from the cost estimation) are dequantized instead of quantized again.
+    """
+    shape = adapter.moe_shape(model.config)
+    for l in shape.moe_layers:
+        block = adapter.moe_block(model, l)
+        for e in range(shape.n_experts):
+            w = adapter.expert_weights(block, e)
+            adapter.set_expert_weights(block, e, {
+                p: torch.from_numpy(_roundtrip(w[p], l, e, p, plan[(l, p)][e], imatrix, cache, shape.n_experts))
+                for p in EXPERT_PROJS})
+
+
+def _roundtrip(w: torch.Tensor, layer: int, expert: int, proj: str, planned: str,
+               imatrix: dict[str, np.ndarray] | None, cache: QuantCache | None, n_experts: int) -> np.ndarray:
+    rows = w.detach().to("cpu", torch.float32).numpy()
+    t = fitting_type(planned, rows.shape[1])
+    key = (expert_tensor_name(layer, proj), expert, t)
+    if cache is not None and key in cache:
+        return dequantize(cache[key], t, rows.shape[1])
+    imat = expert_imatrix(imatrix, layer, proj, n_experts) if imatrix else None
+    return roundtrip(rows, t, None if imat is None else imat[expert])
+
+
+# -- routing records -------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def record_routing(model: nn.Module, adapter: ArchAdapter) -> Iterator[dict[int, list[torch.Tensor]]]:
+    """Collect each MoE layer's selected expert ids [T, k] per forward, in call order (CPU, int64)."""
+    shape = adapter.moe_shape(model.config)
+    out: dict[int, list[torch.Tensor]] = {l: [] for l in shape.moe_layers}
+
+    def hook(layer: int) -> Callable[..., None]:
+        def f(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            with torch.no_grad():
+                ids, _ = adapter.route(block, x.detach().reshape(-1, x.shape[-1]))
+            out[layer].append(ids.cpu())
+        return f
+    handles = [adapter.moe_block(model, l).register_forward_hook(hook(l), with_kwargs=True) for l in shape.moe_layers]
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def routing_shift(fp_ids: dict[int, torch.Tensor], q_ids: dict[int, torch.Tensor]) -> dict[int, float]:
+    """Per layer, the share of (token, slot) expert choices of full precision that the quantized model
+    does not make (the top-k as a set: a swap of slot order is no shift)."""
+    shift = {}
+    for l, fp in fp_ids.items():
+        q = q_ids[l]
+        if fp.shape != q.shape:
+            raise ValueError(f"layer {l}: routing shapes differ {tuple(fp.shape)} vs {tuple(q.shape)}")
+        kept = (fp.unsqueeze(-1) == q.unsqueeze(-2)).any(-1)
+        shift[l] = float(1.0 - kept.float().mean())
+    return shift
+
+
+# -- teacher and losses ----------------------------------------------------------------------------
+
+@dataclass
+class Teacher:
+    """The full-precision model's top-K next-token log-probs and routing, per calibration sequence."""
+
+    logp: torch.Tensor               # [N, L, K] float32: top-K log-probs (logit − logsumexp)
+    idx: torch.Tensor                # [N, L, K] int64 token ids
+    routing: dict[int, torch.Tensor]  # layer -> [N, L, k] selected experts
+    ce: float                        # the teacher's own mean next-token CE
+
+    def rows(self, sel: torch.Tensor) -> Teacher:
+        return Teacher(self.logp[sel], self.idx[sel], {l: r[sel] for l, r in self.routing.items()}, self.ce)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _batches(n: int, batch_size: int, order: torch.Tensor | None = None) -> list[torch.Tensor]:
+    idx = torch.arange(n) if order is None else order
+    return [idx[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def teacher_pass(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, *, top_k: int = TEACHER_TOP_K,
+                 batch_size: int = 4, progress: bool = False) -> Teacher:
+    """Cache the full-precision targets of KD and the full-precision routing (call before quantizing)."""
+    n, seq = tokens.shape
+    logp, idx, ce = [], [], 0.0
+    with record_routing(model, adapter) as routes, torch.no_grad():
+        for rows in _progress(_batches(n, batch_size), progress, "teacher"):
+            batch = tokens[rows].to(_device(model))
+            logits = model(input_ids=batch, use_cache=False).logits.float()
+            top, ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+            logp.append((top - logits.logsumexp(-1, keepdim=True)).cpu())
+            idx.append(ids.cpu())
+            ce += float(ce_loss(logits, batch.to(logits.device))) * len(rows)
+    routing = {l: torch.cat(r).reshape(n, seq, -1) for l, r in routes.items()}
+    return Teacher(torch.cat(logp), torch.cat(idx), routing, ce / n)
+
+
+def ce_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+
+
+def kd_loss(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) on the top-K tokens plus one tail bucket."""
+    logits = logits.float()
+    s_logp = logits.gather(-1, t_idx) - logits.logsumexp(-1, keepdim=True)
+    p = t_logp.exp()
+    kl = (p * (t_logp - s_logp)).sum(-1)
+    p_tail = (1.0 - p.sum(-1)).clamp_min(0.0)
+    log_q_tail = torch.log((-torch.expm1(s_logp.logsumexp(-1).clamp_max(-1e-7))).clamp_min(1e-30))
+    tail = torch.where(p_tail > 0, p_tail * (torch.log(p_tail.clamp_min(1e-30)) - log_q_tail), torch.zeros_like(p_tail))
+    return (kl + tail).mean()
+
+
+def _batch_loss(model: nn.Module, tokens: torch.Tensor, teacher: Teacher | None, loss: str) -> torch.Tensor:
+    dev = _device(model)
+    logits = model(input_ids=tokens.to(dev), use_cache=False).logits
+    if loss == "ce":
+        return ce_loss(logits, tokens.to(logits.device))
+    assert teacher is not None
+    return kd_loss(logits, teacher.logp.to(logits.device), teacher.idx.to(logits.device))
+
+
+@dataclass
+class Score:
+    """A no-grad pass of the (quantized) model over held-out tokens."""
+
+    kd: float
+    ce: float
+    shift: dict[int, float]
+
+    @property
+    def mean_shift(self) -> float:
+        return float(np.mean(list(self.shift.values()))) if self.shift else 0.0
+
+
+def score(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, teacher: Teacher,
+          batch_size: int = 4) -> Score:
+    """KD loss, CE loss and routing shift of the model on `tokens` (whose teacher rows are `teacher`)."""
+    n, seq = tokens.shape
+    kd = ce = 0.0
+    with record_routing(model, adapter) as routes, torch.no_grad():
+        for rows in _batches(n, batch_size):
+            logits = model(input_ids=tokens[rows].to(_device(model)), use_cache=False).logits.float()
+            kd += float(kd_loss(logits, teacher.logp[rows].to(logits.device), teacher.idx[rows].to(logits.device))) * len(rows)
+            ce += float(ce_loss(logits, tokens[rows].to(logits.device))) * len(rows)
+    q_ids = {l: torch.cat(r).reshape(n, seq, -1) for l, r in routes.items()}
+    return Score(kd / n, ce / n, routing_shift(teacher.routing, q_ids))
+
+
+# -- training --------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _deterministic(seed: int, threads: int | None) -> Iterator[None]:
+    """Seeded, deterministic torch for the duration; the previous settings come back afterwards."""
+    was_det, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_det)
+        torch.set_num_threads(was_threads)
+
+
+@contextlib.contextmanager
+def _only_routers_trainable(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[None]:
+    requires = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    model.eval()  # no dropout or router jitter: train the routers llama.cpp will run
+    try:
+        yield
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+        model.train(was_training)
+
+
+def finetune_routers(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, *, loss: str = DEFAULT_LOSS,
+                     teacher: Teacher | None = None, lr: float = DEFAULT_LR, epochs: int = 1, batch_size: int = 4,
+                     seed: int = 0, threads: int | None = None, progress: bool = True,
+                     history: list[float] | None = None) -> dict[str, np.ndarray]:
+    """Train only the routers (AdamW) on `tokens` [N, L]; returns the float32 weights by GGUF name.
+
+    The model's routers are updated in place. `teacher` (rows aligned with `tokens`) is required for
+    `kd`. Each step's loss is appended to `history` when given.
+    """
+    if loss not in LOSSES:
+        raise GemqError(f"unknown router-tuning loss '{loss}'.", f"use one of: {', '.join(LOSSES)}.")
+    if loss == "kd" and teacher is None:
+        raise ValueError("kd needs the teacher's cached distributions (teacher_pass before quantizing)")
+    params = router_tensors(model, adapter)
+    masters = {n: p.detach().float().clone().requires_grad_(True) for n, p in params.items()}
+    with _deterministic(seed, threads), _only_routers_trainable(model, params):
+        opt = torch.optim.AdamW(list(masters.values()), lr=lr, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(seed)
+        steps = [b for _ in range(epochs) for b in _batches(len(tokens), batch_size, torch.randperm(len(tokens), generator=gen))]
+        bar = _progress(steps, progress, f"router tuning ({loss})")
+        for rows in bar:
+            value = _batch_loss(model, tokens[rows], teacher.rows(rows) if loss == "kd" else None, loss)
+            value.backward()
+            for n, p in params.items():
+                masters[n].grad = p.grad.float()
+                p.grad = None
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(masters[n])
+            if history is not None:
+                history.append(float(value.detach()))
+            if progress:
+                bar.set_postfix(loss=f"{float(value.detach()):.4f}")
+    return {n: m.detach().cpu().numpy().astype(np.float32) for n, m in masters.items()}
+
+
+def _progress(items: list, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, unit="batch")
+
+
+# -- the whole `--finetune-routers` step -----------------------------------------------------------
+
+def split_rows(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train rows, held-out rows): 1 in 8 sequences (at least one) is held out to judge the tuning;
+    with a single sequence both are that sequence."""
+    if n < 2:
+        return torch.arange(n), torch.arange(n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    n_val = max(1, n // 8)
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+def _curve(history: list[float], points: int = 20) -> list[float]:
+    """The loss curve, averaged down to at most `points` values."""
+    if not history:
+        return []
+    return [float(np.mean(c)) for c in np.array_split(np.asarray(history), min(points, len(history)))]
+
+
+def tune_quantized(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, teacher: Teacher, *,
+                   loss: str = DEFAULT_LOSS, lr: float = DEFAULT_LR, epochs: int = 1, batch_size: int = 4,
+                   seed: int = 0, progress: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Tune the routers of an already quantized model; returns (routers, report section).
+
+    The report judges on held-out sequences: KD and CE loss and routing shift per layer, before and
+    after tuning, plus the training loss curve.
+    """
+    t0 = time.perf_counter()
+    train, val = split_rows(len(tokens), seed)
+    before = score(model, adapter, tokens[val], teacher.rows(val), batch_size)
+    history: list[float] = []
+    routers = finetune_routers(model, adapter, tokens[train], loss=loss, teacher=teacher.rows(train), lr=lr,
+                               epochs=epochs, batch_size=batch_size, seed=seed, progress=progress, history=history)
+    after = score(model, adapter, tokens[val], teacher.rows(val), batch_size)
+    section = {
+        "loss": loss, "lr": lr, "epochs": epochs, "batch_size": batch_size, "seed": seed, "steps": len(history),
+        "train_sequences": len(train), "heldout_sequences": len(val), "teacher_top_k": int(teacher.logp.shape[-1]),
+        "teacher_ce": teacher.ce, "train_loss_curve": _curve(history),
+        "heldout": {"kd_before": before.kd, "kd_after": after.kd, "ce_before": before.ce, "ce_after": after.ce},
+        "routing_shift": {"mean_before": before.mean_shift, "mean_after": after.mean_shift,
+                          "per_layer": {str(l): {"before": before.shift[l], "after": after.shift[l]} for l in before.shift}},
+        "seconds": time.perf_counter() - t0,
+    }
+    return routers, section
+
+
+def tune_for_plan(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, plan: ExpertPlan,
+                  imatrix: dict[str, np.ndarray] | None, cache: QuantCache | None = None, *,
+                  loss: str = DEFAULT_LOSS, seed: int = 0, progress: bool = True,
+                  **train: Any) -> dict[str, Any]:
+    """Teacher pass, quantize the experts per `plan`, tune the routers: the writer's `_routers` and the
+    report's `router_tuning` section, as a meta dict for `gemq.allocate_plan`. The model's experts stay
+    quantized afterwards."""
+    teacher = teacher_pass(model, adapter, tokens, progress=progress)
+    quantize_experts_(model, adapter, plan, imatrix, cache)
+    routers, section = tune_quantized(model, adapter, tokens, teacher, loss=loss, seed=seed, progress=progress, **train)
+    return {"_routers": routers, "router_tuning": section}
