@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--train", action="store_true",
                        help="retrain partition + routers instead of using the shipped file (maintainers)")
         p.add_argument("--write-routers", type=pathlib.Path, help="with --train: save the new routers file here")
+        p.add_argument("--routers", type=pathlib.Path, help="use this partition/routers file instead of the shipped one")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     b.add_argument("--force", action="store_true", help="rebuild even if a current build exists")
     e.add_argument("--windows", type=int, default=None, help="512-token windows per eval domain (default 16)")
@@ -37,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
             print(d)
             return 0 if build.is_built(d) else 1
         top_k = args.top_k or build.TOP_K
-        routers = False if args.train else True
+        routers = False if args.train else (args.routers or True)
         if args.cmd == "build":
-            if args.train or args.top_k:
+            if args.train or args.top_k or args.routers:
                 out = build.build_demo_model(args.out, top_k=top_k, routers=routers,
                                              write_routers=args.write_routers, progress=not args.quiet)
             else:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         out, parts = build.build_demo_model(args.out, top_k=top_k, routers=routers, write_routers=args.write_routers,
                                             progress=not args.quiet, return_parts=True)
         r = evaluate.evaluate_demo(out, parts, n_windows=args.windows or text.EVAL_WINDOWS,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, json_path=args.json)
         s = json.dumps(r, indent=1)
         if args.json:
             args.json.write_text(s + "\n")

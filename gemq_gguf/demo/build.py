@@ -32,7 +32,7 @@ RECIPE_VERSION = 1           # bump when the checkpoint's content changes; stale
 HIDDEN = 768                 # padded hidden size (SmolLM2: 576)
 EXPERTS = 6                  # 6 experts x 256 neurons = SmolLM2's 1536
 TOP_K = 3
-REFIT_LAMBDA = 0.1
+REFIT_LAMBDA = 0.3
 REFIT = "sequential"         # or "local" (the reference recipe's layer-local refit)
 MAX_DEV = 0.15
 SEED = 0
@@ -42,7 +42,9 @@ INFO_NAME = "gemq_demo.json"
 
 
 def gemq_home() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("GEMQ_GGUF_HOME") or pathlib.Path.home() / ".cache" / "gemq-gguf").expanduser()
+    """${GEMQ_GGUF_HOME:-~/.cache/gemq-gguf} (the project's one cache root, see gemq_gguf.runtime.home)."""
+    from ..runtime import home
+    return pathlib.Path(home()).expanduser()
 
 
 def demo_cache_dir() -> pathlib.Path:
@@ -133,7 +135,7 @@ def moefy_model(dense, calib, top_k: int, res: dict | None, refit: str = REFIT, 
 def load_dense(progress: bool = True):
     """(dense LlamaForCausalLM, tokenizer, GGUF sha256): fetch the verified GGUF, dequantise it."""
     gguf_path = source.fetch_smollm2_gguf(demo_cache_dir())
-    dense, tok = source.dense_from_gguf(gguf_path)
+    dense, tok = source.dense_from_gguf(gguf_path, progress)
     return dense, tok, source.GGUF_SHA256
 
 
@@ -185,12 +187,17 @@ def write_checkpoint(out: pathlib.Path, cfg, tok, sd: dict[str, torch.Tensor], i
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache is meant to be shared like any other dir
         cfg.save_pretrained(tmp)
         GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
                          pad_token_id=cfg.pad_token_id).save_pretrained(tmp)
         tok.save_pretrained(tmp)
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         digest = source.sha256_file(tmp / "model.safetensors")
         (tmp / INFO_NAME).write_text(json.dumps({**info, "model_safetensors_sha256": digest}, indent=1) + "\n")
         old = None

@@ -74,13 +74,20 @@ def expert_load(moe, windows: torch.Tensor, E: int, K: int) -> list:
 
 @torch.no_grad()
 def evaluate_demo(out: pathlib.Path, parts: dict, top_ks=(2, 3, 4), n_windows: int = text.EVAL_WINDOWS,
-                  progress: bool = True) -> dict:
-    """Evaluate a just-built demo model (parts from build_demo_model(return_parts=True))."""
+                  progress: bool = True, json_path=None) -> dict:
+    """Evaluate a just-built demo model (parts from build_demo_model(return_parts=True)); json_path, if given, is
+    rewritten after every measurement (partial results survive an interruption)."""
     from transformers import AutoModelForCausalLM
 
     dense, tok, res, K0 = parts["dense"], parts["tok"], parts["res"], parts["top_k"]
     E = len(res["experts"][0])
     t0 = time.time()
+
+    def checkpoint():
+        if json_path:
+            r["eval_time_s"] = round(time.time() - t0, 1)
+            pathlib.Path(json_path).write_text(json.dumps(r, indent=1) + "\n")
+
     with build._threads(build.BUILD_THREADS):
         wins = text.domain_windows(tok, "eval", n_windows)
         probe = wins["prose"][:1]
@@ -94,6 +101,7 @@ def evaluate_demo(out: pathlib.Path, parts: dict, top_ks=(2, 3, 4), n_windows: i
         r["dense_logit_abs_max"] = ref_logits.abs().max().item()
         del padded
         r["ppl"] = {"dense": domain_ppl(dense, wins, "dense", progress)}
+        checkpoint()
         r["router_recall_mean"] = {str(K): round(sum(v) / len(v), 4) for K, v in res["recall"].items()}
 
         moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -104,6 +112,7 @@ def evaluate_demo(out: pathlib.Path, parts: dict, top_ks=(2, 3, 4), n_windows: i
             r["checkpoint_vs_reference_max_abs_logit_diff"] = (
                 moe(input_ids=probe).logits - dense(input_ids=probe).logits).abs().max().item()
         del moe
+        checkpoint()
         for K in top_ks:
             if K == K0:
                 continue
@@ -111,5 +120,6 @@ def evaluate_demo(out: pathlib.Path, parts: dict, top_ks=(2, 3, 4), n_windows: i
             _, downs = build.moefy_model(dense, parts["calib"], K, res, refit=parts["refit"], progress=progress)
             with routed(dense, res["experts"], rts, K, downs):
                 r["ppl"][f"moe_top{K}"] = domain_ppl(dense, wins, f"MoE top-{K} (reference)", progress)
+            checkpoint()
     r["eval_time_s"] = round(time.time() - t0, 1)
     return r

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
+TRAIN_TOKENS = 8192  # calibration tokens (sampled) per layer for the partition and the router
+
 
 def _progress(it, **kw):
     from tqdm.auto import tqdm
@@ -78,11 +80,9 @@ def ffn_act(mlp, h: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def coactivation_partition(mlp, h: torch.Tensor, E: int, seed: int, n_tok: int = 8192) -> np.ndarray:
-    """[E, I/E] sorted neuron indices: balanced k-means of the neurons' |activation| profiles over n_tok tokens."""
-    idx = torch.from_numpy(np.random.RandomState(seed).choice(len(h), min(n_tok, len(h)), replace=False))
-    X = ffn_act(mlp, h[idx]).abs().T.double().numpy()
-    labels = balanced_kmeans(X, E, seed=seed)
+def coactivation_partition(act: torch.Tensor, E: int, seed: int) -> np.ndarray:
+    """[E, I/E] sorted neuron indices: balanced k-means of the neurons' |activation| profiles act [N, I]."""
+    labels = balanced_kmeans(act.abs().T.double().cpu().numpy(), E, seed=seed)
     return np.stack([np.where(labels == e)[0] for e in range(E)])
 
 
@@ -90,18 +90,17 @@ def coactivation_partition(mlp, h: torch.Tensor, E: int, seed: int, n_tok: int =
 # 2-3. Routers
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def group_contribution_norms(mlp, h: torch.Tensor, groups: np.ndarray, chunk: int = 4096) -> torch.Tensor:
-    """c [N, E] = || down[:, g] @ act[g](x) || for every neuron group g."""
-    G = torch.from_numpy(np.asarray(groups, dtype=np.int64))
-    Wd = mlp.down_proj.weight[:, G]  # [hidden, E, g]
-    return torch.cat([torch.einsum("neg,deg->ned", ffn_act(mlp, h[i:i + chunk])[:, G], Wd).norm(dim=-1)
-                      for i in range(0, len(h), chunk)])
+def group_contribution_norms(act: torch.Tensor, down: torch.Tensor, groups: np.ndarray) -> torch.Tensor:
+    """c [N, E] = || down[:, g] @ act[:, g] || for every neuron group g (act [N, I], down [hidden, I])."""
+    return torch.stack([F.linear(act[:, g], down[:, g]).norm(dim=-1)
+                        for g in torch.from_numpy(np.asarray(groups, dtype=np.int64))], 1)
 
 
 def train_router(h: torch.Tensor, c: torch.Tensor, steps: int = 100, lr: float = 1e-2, seed: int = 0) -> torch.Tensor:
     """Bias-free linear router W [E, hidden]: full-batch Adam on softmax cross-entropy against c / sum(c)."""
     target = c / c.sum(1, keepdim=True)
-    W = torch.nn.Parameter(torch.randn(c.shape[1], h.shape[1], generator=torch.Generator().manual_seed(seed)) * 1e-3)
+    W0 = torch.randn(c.shape[1], h.shape[1], generator=torch.Generator().manual_seed(seed)) * 1e-3
+    W = torch.nn.Parameter(W0.to(h.device))
     opt = torch.optim.Adam([W], lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
@@ -130,12 +129,17 @@ def router_scale(logits: torch.Tensor, K: int, max_dev: float = 0.15, q: float =
 
 
 @torch.no_grad()
-def train_layer(mlp, h: torch.Tensor, E: int, top_ks=(2, 3, 4), max_dev: float = 0.15, seed: int = 0):
-    """Partition + router of one layer from its dense FFN inputs h [N, hidden]. Returns (groups [E, I/E],
-    unscaled router [E, hidden], {K: scale}, {K: recall}) where recall = overlap of the router's top-K with the
-    oracle top-K (by contribution norm) on these tokens."""
-    groups = coactivation_partition(mlp, h, E, seed=seed)
-    c = group_contribution_norms(mlp, h, groups)
+def train_layer(mlp, h: torch.Tensor, E: int, top_ks=(2, 3, 4), max_dev: float = 0.15, seed: int = 0,
+                n_tok: int = TRAIN_TOKENS):
+    """Partition + router of one layer from its dense FFN inputs h [N, hidden], on n_tok tokens sampled from h.
+    Returns (groups [E, I/E], unscaled router [E, hidden], {K: scale}, {K: recall}) where recall = overlap of the
+    router's top-K with the oracle top-K (by contribution norm) on these tokens."""
+    idx = torch.from_numpy(np.random.RandomState(seed).choice(len(h), min(n_tok, len(h)), replace=False))
+    h = h[idx]
+    act = ffn_act(mlp, h)
+    groups = coactivation_partition(act, E, seed=seed)
+    c = group_contribution_norms(act, mlp.down_proj.weight, groups)
+    del act
     W = train_router(h, c, seed=seed)
     logits = h @ W.T
     scale, recall = {}, {}
@@ -144,7 +148,7 @@ def train_layer(mlp, h: torch.Tensor, E: int, top_ks=(2, 3, 4), max_dev: float =
         hit = torch.zeros_like(c).scatter_(1, logits.topk(K, 1).indices, 1.0) * \
             torch.zeros_like(c).scatter_(1, c.topk(K, 1).indices, 1.0)
         recall[K] = hit.sum(1).mean().item() / K
-    return groups, W.float().contiguous(), scale, recall
+    return groups, W.float().cpu().contiguous(), scale, recall
 
 
 def _new_res(top_ks) -> dict:
@@ -239,28 +243,55 @@ class MoEFFN(torch.nn.Module):
         return F.linear(z, self.down).reshape(x.shape)
 
 
+def _routed_features(act: torch.Tensor, h: torch.Tensor, groups, router: torch.Tensor, K: int):
+    """Z [N, E, g] = act(h) of each expert's neurons times its Mixtral weight (0 for unrouted experts), and the
+    routing mask [N, E]."""
+    G = torch.from_numpy(np.asarray(groups, dtype=np.int64))
+    w = mixtral_weights(h, router, K)
+    return act[:, G] * w[:, :, None], w > 0
+
+
+def _accumulate(A: torch.Tensor, B: torch.Tensor, Z: torch.Tensor, routed: torch.Tensor, Y: torch.Tensor) -> None:
+    """A += Z^T Z, B += Z^T Y in expert-major neuron order, skipping the zero blocks of unrouted experts."""
+    N, E, g = Z.shape
+    Zf = Z.reshape(N, E * g)
+    for e in range(E):
+        rows = routed[:, e].nonzero().squeeze(1)
+        if len(rows) == 0:
+            continue
+        Ze = Z[rows, e]                                    # [n_e, g]
+        A[e * g:(e + 1) * g] += (Ze.T @ Zf[rows]).double()  # row block e of Z^T Z
+        B[e * g:(e + 1) * g] += (Ze.T @ Y[rows]).double()
+
+
 @torch.no_grad()
 def refit_layer(mlp, h: torch.Tensor, groups, router: torch.Tensor, K: int, lam: float = 0.1,
                 target: torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
     """The [hidden, I] down projection D' (Mixtral's w2 of all experts side by side) minimising
         ||Z D'^T - Y||^2 + lam * mean(diag(Z^T Z)) * ||D' - K D||^2,   Z = act(h) * w_expert(h)[neuron]
     over the FFN inputs h; Y = target, or the dense FFN output D act(h) when target is None."""
-    ne = neuron_expert(groups)
+    G = torch.from_numpy(np.asarray(groups, dtype=np.int64)).reshape(-1)  # expert-major neuron order
     D = mlp.down_proj.weight
     I = D.shape[1]
-    A = torch.zeros(I, I, dtype=torch.float64)
-    B = torch.zeros(I, D.shape[0], dtype=torch.float64)
+    A = torch.zeros(I, I, dtype=torch.float64, device=D.device)
+    B = torch.zeros(I, D.shape[0], dtype=torch.float64, device=D.device)
     for i in range(0, len(h), chunk):
         hc = h[i:i + chunk]
         a = ffn_act(mlp, hc)
-        z = a * mixtral_weights(hc, router, K)[:, ne]
+        Z, routed = _routed_features(a, hc, groups, router, K)
         y = F.linear(a, D) if target is None else target[i:i + chunk]
-        A += (z.T @ z).double()
-        B += (z.T @ y).double()
+        _accumulate(A, B, Z, routed, y)
+    return _solve_down(A, B, D, G, K, lam)
+
+
+def _solve_down(A, B, D, G, K, lam):
     reg = lam * A.diagonal().mean()
-    prior = (D.double() * K).T
-    sol = torch.linalg.solve(A + reg * torch.eye(I, dtype=torch.float64), B + reg * prior)
-    return sol.T.float().contiguous()
+    I = A.shape[0]
+    prior = (D[:, G].double() * K).T
+    sol = torch.linalg.solve(A + reg * torch.eye(I, dtype=torch.float64, device=A.device), B + reg * prior)  # [I (expert-major), hidden]
+    out = torch.empty(D.shape[0], I, dtype=torch.float32, device=A.device)
+    out[:, G] = sol.T.float()                                                               # back to neuron order
+    return out.contiguous()
 
 
 @torch.no_grad()
@@ -315,7 +346,7 @@ def _out(o):
 
 @torch.no_grad()
 def moefy_sequential(model, windows: torch.Tensor, E: int, K: int, res: dict | None = None, lam: float = 0.1,
-                     top_ks=(2, 3, 4), max_dev: float = 0.15, seed: int = 0, bs: int = 8,
+                     top_ks=(2, 3, 4), max_dev: float = 0.15, seed: int = 0, bs: int = 8, chunk: int = 4096,
                      progress: bool = True) -> tuple[dict, list[torch.Tensor]]:
     """MoEfy layer by layer while propagating two residual streams over the calibration windows: the dense model's
     and the MoE's (all earlier layers already routed). At layer l:
@@ -350,15 +381,25 @@ def moefy_sequential(model, windows: torch.Tensor, E: int, K: int, res: dict | N
             layer.mlp = mlp
         if train:
             _append(res, *train_layer(mlp, h_d, E, top_ks, max_dev, seed + l))
-        router = res["router"][l] * res["scale"][K][l]
+        router = (res["router"][l] * res["scale"][K][l]).to(h_d.device)
         y_dense = mlp(h_d)
         x_d = [r + y.reshape(r.shape) for r, y in zip(r_d, y_dense.split([r.numel() // r.shape[-1] for r in r_d]))]
         target = torch.cat([(xd - rm).reshape(-1, rm.shape[-1]) for xd, rm in zip(x_d, r_m)])
-        down = refit_layer(mlp, h_m, res["experts"][l], router, K, lam, target=target)
+        G = torch.from_numpy(np.asarray(res["experts"][l], dtype=np.int64)).reshape(-1)
+        D = mlp.down_proj.weight
+        A = torch.zeros(len(G), len(G), dtype=torch.float64, device=D.device)
+        B = torch.zeros(len(G), D.shape[0], dtype=torch.float64, device=D.device)
+        Zs = []
+        for i in range(0, len(h_m), chunk):
+            hc = h_m[i:i + chunk]
+            Z, routed = _routed_features(ffn_act(mlp, hc), hc, res["experts"][l], router, K)
+            _accumulate(A, B, Z, routed, target[i:i + chunk])
+            Zs.append(Z.reshape(len(hc), -1))
+        down = _solve_down(A, B, D, G, K, lam)
         downs.append(down)
-        y_moe = MoEFFN(mlp, res["experts"][l], router, K, down)(h_m)
+        y_moe = F.linear(torch.cat(Zs), down[:, G])
         x_m = [r + y.reshape(r.shape) for r, y in zip(r_m, y_moe.split([r.numel() // r.shape[-1] for r in r_m]))]
-        del h_d, h_m, r_d, r_m, y_dense, y_moe, target
+        del h_d, h_m, r_d, r_m, y_dense, y_moe, target, Zs, A, B
     return res, downs
 
 

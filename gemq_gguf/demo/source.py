@@ -73,10 +73,11 @@ def fetch_smollm2_gguf(cache_dir: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+def read_gguf(path: str | os.PathLike, progress: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
     """Metadata dict and float32 tensors in HF orientation ([out, in]) of a GGUF file."""
     import gguf
     from gguf.quants import dequantize
+    from tqdm.auto import tqdm
 
     r = gguf.GGUFReader(str(path))
     meta: dict = {}
@@ -88,7 +89,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         elif k != "tokenizer.ggml.scores":
             meta[k] = f.contents()
     tensors = {}
-    for t in r.tensors:
+    for t in tqdm(r.tensors, desc="dequantize SmolLM2", unit="tensor", disable=not progress):
         a = dequantize(t.data, t.tensor_type).astype(np.float32)
         tensors[t.name] = a.reshape([int(x) for x in reversed(t.shape)])  # GGUF lists ne0 (fastest) first
     return meta, tensors
@@ -138,12 +139,12 @@ _HF_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layerno
              "ffn_down": "mlp.down_proj"}
 
 
-def dense_from_gguf(path: str | os.PathLike):
+def dense_from_gguf(path: str | os.PathLike, progress: bool = False):
     """(LlamaForCausalLM in float32, eval mode; its tokenizer) from a llama-architecture GGUF."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    meta, T = read_gguf(path)
+    meta, T = read_gguf(path, progress)
     arch = meta["general.architecture"]
 
     def g(key: str):

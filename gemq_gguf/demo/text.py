@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 DOMAINS = ("prose", "tech", "code", "math")
 SEQ_LEN = 512
-CALIB_WINDOWS = 16   # per domain: 4 x 16 x 512 = 32768 calibration tokens
-EVAL_WINDOWS = 16    # per domain: 8192 evaluation tokens per domain
+CALIB_WINDOWS = 8    # per domain: 4 x 8 x 512 = 16384 calibration tokens
+EVAL_WINDOWS = 8     # per domain: 4096 evaluation tokens per domain (context 512)
 
 
 def data_file(split: str, domain: str) -> pathlib.Path:
