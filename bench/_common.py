@@ -36,7 +36,7 @@ class Bench:
     imatrix: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
     problems: dict[str, AllocationProblem] = field(default_factory=dict)
-    model: Any = None
+    opts: ConvertOptions | None = None
     prep_seconds: float = 0.0
 
     @classmethod
@@ -53,20 +53,29 @@ class Bench:
     def ref(self) -> Path:
         return self.src.float_gguf
 
-    def prepare_costs(self, calib_tokens: int, keep_model: bool = False) -> None:
+    def prepare_costs(self, calib_tokens: int) -> None:
         """Calibrate once; costs at expert granularity and, coarsened from expert-proj, tensor granularity."""
         t0 = time.perf_counter()
-        opts = ConvertOptions(model=str(self.src.model_dir), out=self.out_dir / "x.gguf", calib_tokens=calib_tokens)
-        model, stats, self.imatrix = calibrate(opts, self.src)
+        self.opts = ConvertOptions(model=str(self.src.model_dir), out=self.out_dir / "x.gguf", calib_tokens=calib_tokens)
+        model, stats, self.imatrix = calibrate(self.opts, self.src)
         tables = {g: estimate_costs(model, self.src.adapter, stats, self.imatrix, types=DEFAULT_TYPES, granularity=g,
                                     cache=self.cache, progress=True) for g in ("expert", "expert-proj")}
         self.problems = {"expert": tables["expert"].problem(),
                          "tensor": to_tensor_granularity(tables["expert-proj"].problem())[0]}
-        self.model = model if keep_model else None
         self.prep_seconds = time.perf_counter() - t0
 
     def plan_of(self, alloc: Allocation) -> ExpertPlan:
         return plan_from_units(alloc.to_dict()["units"], list(self.src.shape.moe_layers), self.src.shape.n_experts)
+
+    def tuned_routers(self, plan: ExpertPlan) -> dict[str, Any]:
+        """Routers tuned (default loss) against this plan's quantized experts, on a fresh copy of the model."""
+        from gemq_gguf.gemq import calib_tokens
+        from gemq_gguf.router_ft import tune_for_plan
+        from gemq_gguf.stats import load_for_calibration
+        assert self.opts is not None, "prepare_costs first"
+        model = load_for_calibration(self.src.model_dir)
+        return tune_for_plan(model, self.src.adapter, calib_tokens(self.opts, self.src), plan, self.imatrix,
+                             dict(self.cache), seed=self.opts.seed)["_routers"]
 
     def write(self, name: str, plan: ExpertPlan, meta: dict[str, Any], routers: dict | None = None) -> Path:
         out = self.out_dir / f"{name}.gguf"

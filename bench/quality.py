@@ -95,7 +95,7 @@ def main() -> int:
     imatrix = llama_imatrix(bench, args.imatrix_chunks)
     for recipe in RECIPES:
         add(recipe, "llama-quantize", llama_quantize(bench, imatrix, recipe))
-    bench.prepare_costs(args.calib_tokens, keep_model=args.router_tuning)
+    bench.prepare_costs(args.calib_tokens)
     layers, n_exp = list(bench.src.shape.moe_layers), bench.src.shape.n_experts
     for t in UNIFORM:
         add(f"uniform {t}", "uniform", bench.write(f"uniform-{t}", uniform_plan(layers, n_exp, t), {"strategy": "uniform"}))
@@ -106,8 +106,7 @@ def main() -> int:
             meta = {"strategy": "gemq", "granularity": gran, "budget": budget}
             add(f"gemq {budget}", f"gemq ({gran})", bench.write(f"gemq-{gran}-{budget}", plan, meta), budget=budget)
             if args.router_tuning:
-                from gemq_gguf.router_ft import tuned_routers_for_bench
-                routers = tuned_routers_for_bench(bench, plan)
+                routers = bench.tuned_routers(plan)
                 add(f"gemq {budget} +rt", f"gemq ({gran}) +routers",
                     bench.write(f"gemq-{gran}-{budget}-rt", plan, meta, routers=routers), budget=budget)
 
