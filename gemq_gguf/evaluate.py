@@ -197,14 +197,18 @@ class BaseChunk:
     q: np.ndarray  # uint16 [n, n_vocab]
 
     def log_probs(self, rows: slice) -> np.ndarray:
-        return self.scale[rows, None] * self.q[rows].astype(np.float32) + self.min_log_prob[rows, None]
+        lp = self.q[rows].astype(np.float32)
+        lp *= self.scale[rows, None]
+        lp += self.min_log_prob[rows, None]
+        return lp
 
 
 def _max_and_log_sum_exp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row max and log(sum expf(l - max)) with llama's expf-in-float, sum-in-double, log-to-float."""
     mx = logits.max(axis=1)
-    sum_exp = np.exp(logits - mx[:, None]).sum(axis=1, dtype=np.float64)
-    return mx, np.log(sum_exp).astype(np.float32)
+    e = np.subtract(logits, mx[:, None])
+    np.exp(e, out=e)
+    return mx, np.log(e.sum(axis=1, dtype=np.float64)).astype(np.float32)
 
 
 def encode_log_probs(logits: np.ndarray) -> BaseChunk:
@@ -222,8 +226,10 @@ def encode_log_probs(logits: np.ndarray) -> BaseChunk:
         scale[r:r + _ROW_BLOCK] = sc
         with np.errstate(divide="ignore"):
             inv = np.where(sc != 0, np.float32(1) / sc, np.float32(0)).astype(np.float32)
-        vals = np.rint(inv[:, None] * (blk - mn[:, None]))  # nearest_int(): round half to even
-        q[r:r + _ROW_BLOCK] = np.where(blk > mn[:, None], vals, 0).astype(np.uint16)
+        d = np.subtract(blk, mn[:, None])
+        np.maximum(d, 0, out=d)  # logits at or below the window's floor encode as 0
+        d *= inv[:, None]
+        q[r:r + _ROW_BLOCK] = np.rint(d, out=d)  # nearest_int(): round half to even
     return BaseChunk(scale, min_lp, q)
 
 
@@ -241,9 +247,13 @@ def score_chunk(logits: np.ndarray, base: BaseChunk, targets: np.ndarray) -> Tok
         nll = (mx + lse) - blk[idx, tok]
         lp_base = base.log_probs(rows)
         nll_base = -lp_base[idx, tok]
-        terms = np.exp(lp_base) * ((lp_base - blk) + (mx + lse)[:, None])
+        p_base = np.exp(lp_base)
+        p_base *= lp_base > np.float32(LOG_PROB_FLOOR)  # probabilities below e^-16 are left out
+        terms = np.subtract(lp_base, blk)
+        terms += (mx + lse)[:, None]
+        terms *= p_base
         out["nll"][rows], out["nll_base"][rows] = nll, nll_base
-        out["kld"][rows] = np.where(lp_base > np.float32(LOG_PROB_FLOOR), terms, 0).sum(axis=1, dtype=np.float64)
+        out["kld"][rows] = terms.sum(axis=1, dtype=np.float64)
         out["p_diff"][rows] = np.exp(-nll) - np.exp(-nll_base)
         out["same_top"][rows] = blk.argmax(axis=1) == lp_base.argmax(axis=1)
     return TokenScores(**out, n_chunks=1)
@@ -492,7 +502,7 @@ def find_llama_perplexity(explicit: Path | str | None = None) -> Path:
 
 
 def _run_binary(binary: Path, args: list[str]) -> str:
-    proc = subprocess.run([str(binary), *args], capture_output=True, text=True, errors="replace")
+    proc = subprocess.run([str(binary), *args], capture_output=True, encoding="utf-8", errors="replace")
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-2000:]
         raise GemqError(f"llama-perplexity failed (exit {proc.returncode}): {tail}", "see the message above.")
@@ -522,8 +532,9 @@ def parse_kld_output(output: str, n_tokens: int, n_chunks: int) -> EvalStats:
     for key, pattern in _STAT_LINES.items():
         m = re.search(pattern, output)
         if m is None:
-            raise GemqError(f"llama-perplexity printed no '{key}' statistic (it needs >= 100 scored tokens).",
-                            "give more text, or check the binary's output.")
+            raise GemqError(f"llama-perplexity printed no '{key}' statistic (it needs >= 100 scored tokens,"
+                            " and this llama.cpp can lose its last log lines at exit).",
+                            "give more text; or build the tools with cpp_patch/build.py, whose logger flushes.")
         scale = 0.01 if key in _PERCENT else 1.0
         values[key] = float(m.group(1)) * scale
         if m.lastindex == 2:
@@ -532,10 +543,20 @@ def parse_kld_output(output: str, n_tokens: int, n_chunks: int) -> EvalStats:
     return EvalStats(n_tokens=n_tokens, n_chunks=n_chunks, **values)
 
 
-def binary_kld(binary: Path, model_path: Path, base: BaseFile, opts: RunOptions) -> EvalStats:
-    """`llama-perplexity --kl-divergence` of model_path against a base file, parsed."""
-    out = _run_binary(binary, ["-m", str(model_path), "--kl-divergence-base", str(base.path), "--kl-divergence",
-                               "-c", str(base.n_ctx), "-b", str(base.n_ctx), *opts.perplexity_args()])
+def binary_kld(binary: Path, model_path: Path, base: BaseFile, opts: RunOptions, attempts: int = 8) -> EvalStats:
+    """`llama-perplexity --kl-divergence` of model_path against a base file, parsed.
+
+    Retried because this llama.cpp leaks its async logger at exit (common/log.cpp, llama.cpp issue
+    22142): on a busy machine the final statistics are often never written. The numbers are
+    deterministic, so a rerun only costs time.
+    """
+    args = ["-m", str(model_path), "--kl-divergence-base", str(base.path), "--kl-divergence",
+            "-c", str(base.n_ctx), "-b", str(base.n_ctx), *opts.perplexity_args()]
+    out = ""
+    for _ in range(attempts):
+        out = _run_binary(binary, args)
+        if "Same top p:" in out:
+            break
     return parse_kld_output(out, base.n_chunk * base.n_score, base.n_chunk)
 
 
