@@ -279,7 +279,8 @@ def test_python_backend_equals_llama_perplexity(gguf_files: dict[str, Path], tex
         b = cpp.total if name == "total" else cpp.domains[name]
         assert a.n_tokens == b.n_tokens
         for key in ("ppl", "ppl_base", "ppl_ratio", "kld_mean"):
-            assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-3), (name, key)
+            # llama-perplexity prints 6 decimals: allow that rounding on top of the relative bound
+            assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-3, abs=1e-6), (name, key)
         for key in ("kld_median", "kld_p99", "kld_p999", "kld_max"):
             assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-2, abs=2e-6), (name, key)
         assert round(100 * a.same_top_p, 3) == pytest.approx(100 * b.same_top_p, abs=1e-9), name
