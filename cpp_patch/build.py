@@ -92,13 +92,15 @@ def apply_patches(llama_dir: Path) -> None:
     applied = llama_dir / ".gemq-applied"
     ps = patches()
     for p in ps:
+        # a patch that reverses cleanly is already applied (checked first: pure insertions would
+        # otherwise apply a second time)
+        rev = subprocess.run(["patch", "-p1", "-R", "--batch", "--dry-run", "-i", str(p)],
+                             cwd=llama_dir, capture_output=True, text=True)
+        if rev.returncode == 0:
+            log(f"{p.name}: already applied")
+            continue
         dry = patch_cmd(llama_dir, p, "--dry-run")
         if dry.returncode != 0:
-            rev = subprocess.run(["patch", "-p1", "-R", "--batch", "--dry-run", "-i", str(p)],
-                                 cwd=llama_dir, capture_output=True, text=True)
-            if rev.returncode == 0:
-                log(f"{p.name}: already applied")
-                continue
             print(dry.stdout, dry.stderr, file=sys.stderr)
             sys.exit(f"patch {p.name} does not apply to {llama_dir} (see the failed hunk above); "
                      f"is this llama.cpp the commit vendored in llama-cpp-python {VERSION}?")
@@ -210,12 +212,38 @@ def site_llama_cpp_dir() -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def install_python(pkg_dir: Path, llama_dir: Path, lib_files: list[Path]) -> Path:
-    """pip-install llama-cpp-python without compiling llama.cpp, then drop our libraries into it."""
-    env = dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF", FORCE_CMAKE="1")
-    run([sys.executable, "-m", "pip", "install", "--no-cache-dir", "--no-deps", "--force-reinstall", pkg_dir], env=env)
-    run([sys.executable, "-m", "pip", "install", "--no-cache-dir", "--no-deps", "--force-reinstall",
-         llama_dir / "gguf-py"])
+def dist_version(name: str) -> str | None:
+    import importlib.metadata
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def gguf_py_is_paired(llama_dir: Path) -> bool:
+    """Is the importable gguf package the sdist's gguf-py (PyPI's 0.19.0 has the same version, older code)?"""
+    spec = importlib.util.find_spec("gguf")
+    if spec is None or spec.origin is None:
+        return False
+    mine = Path(spec.origin).parent
+    theirs = llama_dir / "gguf-py" / "gguf"
+    return all((mine / f).exists() and (mine / f).read_bytes() == (theirs / f).read_bytes()
+               for f in ("constants.py", "gguf_writer.py", "quants.py"))
+
+
+def install_python(get_pkg_dir, llama_dir: Path, lib_files: list[Path]) -> Path:
+    """Install llama-cpp-python's Python code without compiling llama.cpp, then drop our libraries into it.
+
+    When llama-cpp-python of the same version is already installed its Python code is identical, so
+    only the libraries are replaced (no pip run)."""
+    if dist_version("llama_cpp_python") != VERSION or site_llama_cpp_dir() is None:
+        env = dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF", FORCE_CMAKE="1")
+        run([sys.executable, "-m", "pip", "install", "--no-cache-dir", "numpy>=1.20", "typing-extensions>=4.5",
+             "diskcache>=5.6.1", "jinja2>=2.11.3"])
+        run([sys.executable, "-m", "pip", "install", "--no-cache-dir", "--no-deps", "--force-reinstall", get_pkg_dir()], env=env)
+    if not gguf_py_is_paired(llama_dir):
+        run([sys.executable, "-m", "pip", "install", "--no-cache-dir", "--no-deps", "--force-reinstall",
+             llama_dir / "gguf-py"])
     pkg = site_llama_cpp_dir()
     if pkg is None:
         sys.exit("llama_cpp is not importable after pip install")
@@ -241,14 +269,12 @@ def copy_converter(llama_dir: Path, prefix: Path) -> Path:
 # ---------------------------------------------------------------- check
 
 def lib_is_patched(lib_dir: Path) -> bool:
-    import ctypes
+    """Does libggml-base in lib_dir export the marker symbol? (read from the file: dlopen would
+    return an already loaded library of the same name)"""
     for name in ("libggml-base.so", "libggml-base.dylib"):
         f = lib_dir / name
         if f.exists():
-            try:
-                return hasattr(ctypes.CDLL(str(f)), MARKER_SYMBOL)
-            except OSError:
-                return False
+            return MARKER_SYMBOL.encode() in f.read_bytes()
     return False
 
 
@@ -277,6 +303,7 @@ def main() -> int:
     g.add_argument("--metal", action="store_true", help="build the Metal backend (macOS; untested on hardware)")
     ap.add_argument("--src", type=Path, help="existing llama.cpp checkout at the vendored commit (patched in place)")
     ap.add_argument("--prefix", type=Path, help="install prefix (default $GEMQ_GGUF_HOME/llama.cpp)")
+    ap.add_argument("--build-dir", type=Path, help="CMake build folder (default $GEMQ_GGUF_HOME/build-<backend>)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--no-python", action="store_true", help="do not (re)install llama-cpp-python / gguf-py")
     ap.add_argument("--force", action="store_true", help="ignore the stamp")
@@ -298,7 +325,7 @@ def main() -> int:
     up_to_date = (not a.force and old.get("stamp") == stamp
                   and all((prefix / "bin" / t).exists() for t in TOOLS))
     python_ok = a.no_python or (site_llama_cpp_dir() is not None and lib_is_patched(site_llama_cpp_dir() / "lib")
-                                and old.get("python_stamp") == stamp and importlib.util.find_spec("gguf") is not None)
+                                and old.get("python_stamp") == stamp)
     if up_to_date and python_ok:
         log(f"up to date ({prefix}); nothing to do")
         return 0
@@ -310,7 +337,8 @@ def main() -> int:
     else:
         pkg_dir, llama_dir = prepare_sdist_source(patch_hash)
 
-    build_dir = home() / f"build-{backend}" if not a.src else llama_dir / f"build-gemq-{backend}"
+    build_dir = (a.build_dir.expanduser().resolve() if a.build_dir else
+                 home() / f"build-{backend}" if not a.src else llama_dir / f"build-gemq-{backend}")
     if not up_to_date:
         t1 = time.time()
         bin_src = build_llama(llama_dir, build_dir, backend, a.jobs)
@@ -322,14 +350,16 @@ def main() -> int:
 
     python_stamp = old.get("python_stamp", "")
     if not a.no_python:
-        if pkg_dir is None:
+        def get_pkg_dir() -> Path:
+            if pkg_dir is not None:
+                return pkg_dir
             # --src: the Python package still comes from the sdist (same version)
-            pkg_dir = home() / "src" / SDIST
-            if not pkg_dir.exists():
-                tgz = fetch_sdist()
-                with tarfile.open(tgz) as tf:
+            d = home() / "src" / SDIST
+            if not d.exists():
+                with tarfile.open(fetch_sdist()) as tf:
                     tf.extractall(home() / "src")
-        lib_dir = install_python(pkg_dir, llama_dir, libs)
+            return d
+        lib_dir = install_python(get_pkg_dir, llama_dir, libs)
         if not lib_is_patched(lib_dir):
             sys.exit(f"installed llama_cpp at {lib_dir} is not the patched build")
         python_stamp = stamp

@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 import os
@@ -73,8 +72,9 @@ def llama_cpp_lib_dir() -> Path | None:
 
 @cache
 def _has_marker(lib_file: str) -> bool:
+    # read the file rather than dlopen it: dlopen returns an already loaded library of the same name
     try:
-        return hasattr(ctypes.CDLL(lib_file), MARKER_SYMBOL)
+        return MARKER_SYMBOL.encode() in Path(lib_file).read_bytes()
     except OSError:
         return False
 
