@@ -105,6 +105,8 @@ class RouterBench:
             path = self.bench.write(f"rt-{a.granularity}-{budget}-{variant}", plan, meta, routers=routers)
             rows.append({"budget": budget, "variant": variant, "bpw": alloc.bpw, **self.hf_side(),
                          **self.evaluate(path), "tuning": tuning, "seconds": time.perf_counter() - t0})
+        if budget not in a.progressive_budgets:
+            return rows
         t0 = time.perf_counter()
         self.reset()
         opts = ConvertOptions(**{**self.opts.__dict__, "budget": budget, "progressive": a.progressive,
@@ -157,15 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--progressive", type=int, default=3)
     ap.add_argument("--progressive-loss", choices=("kd", "ce"), default="kd")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--progressive-budgets", type=float, nargs="*", default=None,
+                    help="budgets that get a progressive row (default: all; progressive is the slow row on CPU)")
     args = ap.parse_args(argv)
+    args.progressive_budgets = args.budgets if args.progressive_budgets is None else args.progressive_budgets
     rb = RouterBench(args)
-    rows = [r for b in args.budgets for r in rb.budget_rows(b)]
+    out = Path(args.out_dir) / f"router_tuning-{args.granularity}.json"
+    rows: list[dict[str, Any]] = []
+    for budget in args.budgets:  # saved after each budget: a long CPU run keeps what it finished
+        rows += rb.budget_rows(budget)
+        out.write_text(json.dumps({"args": vars(args), "prep_seconds": rb.prep_seconds, "rows": rows}, indent=1,
+                                  default=str))
     title = (f"{rb.bench.src.model_dir.name}: router tuning ({args.granularity}, {args.calib_tokens} calib tokens, "
              f"lr {args.lr:g}, {args.epochs} epoch)")
     print_table(rows, title)
-    out = Path(args.out_dir) / f"router_tuning-{args.granularity}.json"
-    out.write_text(json.dumps({"args": vars(args), "prep_seconds": rb.prep_seconds, "rows": rows}, indent=1,
-                              default=str))
     print(f"rows: {out}")
     return 0
 
