@@ -92,13 +92,22 @@ def is_built(out: pathlib.Path) -> bool:
             and (out / "config.json").is_file() and (out / "tokenizer.json").is_file())
 
 
+def is_current(out: pathlib.Path) -> bool:
+    """is_built, and built by this recipe from the shipped routers file with the default top-k."""
+    if not is_built(out):
+        return False
+    info = json.loads((out / INFO_NAME).read_text())
+    return info.get("top_k") == TOP_K and info.get("routers_sha256") == source.sha256_file(shipped_routers())
+
+
 def ensure_demo_model(force: bool = False, out: str | os.PathLike | None = None, progress: bool = True) -> pathlib.Path:
-    """Path of the demo checkpoint directory, building it first if it is missing, stale, or force is set."""
+    """Path of the demo checkpoint directory, building it first if it is missing, stale (older recipe, other
+    routers file, other top-k), or force is set."""
     out = pathlib.Path(out).expanduser() if out else default_demo_dir()
-    if not force and is_built(out):
+    if not force and is_current(out):
         return out
     with _build_lock(out.parent / f".{out.name}.lock"):
-        if not force and is_built(out):  # built by someone else while we waited
+        if not force and is_current(out):  # built by someone else while we waited
             return out
         return build_demo_model(out, progress=progress)
 
