@@ -9,7 +9,6 @@ Pipeline (CPU, torch limited to BUILD_THREADS threads so that the result is bit-
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
