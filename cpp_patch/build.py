@@ -35,7 +35,7 @@ SDIST = f"llama_cpp_python-{VERSION}"
 HERE = Path(__file__).resolve().parent
 PATCH_DIR = HERE / "patches"
 TOOLS = ["llama-perplexity", "llama-completion", "llama-bench", "llama-quantize", "llama-imatrix", "test-backend-ops"]
-LIB_GLOBS = ["libllama.so*", "libggml*.so*", "libllama.dylib", "libggml*.dylib", "libllama-common*.so*"]
+LIB_GLOBS = ["lib*.so*", "lib*.dylib"]  # libllama, libggml*, libllama-common, tool impl libraries
 MARKER_SYMBOL = "ggml_mul_mat_id_set_masked"  # exported by the patched libggml-base
 
 
@@ -250,6 +250,8 @@ def install_python(get_pkg_dir, llama_dir: Path, lib_files: list[Path]) -> Path:
     lib_dir = pkg / "lib"
     lib_dir.mkdir(exist_ok=True)
     for f in lib_files:
+        if not f.name.startswith(("libllama.", "libggml")):
+            continue  # tool libraries are not needed by the Python package
         dst = lib_dir / f.name
         if dst.exists() or dst.is_symlink():
             dst.unlink()
