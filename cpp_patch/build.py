@@ -94,7 +94,8 @@ def apply_patches(llama_dir: Path) -> None:
     for p in ps:
         # a patch that reverses cleanly is already applied (checked first: pure insertions would
         # otherwise apply a second time)
-        rev = subprocess.run(["patch", "-p1", "-R", "--batch", "--dry-run", "-i", str(p)],
+        # (--force, not --batch: with --batch, patch silently flips an unapplied patch and succeeds)
+        rev = subprocess.run(["patch", "-p1", "-R", "--force", "--dry-run", "-i", str(p)],
                              cwd=llama_dir, capture_output=True, text=True)
         if rev.returncode == 0:
             log(f"{p.name}: already applied")
@@ -123,7 +124,7 @@ def unapply_old_patches(llama_dir: Path) -> bool:
     if not old:
         return True
     for p in reversed(old):
-        res = subprocess.run(["patch", "-p1", "-R", "--batch", "-i", str(p)], cwd=llama_dir,
+        res = subprocess.run(["patch", "-p1", "-R", "--force", "-i", str(p)], cwd=llama_dir,
                              capture_output=True, text=True)
         if res.returncode != 0:
             log(f"could not reverse {p.name}; re-extracting the source")
