@@ -88,25 +88,27 @@ class RouterBench:
         except GemqError as e:  # e.g. a mixed-type file on a runtime without the expert-group patch
             return {"kld_mean": None, "same_top_p": None, "llama_error": str(e)}
 
-    def budget_rows(self, budget: float) -> list[dict[str, Any]]:
+    def tuned_row(self, budget: float, variant: str) -> dict[str, Any]:
+        """One plan at `budget`, its routers untouched (`none`) or tuned with `variant` (ce / kd)."""
         src, a = self.bench.src, self.args
+        t0 = time.perf_counter()
         alloc = solve("gemq", self.problem, budget, max_types=3)
         plan = self.bench.plan_of(alloc)
+        self.reset()
+        quantize_experts_(self.model, src.adapter, plan, self.bench.imatrix, self.bench.cache)
+        routers, tuning = None, None
+        if variant != "none":
+            routers, tuning = tune_quantized(self.model, src.adapter, self.tokens, self.teacher, loss=variant,
+                                             lr=a.lr, epochs=a.epochs, batch_size=a.batch_size, seed=a.seed)
         meta = {"strategy": "gemq", "granularity": a.granularity, "budget": budget}
-        rows = []
-        for variant in ("none", "ce", "kd"):
-            t0 = time.perf_counter()
-            self.reset()
-            quantize_experts_(self.model, src.adapter, plan, self.bench.imatrix, self.bench.cache)
-            routers, tuning = None, None
-            if variant != "none":
-                routers, tuning = tune_quantized(self.model, src.adapter, self.tokens, self.teacher, loss=variant,
-                                                 lr=a.lr, epochs=a.epochs, batch_size=a.batch_size, seed=a.seed)
-            path = self.bench.write(f"rt-{a.granularity}-{budget}-{variant}", plan, meta, routers=routers)
-            rows.append({"budget": budget, "variant": variant, "bpw": alloc.bpw, **self.hf_side(),
-                         **self.evaluate(path), "tuning": tuning, "seconds": time.perf_counter() - t0})
-        if budget not in a.progressive_budgets:
-            return rows
+        path = self.bench.write(f"rt-{a.granularity}-{budget}-{variant}", plan, meta, routers=routers)
+        return {"budget": budget, "variant": variant, "bpw": alloc.bpw, **self.hf_side(), **self.evaluate(path),
+                "tuning": tuning, "seconds": time.perf_counter() - t0}
+
+    def progressive_row(self, budget: float) -> dict[str, Any]:
+        """`--progressive K` to `budget`, from the full-precision costs, tuned at every step."""
+        src, a = self.bench.src, self.args
+        meta = {"strategy": "gemq", "granularity": a.granularity, "budget": budget}
         t0 = time.perf_counter()
         self.reset()
         opts = ConvertOptions(**{**self.opts.__dict__, "budget": budget, "progressive": a.progressive,
@@ -115,10 +117,9 @@ class RouterBench:
                                                self.bench.cache)
         path = self.bench.write(f"rt-{a.granularity}-{budget}-progressive", self.bench.plan_of(palloc), meta,
                                 routers=pmeta["_routers"])
-        rows.append({"budget": budget, "variant": f"progressive {a.progressive} ({a.progressive_loss})",
-                     "bpw": palloc.bpw, **self.hf_side(), **self.evaluate(path), "steps": pmeta["progressive"],
-                     "seconds": time.perf_counter() - t0})
-        return rows
+        return {"budget": budget, "variant": f"progressive {a.progressive} ({a.progressive_loss})",
+                "bpw": palloc.bpw, **self.hf_side(), **self.evaluate(path), "steps": pmeta["progressive"],
+                "seconds": time.perf_counter() - t0}
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--progressive", type=int, default=3)
-    ap.add_argument("--progressive-loss", choices=("kd", "ce"), default="kd")
+    ap.add_argument("--progressive-loss", choices=("kd", "ce"), default="ce")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progressive-budgets", type=float, nargs="*", default=None,
                     help="budgets that get a progressive row (default: all; progressive is the slow row on CPU)")
@@ -166,10 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     rb = RouterBench(args)
     out = Path(args.out_dir) / f"router_tuning-{args.granularity}.json"
     rows: list[dict[str, Any]] = []
-    for budget in args.budgets:  # saved after each budget: a long CPU run keeps what it finished
-        rows += rb.budget_rows(budget)
-        out.write_text(json.dumps({"args": vars(args), "prep_seconds": rb.prep_seconds, "rows": rows}, indent=1,
-                                  default=str))
+    for budget in args.budgets:  # saved after each row: a long CPU run keeps what it finished
+        for variant in ("none", "kd", "ce", "progressive"):
+            if variant == "progressive" and budget not in args.progressive_budgets:
+                continue
+            rows.append(rb.progressive_row(budget) if variant == "progressive" else rb.tuned_row(budget, variant))
+            out.write_text(json.dumps({"args": vars(args), "prep_seconds": rb.prep_seconds, "rows": rows},
+                                      indent=1, default=str))
+            print(f"row {budget} {variant}: {json.dumps({k: rows[-1][k] for k in ('kld_mean', 'hf_kd', 'shift')})}",
+                  flush=True)
     title = (f"{rb.bench.src.model_dir.name}: router tuning ({args.granularity}, {args.calib_tokens} calib tokens, "
              f"lr {args.lr:g}, {args.epochs} epoch)")
     print_table(rows, title)

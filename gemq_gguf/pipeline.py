@@ -43,7 +43,7 @@ class ConvertOptions:
     seq_len: int = 512
     seed: int = 0
     finetune_routers: bool = False
-    ft_loss: str = "kd"
+    ft_loss: str = "ce"
     progressive: int = 0
     work_dir: Path | None = None
     keep_intermediate: bool = False
