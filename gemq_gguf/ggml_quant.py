@@ -8,7 +8,6 @@ returns garbage, and IQ2_XXS / IQ2_XS / IQ1_S without an importance matrix abort
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from .errors import GemqError
+from .runtime import llama_cpp_lib_dir
 
 # llama.cpp's own fallback for row widths a type cannot take (llama-quant.cpp, tensor_type_fallback).
 _FALLBACK = {
@@ -47,14 +47,12 @@ _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_in
 
 
 def _lib_dir() -> Path:
-    override = os.environ.get("GEMQ_GGML_LIB_DIR") or os.environ.get("LLAMA_CPP_LIB_PATH")
-    if override:
-        return Path(override)
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.origin is None:
+    override = os.environ.get("GEMQ_GGML_LIB_DIR")
+    d = Path(override) if override else llama_cpp_lib_dir()
+    if d is None:
         raise GemqError("llama-cpp-python is not installed, so ggml's quantizer is not available.",
                         "run ./setup.sh (it builds the patched llama-cpp-python).")
-    return Path(spec.origin).parent / "lib"
+    return d
 
 
 @cache
