@@ -6,6 +6,7 @@ the reference, the calibration, the imatrix and the non-expert policy are built 
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,29 +54,39 @@ class Bench:
     def ref(self) -> Path:
         return self.src.float_gguf
 
-    def prepare_costs(self, calib_tokens: int) -> None:
-        """Calibrate once; costs at expert granularity and, coarsened from expert-proj, tensor granularity."""
+    def prepare_costs(self, calib_tokens: int, fisher: str = "sampled") -> None:
+        """Calibrate once; costs at expert granularity and, coarsened from expert-proj, tensor granularity.
+
+        The imatrix and cost tables are kept in OUT_DIR/costs-*.pkl, so the benchmarks share one
+        calibration (the expert bytes are quantized again when a file is written)."""
         t0 = time.perf_counter()
-        self.opts = ConvertOptions(model=str(self.src.model_dir), out=self.out_dir / "x.gguf", calib_tokens=calib_tokens)
+        self.opts = ConvertOptions(model=str(self.src.model_dir), out=self.out_dir / "x.gguf", calib_tokens=calib_tokens,
+                                   fisher=fisher)
+        saved = self.out_dir / f"costs-{self.src.model_dir.name}-{calib_tokens}-{fisher}.pkl"
+        if saved.exists():
+            self.imatrix, self.problems = pickle.loads(saved.read_bytes())
+            return
         model, stats, self.imatrix = calibrate(self.opts, self.src)
         tables = {g: estimate_costs(model, self.src.adapter, stats, self.imatrix, types=DEFAULT_TYPES, granularity=g,
                                     cache=self.cache, progress=True) for g in ("expert", "expert-proj")}
         self.problems = {"expert": tables["expert"].problem(),
                          "tensor": to_tensor_granularity(tables["expert-proj"].problem())[0]}
         self.prep_seconds = time.perf_counter() - t0
+        saved.write_bytes(pickle.dumps((self.imatrix, self.problems)))
 
     def plan_of(self, alloc: Allocation) -> ExpertPlan:
         return plan_from_units(alloc.to_dict()["units"], list(self.src.shape.moe_layers), self.src.shape.n_experts)
 
-    def tuned_routers(self, plan: ExpertPlan) -> dict[str, Any]:
-        """Routers tuned (default loss) against this plan's quantized experts, on a fresh copy of the model."""
+    def tuned_routers(self, plan: ExpertPlan, **train: Any) -> dict[str, Any]:
+        """Routers tuned against this plan's quantized experts, on a fresh copy of the model (`train`:
+        router_ft.tune_for_plan's loss / lr / epochs)."""
         from gemq_gguf.gemq import calib_tokens
         from gemq_gguf.router_ft import tune_for_plan
         from gemq_gguf.stats import load_for_calibration
         assert self.opts is not None, "prepare_costs first"
         model = load_for_calibration(self.src.model_dir)
         return tune_for_plan(model, self.src.adapter, calib_tokens(self.opts, self.src), plan, self.imatrix,
-                             dict(self.cache), seed=self.opts.seed)["_routers"]
+                             dict(self.cache), seed=self.opts.seed, **train)["_routers"]
 
     def write(self, name: str, plan: ExpertPlan, meta: dict[str, Any], routers: dict | None = None) -> Path:
         out = self.out_dir / f"{name}.gguf"
@@ -101,4 +112,4 @@ def file_facts(path: Path) -> dict[str, float]:
 
 
 def save_rows(out_dir: Path, name: str, rows: list[dict], extra: dict | None = None) -> None:
-    (out_dir / f"{name}.json").write_text(json.dumps({"rows": rows, **(extra or {})}, indent=1))
+    (out_dir / f"{name}.json").write_text(json.dumps({"rows": rows, **(extra or {})}, indent=1, default=str))

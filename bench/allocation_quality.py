@@ -22,8 +22,8 @@ from rich.table import Table
 from _common import Bench, save_rows
 from gemq_gguf.allocate import solve
 
-ROWS = (("gemq (expert)", "gemq", "expert"), ("gemq (tensor)", "gemq", "tensor"),
-        ("layerwise", "layerwise", "expert"), ("uniform", "uniform", "expert"))
+ROWS = {"gemq-expert": ("gemq (expert)", "gemq", "expert"), "gemq-tensor": ("gemq (tensor)", "gemq", "tensor"),
+        "layerwise": ("layerwise", "layerwise", "expert"), "uniform": ("uniform", "uniform", "expert")}
 
 
 def main() -> int:
@@ -33,13 +33,16 @@ def main() -> int:
     ap.add_argument("--calib-tokens", type=int, default=32768)
     ap.add_argument("--eval-chunks", type=int, default=16, help="max 512-token chunks per eval domain")
     ap.add_argument("--out-dir", type=Path, default=Path("bench/out"))
+    ap.add_argument("--fisher", choices=("sampled", "data"), default="sampled")
+    ap.add_argument("--strategies", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--name", default="allocation_quality")
     args = ap.parse_args()
     bench = Bench.open(args.model, args.out_dir, args.eval_chunks)
-    bench.prepare_costs(args.calib_tokens)
+    bench.prepare_costs(args.calib_tokens, args.fisher)
 
     rows = []
     for budget in args.budgets:
-        for label, strategy, gran in ROWS:
+        for label, strategy, gran in (ROWS[k] for k in args.strategies):
             alloc = solve(strategy, bench.problems[gran], budget, max_types=3)
             path = bench.write(f"alloc-{strategy}-{gran}-{budget}", bench.plan_of(alloc),
                                {"strategy": strategy, "granularity": gran, "budget": budget})
@@ -61,7 +64,7 @@ def main() -> int:
                           f"{100 * r['same_top_p']:.2f}%", f"{r['ppl']:.2f}", f"{r['kld_mean'] / best:.2f}x")
     Console(width=160).print(table)
     print(f"calibration + costs: {bench.prep_seconds:.0f} s; reference (F32) PPL {rows[0]['ppl_base']:.2f}")
-    save_rows(args.out_dir, "allocation_quality", rows, {"prep_seconds": bench.prep_seconds, "args": vars(args)})
+    save_rows(args.out_dir, args.name, rows, {"prep_seconds": bench.prep_seconds, "args": vars(args)})
     return 0
 
 

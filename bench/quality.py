@@ -11,6 +11,7 @@ Columns: size, whole-file bpw, expert bpw, PPL, mean KLD, p99.9 KLD, same top, p
 Writes bench/out/quality.json and a Pareto plot (KLD vs whole-file bpw, log scale) to docs/quality_pareto.png.
 
     python bench/quality.py [--eval-chunks 16] [--budgets 2.5 3.0 3.5 4.0] [--router-tuning]
+    python bench/quality.py --report bench/out/quality.json [more rows files ...]   # table + plot only
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from _common import Bench, save_rows
 from gemq_gguf.allocate import solve
 from gemq_gguf.data import calib_texts
 from gemq_gguf.plan import uniform_plan
+from gemq_gguf.router_ft import DEFAULT_LOSS, DEFAULT_LR, LOSSES
 from gemq_gguf.runtime import bin_path
 
 RECIPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ3_XXS", "IQ4_XS", "Q4_K_M")
@@ -57,7 +59,8 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
     fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for family, marker in (("llama-quantize", "s"), ("gemq (expert)", "o"), ("gemq (tensor)", "^"), ("uniform", "x")):
+    for family, marker in (("llama-quantize", "s"), ("gemq (expert)", "o"), ("gemq (tensor)", "^"), ("uniform", "x"),
+                           ("gemq (expert) +routers", "P"), ("gemq (tensor) +routers", "v")):
         pts = sorted((r["file_bpw"], r["kld_mean"], r["name"]) for r in rows if r["family"] == family)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=family)
@@ -73,44 +76,8 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="demo")
-    ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0])
-    ap.add_argument("--calib-tokens", type=int, default=32768)
-    ap.add_argument("--imatrix-chunks", type=int, default=64)
-    ap.add_argument("--eval-chunks", type=int, default=16, help="max 512-token chunks per eval domain")
-    ap.add_argument("--router-tuning", action="store_true", help="also rows with tuned routers (slow on CPU)")
-    ap.add_argument("--out-dir", type=Path, default=Path("bench/out"))
-    ap.add_argument("--plot", type=Path, default=Path("docs/quality_pareto.png"))
-    args = ap.parse_args()
-    bench = Bench.open(args.model, args.out_dir, args.eval_chunks)
-    rows: list[dict] = []
-
-    def add(name: str, family: str, path: Path, **extra) -> None:
-        rows.append({"name": name, "family": family, **extra, **bench.evaluate(path)})
-        path.unlink()
-        print(json.dumps(rows[-1]), flush=True)
-
-    imatrix = llama_imatrix(bench, args.imatrix_chunks)
-    for recipe in RECIPES:
-        add(recipe, "llama-quantize", llama_quantize(bench, imatrix, recipe))
-    bench.prepare_costs(args.calib_tokens)
-    layers, n_exp = list(bench.src.shape.moe_layers), bench.src.shape.n_experts
-    for t in UNIFORM:
-        add(f"uniform {t}", "uniform", bench.write(f"uniform-{t}", uniform_plan(layers, n_exp, t), {"strategy": "uniform"}))
-    for budget in args.budgets:
-        for gran in ("expert", "tensor"):
-            alloc = solve("gemq", bench.problems[gran], budget, max_types=3)
-            plan = bench.plan_of(alloc)
-            meta = {"strategy": "gemq", "granularity": gran, "budget": budget}
-            add(f"gemq {budget}", f"gemq ({gran})", bench.write(f"gemq-{gran}-{budget}", plan, meta), budget=budget)
-            if args.router_tuning:
-                routers = bench.tuned_routers(plan)
-                add(f"gemq {budget} +rt", f"gemq ({gran}) +routers",
-                    bench.write(f"gemq-{gran}-{budget}-rt", plan, meta, routers=routers), budget=budget)
-
-    table = Table(title=f"quality per bit, {bench.src.model_dir.name} (KLD vs F32, packaged eval text, ctx 512)")
+def print_table(rows: list[dict], model_name: str) -> None:
+    table = Table(title=f"quality per bit, {model_name} (KLD vs F32, packaged eval text, ctx 512)")
     cols = ("row", "family", "MiB", "file bpw", "expert bpw", "PPL", "mean KLD", "p99.9 KLD", "same top",
             "prose", "tech", "code", "math")
     for c in cols:
@@ -121,8 +88,64 @@ def main() -> int:
                       f"{r['ppl']:.2f}", f"{r['kld_mean']:.4f}", f"{r['kld_p999']:.3f}", f"{100 * r['same_top_p']:.2f}%",
                       *(f"{d.get(k, float('nan')):.4f}" for k in ("prose", "tech", "code", "math")))
     Console(width=200).print(table)
-    print(f"reference (F32) PPL {rows[0]['ppl_base']:.2f}; calibration + costs {bench.prep_seconds:.0f} s")
-    save_rows(args.out_dir, "quality", rows, {"args": {k: str(v) for k, v in vars(args).items()}})
+    print(f"reference (F32) PPL {rows[0]['ppl_base']:.2f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0])
+    ap.add_argument("--calib-tokens", type=int, default=32768)
+    ap.add_argument("--imatrix-chunks", type=int, default=64)
+    ap.add_argument("--eval-chunks", type=int, default=16, help="max 512-token chunks per eval domain")
+    ap.add_argument("--router-tuning", action="store_true", help="also rows with tuned routers (slow on CPU)")
+    ap.add_argument("--rt-loss", default=DEFAULT_LOSS, choices=LOSSES)
+    ap.add_argument("--rt-lr", type=float, default=DEFAULT_LR)
+    ap.add_argument("--rt-epochs", type=int, default=1)
+    ap.add_argument("--rows", nargs="+", choices=("recipes", "uniform", "gemq"), default=["recipes", "uniform", "gemq"],
+                    help="row families to run (split a long run; merge with --report)")
+    ap.add_argument("--granularities", nargs="+", choices=("expert", "tensor"), default=["expert", "tensor"])
+    ap.add_argument("--name", default="quality", help="rows go to OUT_DIR/NAME.json, saved after every row")
+    ap.add_argument("--report", type=Path, nargs="+", help="no runs: table and plot from these rows files")
+    ap.add_argument("--out-dir", type=Path, default=Path("bench/out"))
+    ap.add_argument("--plot", type=Path, default=Path("docs/quality_pareto.png"))
+    args = ap.parse_args()
+    if args.report:
+        rows = [r for f in args.report for r in json.loads(f.read_text())["rows"]]
+        print_table(rows, args.model)
+        pareto_plot(rows, args.plot)
+        return 0
+    bench = Bench.open(args.model, args.out_dir, args.eval_chunks)
+    rows: list[dict] = []
+
+    def add(name: str, family: str, path: Path, **extra) -> None:
+        rows.append({"name": name, "family": family, **extra, **bench.evaluate(path)})
+        path.unlink()
+        print(json.dumps(rows[-1]), flush=True)
+        save_rows(args.out_dir, args.name, rows, {"args": {k: str(v) for k, v in vars(args).items()}})
+
+    if "recipes" in args.rows:
+        imatrix = llama_imatrix(bench, args.imatrix_chunks)
+        for recipe in RECIPES:
+            add(recipe, "llama-quantize", llama_quantize(bench, imatrix, recipe))
+    if {"uniform", "gemq"} & set(args.rows):
+        bench.prepare_costs(args.calib_tokens)
+    layers, n_exp = list(bench.src.shape.moe_layers), bench.src.shape.n_experts
+    for t in UNIFORM if "uniform" in args.rows else ():
+        add(f"uniform {t}", "uniform", bench.write(f"uniform-{t}", uniform_plan(layers, n_exp, t), {"strategy": "uniform"}))
+    for budget in args.budgets if "gemq" in args.rows else ():
+        for gran in args.granularities:
+            alloc = solve("gemq", bench.problems[gran], budget, max_types=3)
+            plan = bench.plan_of(alloc)
+            meta = {"strategy": "gemq", "granularity": gran, "budget": budget}
+            add(f"gemq {budget}", f"gemq ({gran})", bench.write(f"gemq-{gran}-{budget}", plan, meta), budget=budget)
+            if args.router_tuning:
+                routers = bench.tuned_routers(plan, loss=args.rt_loss, lr=args.rt_lr, epochs=args.rt_epochs)
+                add(f"gemq {budget} +rt", f"gemq ({gran}) +routers",
+                    bench.write(f"gemq-{gran}-{budget}-rt", plan, meta, routers=routers), budget=budget)
+
+    print_table(rows, bench.src.model_dir.name)
+    print(f"calibration + costs {bench.prep_seconds:.0f} s")
     pareto_plot(rows, args.plot)
     return 0
 

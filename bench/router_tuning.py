@@ -35,7 +35,7 @@ from gemq_gguf.errors import GemqError
 from gemq_gguf.gemq import calib_tokens, calibrate
 from gemq_gguf.pipeline import ConvertOptions
 from gemq_gguf.progressive import progressive_allocation, restore_experts_
-from gemq_gguf.router_ft import (quantize_experts_, router_tensors, score, teacher_pass, tune_quantized)
+from gemq_gguf.router_ft import (LOSSES, quantize_experts_, router_tensors, score, teacher_pass, tune_quantized)
 
 
 def eval_tokens(model_dir: Path, chunks: int, ctx: int = 512) -> torch.Tensor:
@@ -80,7 +80,7 @@ class RouterBench:
 
     def hf_side(self) -> dict[str, Any]:
         s = score(self.model, self.bench.src.adapter, self.eval, self.eval_teacher)
-        return {"hf_kd": s.kd, "hf_ce": s.ce, "shift": s.mean_shift, "shift_per_layer": s.shift}
+        return {"hf_kd": s.kd, "hf_ce": s.ce, "shift": s.mean_shift, "route_kl": s.route, "shift_per_layer": s.shift}
 
     def evaluate(self, path: Path) -> dict[str, Any]:
         try:
@@ -88,8 +88,8 @@ class RouterBench:
         except GemqError as e:  # e.g. a mixed-type file on a runtime without the expert-group patch
             return {"kld_mean": None, "same_top_p": None, "llama_error": str(e)}
 
-    def tuned_row(self, budget: float, variant: str) -> dict[str, Any]:
-        """One plan at `budget`, its routers untouched (`none`) or tuned with `variant` (ce / kd)."""
+    def tuned_row(self, budget: float, variant: str, lr: float, epochs: int) -> dict[str, Any]:
+        """One plan at `budget`, its routers untouched (`none`) or tuned with loss `variant`."""
         src, a = self.bench.src, self.args
         t0 = time.perf_counter()
         alloc = solve("gemq", self.problem, budget, max_types=3)
@@ -99,11 +99,15 @@ class RouterBench:
         routers, tuning = None, None
         if variant != "none":
             routers, tuning = tune_quantized(self.model, src.adapter, self.tokens, self.teacher, loss=variant,
-                                             lr=a.lr, epochs=a.epochs, batch_size=a.batch_size, seed=a.seed)
-        meta = {"strategy": "gemq", "granularity": a.granularity, "budget": budget}
-        path = self.bench.write(f"rt-{a.granularity}-{budget}-{variant}", plan, meta, routers=routers)
-        return {"budget": budget, "variant": variant, "bpw": alloc.bpw, **self.hf_side(), **self.evaluate(path),
-                "tuning": tuning, "seconds": time.perf_counter() - t0}
+                                             lr=lr, epochs=epochs, batch_size=a.batch_size, seed=a.seed)
+        row = {"budget": budget, "variant": variant, "lr": lr, "epochs": epochs, "bpw": alloc.bpw, **self.hf_side()}
+        if a.llama:
+            meta = {"strategy": "gemq", "granularity": a.granularity, "budget": budget}
+            row.update(self.evaluate(self.bench.write(f"rt-{a.granularity}-{budget}-{variant}", plan, meta,
+                                                      routers=routers)))
+        else:
+            row.update(kld_mean=None, same_top_p=None)
+        return {**row, "tuning": tuning, "seconds": time.perf_counter() - t0}
 
     def progressive_row(self, budget: float) -> dict[str, Any]:
         """`--progressive K` to `budget`, from the full-precision costs, tuned at every step."""
@@ -112,7 +116,7 @@ class RouterBench:
         t0 = time.perf_counter()
         self.reset()
         opts = ConvertOptions(**{**self.opts.__dict__, "budget": budget, "progressive": a.progressive,
-                                 "ft_loss": a.progressive_loss})
+                                 "ft_loss": a.progressive_loss, "ft_lr": a.lr[0], "ft_epochs": a.epochs[0]})
         palloc, pmeta = progressive_allocation(opts, src, self.model, self.tokens, self.bench.imatrix, self.problem,
                                                self.bench.cache)
         path = self.bench.write(f"rt-{a.granularity}-{budget}-progressive", self.bench.plan_of(palloc), meta,
@@ -128,15 +132,16 @@ def _fmt(v: Any, spec: str) -> str:
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
     table = Table(title=title)
-    for h in ("budget", "variant", "expert bpw", "llama KLD", "vs none", "same top", "HF KL@64", "HF CE",
-              "routing shift", "vs none"):
+    for h in ("budget", "variant", "lr", "epochs", "kept", "expert bpw", "llama KLD", "vs none", "same top", "HF KL@64",
+              "HF CE", "routing shift", "vs none"):
         table.add_column(h, justify="right")
     base = {r["budget"]: r for r in rows if r["variant"] == "none"}
     for r in rows:
-        b = base[r["budget"]]
+        b = base.get(r["budget"], r)
         rel = None if r["kld_mean"] is None or not b["kld_mean"] else r["kld_mean"] / b["kld_mean"] - 1
         srel = None if not b["shift"] else r["shift"] / b["shift"]
-        table.add_row(f"{r['budget']:g}", r["variant"], f"{r['bpw']:.3f}", _fmt(r["kld_mean"], ".5f"),
+        table.add_row(f"{r['budget']:g}", r["variant"], f"{r.get('lr', '-')}", f"{r.get('epochs', '-')}",
+                      f"{(r.get('tuning') or {}).get('kept_epoch', '-')}", f"{r['bpw']:.3f}", _fmt(r["kld_mean"], ".5f"),
                       _fmt(rel, "+.1%"), _fmt(r["same_top_p"], ".2%"), f"{r['hf_kd']:.5f}", f"{r['hf_ce']:.4f}",
                       f"{r['shift']:.2%}", _fmt(srel, ".2f") + "x")
     console = Console()
@@ -154,11 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-chunks", type=int, default=4, help="llama.cpp eval: chunks of 512 per domain")
     ap.add_argument("--hf-chunks", type=int, default=2, help="HF-side routing/KL: chunks of 512 per domain")
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--lr", type=float, nargs="+", default=[1e-4], help="one row per lr x epochs x variant")
+    ap.add_argument("--epochs", type=int, nargs="+", default=[1])
+    ap.add_argument("--no-llama", dest="llama", action="store_false",
+                    help="HF-side columns only (no GGUF written): quick sweeps of lr / epochs / loss")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--progressive", type=int, default=3)
-    ap.add_argument("--progressive-loss", choices=("kd", "ce"), default="ce")
+    ap.add_argument("--progressive-loss", choices=LOSSES, default="ce")
+    ap.add_argument("--variants", nargs="+", choices=("none", *LOSSES, "progressive"),
+                    default=["none", *LOSSES, "progressive"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progressive-budgets", type=float, nargs="*", default=None,
                     help="budgets that get a progressive row (default: all; progressive is the slow row on CPU)")
@@ -168,16 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir) / f"router_tuning-{args.granularity}.json"
     rows: list[dict[str, Any]] = []
     for budget in args.budgets:  # saved after each row: a long CPU run keeps what it finished
-        for variant in ("none", "kd", "ce", "progressive"):
+        for variant in args.variants:
             if variant == "progressive" and budget not in args.progressive_budgets:
                 continue
-            rows.append(rb.progressive_row(budget) if variant == "progressive" else rb.tuned_row(budget, variant))
+            if variant == "progressive":
+                rows.append(rb.progressive_row(budget))
+            else:
+                combos = [(args.lr[0], args.epochs[0])] if variant == "none" else \
+                    [(lr, ep) for lr in args.lr for ep in args.epochs]
+                rows += [rb.tuned_row(budget, variant, lr, ep) for lr, ep in combos]
             out.write_text(json.dumps({"args": vars(args), "prep_seconds": rb.prep_seconds, "rows": rows},
                                       indent=1, default=str))
             print(f"row {budget} {variant}: {json.dumps({k: rows[-1][k] for k in ('kld_mean', 'hf_kd', 'shift')})}",
                   flush=True)
     title = (f"{rb.bench.src.model_dir.name}: router tuning ({args.granularity}, {args.calib_tokens} calib tokens, "
-             f"lr {args.lr:g}, {args.epochs} epoch)")
+             f"batch {args.batch_size})")
     print_table(rows, title)
     print(f"rows: {out}")
     return 0

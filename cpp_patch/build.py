@@ -118,12 +118,17 @@ def apply_patches(llama_dir: Path) -> None:
 
 
 def unapply_old_patches(llama_dir: Path) -> bool:
-    """Reverse the previously applied patch set (keeps untouched files' mtimes for ninja)."""
+    """Reverse the applied patches from the first one that changed onwards.
+
+    Patches before it stay applied, so their files keep their mtimes and ninja rebuilds only what the
+    changed or added patches touch (adding a patch at the end reverses nothing)."""
     applied = llama_dir / ".gemq-applied"
     old = sorted(applied.glob("*.patch"))
-    if not old:
-        return True
-    for p in reversed(old):
+    new = {p.name: p.read_bytes() for p in patches()}
+    keep = 0
+    while keep < len(old) and new.get(old[keep].name) == old[keep].read_bytes():
+        keep += 1
+    for p in reversed(old[keep:]):
         res = subprocess.run(["patch", "-p1", "-R", "--force", "-i", str(p)], cwd=llama_dir,
                              capture_output=True, text=True)
         if res.returncode != 0:
@@ -184,6 +189,13 @@ def build_llama(llama_dir: Path, build_dir: Path, backend: str, jobs: int) -> Pa
     return build_dir / "bin"
 
 
+def replace_file(src: Path, dst: Path) -> None:
+    """Copy through a temporary name and rename: a running process keeps its mapped old copy intact."""
+    tmp = dst.with_name(dst.name + ".gemq-tmp")
+    shutil.copy2(src, tmp, follow_symlinks=True)
+    os.replace(tmp, dst)
+
+
 def install_outputs(bin_src: Path, prefix: Path) -> tuple[Path, list[Path]]:
     bin_dir = prefix / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +203,7 @@ def install_outputs(bin_src: Path, prefix: Path) -> tuple[Path, list[Path]]:
         f = bin_src / t
         if not f.exists():
             sys.exit(f"build did not produce {f}")
-        shutil.copy2(f, bin_dir / t)
+        replace_file(f, bin_dir / t)
     libs: list[Path] = []
     for pattern in LIB_GLOBS:
         for f in sorted(bin_src.glob(pattern)):
@@ -201,7 +213,7 @@ def install_outputs(bin_src: Path, prefix: Path) -> tuple[Path, list[Path]]:
                     dst.unlink()
                 dst.symlink_to(os.readlink(f))
             else:
-                shutil.copy2(f, dst)
+                replace_file(f, dst)
             libs.append(dst)
     return bin_dir, libs
 
@@ -253,10 +265,7 @@ def install_python(get_pkg_dir, llama_dir: Path, lib_files: list[Path]) -> Path:
     for f in lib_files:
         if not f.name.startswith(("libllama.", "libggml")):
             continue  # tool libraries are not needed by the Python package
-        dst = lib_dir / f.name
-        if dst.exists() or dst.is_symlink():
-            dst.unlink()
-        shutil.copy2(f, dst, follow_symlinks=True)
+        replace_file(f, lib_dir / f.name)
     return lib_dir
 
 

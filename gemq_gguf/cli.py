@@ -10,6 +10,7 @@ from rich.logging import RichHandler
 
 from .errors import GemqError
 from .pipeline import ConvertOptions, convert
+from .router_ft import DEFAULT_EPOCHS, DEFAULT_LOSS, DEFAULT_LR, LOSSES
 
 EXAMPLES = """examples:
   python convert.py demo --budget 3.0 -o demo-gemq-3.0.gguf
@@ -40,12 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-tokens", type=int, default=32768)
     c.add_argument("--seq-len", type=int, default=512)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--fisher", choices=("sampled", "data"), default="sampled",
+                   help="gradient targets: sampled (default) = draws from the model's own predictions (true Fisher = "
+                        "Hessian of the KLD); data = the calibration text's next tokens (empirical Fisher, the paper's)")
     c.add_argument("--imatrix", type=Path, help="llama.cpp imatrix GGUF to use instead of our own statistics")
     r = p.add_argument_group("router tuning")
     r.add_argument("--finetune-routers", action="store_true", help="train the routers against the quantized experts")
-    r.add_argument("--ft-loss", choices=("kd", "ce"), default="ce",
-                   help="ce: LM cross-entropy (the paper's; default, measured better on the demo); "
-                        "kd: KL to the full-precision model")
+    r.add_argument("--ft-loss", choices=LOSSES, default=DEFAULT_LOSS,
+                   help=f"ce: LM cross-entropy (the paper's); kd: KL to the full-precision model; route: match the "
+                        f"full-precision routing; ce+route / kd+route: both (default {DEFAULT_LOSS}, docs/router_tuning.md)")
+    r.add_argument("--ft-lr", type=float, default=DEFAULT_LR, help="AdamW learning rate of the routers")
+    r.add_argument("--ft-epochs", type=int, default=DEFAULT_EPOCHS, help="passes over the calibration tokens")
+    r.add_argument("--ft-select", choices=("best", "last"), default="best",
+                   help="best: keep the epoch with the lowest held-out KD, the untuned routers included; last: the last epoch")
     r.add_argument("--progressive", type=int, default=0, metavar="K",
                    help="reach the budget in K allocations from budget+1 down, tuning the routers at each")
     t = p.add_argument_group("other tensors and output")
@@ -66,8 +74,9 @@ def options_from_args(ns: argparse.Namespace) -> ConvertOptions:
     return ConvertOptions(model=ns.model, out=ns.out, uniform=ns.uniform, plan=ns.plan, budget=ns.budget,
                           strategy=ns.strategy, granularity=ns.granularity, types=types, max_types=ns.max_types,
                           tensor_types=ns.tensor_type, non_expert=ns.non_expert, imatrix=ns.imatrix, calib=ns.calib,
-                          calib_tokens=ns.calib_tokens, seq_len=ns.seq_len, seed=ns.seed,
-                          finetune_routers=ns.finetune_routers, ft_loss=ns.ft_loss, progressive=ns.progressive,
+                          calib_tokens=ns.calib_tokens, seq_len=ns.seq_len, seed=ns.seed, fisher=ns.fisher,
+                          finetune_routers=ns.finetune_routers, ft_loss=ns.ft_loss, ft_lr=ns.ft_lr,
+                          ft_epochs=ns.ft_epochs, ft_select=ns.ft_select, progressive=ns.progressive,
                           work_dir=ns.work_dir, keep_intermediate=ns.keep_intermediate, dry_run=ns.dry_run,
                           report_json=ns.report_json, heatmap=ns.heatmap, verbose=ns.verbose)
 

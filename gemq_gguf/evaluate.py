@@ -543,21 +543,16 @@ def parse_kld_output(output: str, n_tokens: int, n_chunks: int) -> EvalStats:
     return EvalStats(n_tokens=n_tokens, n_chunks=n_chunks, **values)
 
 
-def binary_kld(binary: Path, model_path: Path, base: BaseFile, opts: RunOptions, attempts: int = 8) -> EvalStats:
+def binary_kld(binary: Path, model_path: Path, base: BaseFile, opts: RunOptions) -> EvalStats:
     """`llama-perplexity --kl-divergence` of model_path against a base file, parsed.
 
-    Retried because this llama.cpp leaks its async logger at exit (common/log.cpp, llama.cpp issue
-    22142): on a busy machine the final statistics are often never written. The numbers are
-    deterministic, so a rerun only costs time.
+    The tools built by cpp_patch/build.py drain llama.cpp's async logger at exit (patch 0007); stock
+    builds of this version can lose the final statistics on a busy machine, which parse_kld_output
+    reports as such.
     """
     args = ["-m", str(model_path), "--kl-divergence-base", str(base.path), "--kl-divergence",
             "-c", str(base.n_ctx), "-b", str(base.n_ctx), *opts.perplexity_args()]
-    out = ""
-    for _ in range(attempts):
-        out = _run_binary(binary, args)
-        if "Same top p:" in out:
-            break
-    return parse_kld_output(out, base.n_chunk * base.n_score, base.n_chunk)
+    return parse_kld_output(_run_binary(binary, args), base.n_chunk * base.n_score, base.n_chunk)
 
 
 def binary_kld_base(binary: Path, ref_path: Path, text: str, out: Path, ctx: int, max_chunks: int | None,

@@ -84,7 +84,8 @@ def calibrate(opts: ConvertOptions, src: Source) -> tuple[Any, Any, dict[str, np
     log.info("calibration: %d sequences x %d tokens", *tokens.shape)
     model = load_for_calibration(src.model_dir)
     stats = collect_stats(model, src.adapter, tokens, progress=True, work_dir=src.float_gguf.parent,
-                          datasets=[str(c) for c in opts.calib] or ["gemq-gguf built-in mix"])
+                          datasets=[str(c) for c in opts.calib] or ["gemq-gguf built-in mix"],
+                          labels=opts.fisher, seed=opts.seed)
     imatrix = (read_imatrix(opts.imatrix) if opts.imatrix else stats.imatrix()).means()
     return model, stats, imatrix
 
@@ -137,4 +138,5 @@ def _solve_and_tune(opts: ConvertOptions, src: Source, model: Any, imatrix: dict
     from .router_ft import tune_for_plan
     plan = plan_from_units(alloc.to_dict()["units"], list(src.shape.moe_layers), src.shape.n_experts)
     return alloc, tune_for_plan(model, src.adapter, calib_tokens(opts, src), plan, imatrix, cache,
-                                loss=opts.ft_loss, seed=opts.seed)
+                                loss=opts.ft_loss, seed=opts.seed, lr=opts.ft_lr, epochs=opts.ft_epochs,
+                                select=opts.ft_select)

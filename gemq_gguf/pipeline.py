@@ -42,8 +42,12 @@ class ConvertOptions:
     calib_tokens: int = 32768
     seq_len: int = 512
     seed: int = 0
+    fisher: str = "sampled"  # stats.FISHER_LABELS; measured better than "data" (docs/allocation.md)
     finetune_routers: bool = False
-    ft_loss: str = "ce"
+    ft_loss: str = "kd+route"  # router_ft.DEFAULT_LOSS
+    ft_lr: float = 1e-4
+    ft_epochs: int = 2
+    ft_select: str = "best"
     progressive: int = 0
     work_dir: Path | None = None
     keep_intermediate: bool = False

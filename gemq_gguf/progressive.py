@@ -81,7 +81,8 @@ def progressive_allocation(opts: ConvertOptions, src: Source, model: nn.Module, 
     for i, budget in enumerate(budgets):
         log.info("progressive step %d/%d: %.4f bpw", i + 1, len(budgets), budget)
         if i > 0:
-            stats = collect_stats(model, adapter, tokens, progress=True, work_dir=src.float_gguf.parent)
+            stats = collect_stats(model, adapter, tokens, progress=True, work_dir=src.float_gguf.parent,
+                                  labels=opts.fisher, seed=opts.seed + i)
             restore_experts_(model, adapter, src.float_gguf)
             problem = estimate_costs(model, adapter, stats, imatrix, types=problem.types,
                                      granularity=opts.granularity, cache=cache, progress=True).problem()
@@ -89,6 +90,7 @@ def progressive_allocation(opts: ConvertOptions, src: Source, model: nn.Module, 
         alloc = solve(opts.strategy, problem, budget, max_types=opts.max_types)
         plan = plan_from_units(alloc.to_dict()["units"], list(src.shape.moe_layers), n_experts)
         quantize_experts_(model, adapter, plan, imatrix, cache)
-        routers, tuning = tune_quantized(model, adapter, tokens, teacher, loss=opts.ft_loss, seed=opts.seed)
+        routers, tuning = tune_quantized(model, adapter, tokens, teacher, loss=opts.ft_loss, seed=opts.seed,
+                                         lr=opts.ft_lr, epochs=opts.ft_epochs, select=opts.ft_select)
         steps.append(_step_record(budget, alloc, tuning))
     return alloc, {"_routers": routers, "router_tuning": tuning, "progressive": steps}

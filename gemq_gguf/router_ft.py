@@ -8,6 +8,14 @@ calibration tokens, with everything else frozen.
 
 Losses:
 - `ce`: the LM cross-entropy on the calibration text (the paper's choice).
+- `route`: routing match, the mean over MoE layers of KL(full-precision router distribution ||
+  quantized model's) per token, on logits divided by the full-precision logits' spread over experts
+  times ROUTE_TEMPERATURE. Teaches each router to pick, from the drifted hidden states of the quantized
+  model, the experts full precision picks (the routing-shift target). The scaling matters: routers are
+  often nearly flat (the demo's logits differ by ~1e-2), so plain softmaxes agree to 1e-4 in KL while
+  7 % of the top-k choices differ. The teacher pass keeps the centered full-precision router logits
+  (n_layers x n_experts float16 per token; centered, so float16 keeps their differences).
+- `ce+route`, `kd+route`: the LM loss plus ROUTE_WEIGHT x the routing-match loss.
 - `kd`: KL(full precision || quantized) over next-token distributions. Only one model is held: the
   teacher's top-K log-probs (logit − logsumexp) per token are cached in one full-precision pass
   before the experts are quantized (K = 64: 64 × 8 bytes per token). The tail beyond the top K is one
@@ -24,6 +32,7 @@ device and thread count: shuffling uses a seeded generator and torch runs determ
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -40,8 +49,13 @@ from .imatrix_io import expert_imatrix, expert_tensor_name
 from .plan import ExpertPlan
 from .writer import QuantCache
 
-LOSSES = ("kd", "ce")
-DEFAULT_LOSS = "ce"  # measured better on the demo model (docs/router_tuning.md)
+LOSSES = ("kd", "ce", "route", "kd+route", "ce+route")
+ROUTE_WEIGHT = 1.0
+ROUTE_TEMPERATURE = 0.5  # in units of the per-token std of the full-precision router logits
+log = logging.getLogger(__name__)
+
+DEFAULT_LOSS = "kd+route"  # measured best on the demo model (docs/router_tuning.md)
+DEFAULT_EPOCHS = 2
 TEACHER_TOP_K = 64
 DEFAULT_LR = 1e-4
 
@@ -85,18 +99,38 @@ def _roundtrip(w: torch.Tensor, layer: int, expert: int, proj: str, planned: str
 
 # -- routing records -------------------------------------------------------------------------------
 
+@dataclass
+class Routes:
+    """Per MoE layer and forward call: selected expert ids [T, k] (CPU, int64) and, when asked, the
+    router logits [T, n_experts] (centered, CPU float16 when recorded without grad; live tensors with)."""
+
+    ids: dict[int, list[torch.Tensor]]
+    logits: dict[int, list[torch.Tensor]]
+
+
 @contextlib.contextmanager
-def record_routing(model: nn.Module, adapter: ArchAdapter) -> Iterator[dict[int, list[torch.Tensor]]]:
-    """Collect each MoE layer's selected expert ids [T, k] per forward, in call order (CPU, int64)."""
+def record_routing(model: nn.Module, adapter: ArchAdapter, *, logits: bool = False,
+                   grad: bool = False) -> Iterator[Routes]:
+    """Hook every MoE block and record its routing per forward, in call order.
+
+    `grad=True` keeps the router logits on the device and in the autograd graph (for the routing-match
+    loss) and skips the ids."""
     shape = adapter.moe_shape(model.config)
-    out: dict[int, list[torch.Tensor]] = {l: [] for l in shape.moe_layers}
+    out = Routes({l: [] for l in shape.moe_layers}, {l: [] for l in shape.moe_layers})
 
     def hook(layer: int) -> Callable[..., None]:
         def f(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             x = args[0] if args else kwargs["hidden_states"]
+            if grad:
+                out.logits[layer].append(adapter.router_logits(block, x).float())
+                return
             with torch.no_grad():
-                ids, _ = adapter.route(block, x.detach().reshape(-1, x.shape[-1]))
-            out[layer].append(ids.cpu())
+                flat = x.detach().reshape(-1, x.shape[-1])
+                ids, _ = adapter.route(block, flat)
+                out.ids[layer].append(ids.cpu())
+                if logits:
+                    z = adapter.router_logits(block, flat).float()
+                    out.logits[layer].append((z - z.mean(-1, keepdim=True)).half().cpu())
         return f
     handles = [adapter.moe_block(model, l).register_forward_hook(hook(l), with_kwargs=True) for l in shape.moe_layers]
     try:
@@ -129,9 +163,11 @@ class Teacher:
     idx: torch.Tensor                # [N, L, K] int64 token ids
     routing: dict[int, torch.Tensor]  # layer -> [N, L, k] selected experts
     ce: float                        # the teacher's own mean next-token CE
+    router_logits: dict[int, torch.Tensor]  # layer -> [N, L, n_experts] float16, centered per token
 
     def rows(self, sel: torch.Tensor) -> Teacher:
-        return Teacher(self.logp[sel], self.idx[sel], {l: r[sel] for l, r in self.routing.items()}, self.ce)
+        return Teacher(self.logp[sel], self.idx[sel], {l: r[sel] for l, r in self.routing.items()}, self.ce,
+                       {l: r[sel] for l, r in self.router_logits.items()})
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -148,7 +184,7 @@ def teacher_pass(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, *
     """Cache the full-precision targets of KD and the full-precision routing (call before quantizing)."""
     n, seq = tokens.shape
     logp, idx, ce = [], [], 0.0
-    with record_routing(model, adapter) as routes, torch.no_grad():
+    with record_routing(model, adapter, logits=True) as routes, torch.no_grad():
         for rows in _progress(_batches(n, batch_size), progress, "teacher"):
             batch = tokens[rows].to(_device(model))
             logits = model(input_ids=batch, use_cache=False).logits.float()
@@ -156,8 +192,9 @@ def teacher_pass(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, *
             logp.append((top - logits.logsumexp(-1, keepdim=True)).cpu())
             idx.append(ids.cpu())
             ce += float(ce_loss(logits, batch.to(logits.device))) * len(rows)
-    routing = {l: torch.cat(r).reshape(n, seq, -1) for l, r in routes.items()}
-    return Teacher(torch.cat(logp), torch.cat(idx), routing, ce / n)
+    routing = {l: torch.cat(r).reshape(n, seq, -1) for l, r in routes.ids.items()}
+    router_logits = {l: torch.cat(r).reshape(n, seq, -1) for l, r in routes.logits.items()}
+    return Teacher(torch.cat(logp), torch.cat(idx), routing, ce / n, router_logits)
 
 
 def ce_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -177,13 +214,38 @@ def kd_loss(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> 
     return (kl + tail).mean()
 
 
-def _batch_loss(model: nn.Module, tokens: torch.Tensor, teacher: Teacher | None, loss: str) -> torch.Tensor:
+def route_loss(student: dict[int, list[torch.Tensor]], teacher: dict[int, torch.Tensor],
+               temperature: float = ROUTE_TEMPERATURE) -> torch.Tensor:
+    """Mean over MoE layers and tokens of KL(teacher || student) between the router distributions
+    softmax(z / (temperature * std_e(z_teacher))): scale-free, so nearly flat routers still learn.
+
+    `student[l]` holds the [T, n_experts] router logits of one forward; `teacher[l]` is [B, L, n_experts]."""
+    terms = []
+    for l, (s,) in student.items():
+        t = teacher[l].to(s.device, torch.float32).reshape(s.shape)
+        scale = temperature * t.std(-1, keepdim=True).clamp_min(1e-6)
+        t_logp, s_logp = F.log_softmax(t / scale, -1), F.log_softmax(s / scale, -1)
+        terms.append((t_logp.exp() * (t_logp - s_logp)).sum(-1).mean())
+    return torch.stack(terms).mean()
+
+
+def _batch_loss(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, teacher: Teacher | None,
+                loss: str) -> torch.Tensor:
+    """The training loss of one batch: `ce`, `kd`, `route`, or an LM loss + ROUTE_WEIGHT x `route`."""
+    parts = loss.split("+")
     dev = _device(model)
-    logits = model(input_ids=tokens.to(dev), use_cache=False).logits
-    if loss == "ce":
-        return ce_loss(logits, tokens.to(logits.device))
-    assert teacher is not None
-    return kd_loss(logits, teacher.logp.to(logits.device), teacher.idx.to(logits.device))
+    with record_routing(model, adapter, grad=True) if "route" in parts else contextlib.nullcontext() as routes:
+        logits = model(input_ids=tokens.to(dev), use_cache=False).logits
+    total = torch.zeros((), device=logits.device)
+    if "ce" in parts:
+        total = total + ce_loss(logits, tokens.to(logits.device))
+    if "kd" in parts:
+        assert teacher is not None
+        total = total + kd_loss(logits, teacher.logp.to(logits.device), teacher.idx.to(logits.device))
+    if "route" in parts:
+        assert teacher is not None
+        total = total + ROUTE_WEIGHT * route_loss(routes.logits, teacher.router_logits).to(total.device)
+    return total
 
 
 @dataclass
@@ -193,6 +255,7 @@ class Score:
     kd: float
     ce: float
     shift: dict[int, float]
+    route: float  # mean router KL(full precision || quantized), the `route` loss
 
     @property
     def mean_shift(self) -> float:
@@ -204,13 +267,14 @@ def score(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, teacher:
     """KD loss, CE loss and routing shift of the model on `tokens` (whose teacher rows are `teacher`)."""
     n, seq = tokens.shape
     kd = ce = 0.0
-    with record_routing(model, adapter) as routes, torch.no_grad():
+    with record_routing(model, adapter, logits=True) as routes, torch.no_grad():
         for rows in _batches(n, batch_size):
             logits = model(input_ids=tokens[rows].to(_device(model)), use_cache=False).logits.float()
             kd += float(kd_loss(logits, teacher.logp[rows].to(logits.device), teacher.idx[rows].to(logits.device))) * len(rows)
             ce += float(ce_loss(logits, tokens[rows].to(logits.device))) * len(rows)
-    q_ids = {l: torch.cat(r).reshape(n, seq, -1) for l, r in routes.items()}
-    return Score(kd / n, ce / n, routing_shift(teacher.routing, q_ids))
+    q_ids = {l: torch.cat(r).reshape(n, seq, -1) for l, r in routes.ids.items()}
+    q_logits = {l: [torch.cat(r).float()] for l, r in routes.logits.items()}
+    return Score(kd / n, ce / n, routing_shift(teacher.routing, q_ids), float(route_loss(q_logits, teacher.router_logits)))
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -250,28 +314,31 @@ def _only_routers_trainable(model: nn.Module, params: dict[str, nn.Parameter]) -
 def finetune_routers(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, *, loss: str = DEFAULT_LOSS,
                      teacher: Teacher | None = None, lr: float = DEFAULT_LR, epochs: int = 1, batch_size: int = 4,
                      seed: int = 0, threads: int | None = None, progress: bool = True,
-                     history: list[float] | None = None) -> dict[str, np.ndarray]:
+                     history: list[float] | None = None,
+                     on_epoch: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> dict[str, np.ndarray]:
     """Train only the routers (AdamW) on `tokens` [N, L]; returns the float32 weights by GGUF name.
 
     The model's routers are updated in place. `teacher` (rows aligned with `tokens`) is required for
-    `kd`. Each step's loss is appended to `history` when given.
+    every loss but `ce`. Each step's loss is appended to `history` when given; `on_epoch(epoch, masters)`
+    runs after every epoch with the float32 master weights (for held-out selection).
     """
     if loss not in LOSSES:
         raise GemqError(f"unknown router-tuning loss '{loss}'.", f"use one of: {', '.join(LOSSES)}.")
-    if loss == "kd" and teacher is None:
-        raise ValueError("kd needs the teacher's cached distributions (teacher_pass before quantizing)")
+    if loss != "ce" and teacher is None:
+        raise ValueError(f"{loss} needs the teacher's cached distributions (teacher_pass before quantizing)")
     params = router_tensors(model, adapter)
     masters = {n: p.detach().float().clone().requires_grad_(True) for n, p in params.items()}
     with _deterministic(seed, threads), _only_routers_trainable(model, params):
         opt = torch.optim.AdamW(list(masters.values()), lr=lr, weight_decay=0.0)
         gen = torch.Generator().manual_seed(seed)
         steps = [b for _ in range(epochs) for b in _batches(len(tokens), batch_size, torch.randperm(len(tokens), generator=gen))]
+        per_epoch = len(steps) // epochs
         bar = _progress(steps, progress, f"router tuning ({loss})")
-        for rows in bar:
-            value = _batch_loss(model, tokens[rows], teacher.rows(rows) if loss == "kd" else None, loss)
+        for i, rows in enumerate(bar):
+            value = _batch_loss(model, adapter, tokens[rows], None if teacher is None else teacher.rows(rows), loss)
             value.backward()
             for n, p in params.items():
-                masters[n].grad = p.grad.float()
+                masters[n].grad = None if p.grad is None else p.grad.float()  # `route` alone: no shexp grad
                 p.grad = None
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -282,6 +349,8 @@ def finetune_routers(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tenso
                 history.append(float(value.detach()))
             if progress:
                 bar.set_postfix(loss=f"{float(value.detach()):.4f}")
+            if on_epoch is not None and (i + 1) % per_epoch == 0:
+                on_epoch((i + 1) // per_epoch, masters)
     return {n: m.detach().cpu().numpy().astype(np.float32) for n, m in masters.items()}
 
 
@@ -312,25 +381,47 @@ def _curve(history: list[float], points: int = 20) -> list[float]:
 
 
 def tune_quantized(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, teacher: Teacher, *,
-                   loss: str = DEFAULT_LOSS, lr: float = DEFAULT_LR, epochs: int = 1, batch_size: int = 4,
-                   seed: int = 0, progress: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+                   loss: str = DEFAULT_LOSS, lr: float = DEFAULT_LR, epochs: int = DEFAULT_EPOCHS, batch_size: int = 4,
+                   seed: int = 0, select: str = "best", progress: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Tune the routers of an already quantized model; returns (routers, report section).
 
-    The report judges on held-out sequences: KD and CE loss and routing shift per layer, before and
-    after tuning, plus the training loss curve.
+    Held-out sequences judge the tuning: KD and CE loss and routing shift per layer, before and after,
+    plus the training loss curve. With `select="best"` the routers kept are those of the epoch with the
+    lowest held-out KD, the untuned ones included (epoch 0): on the demo model, tuning that fits the
+    calibration text can move the eval text away from full precision, and a tuning that makes things
+    worse must not ship. `select="last"` keeps the last epoch's routers.
     """
+    if select not in ("best", "last"):
+        raise ValueError(f"select must be 'best' or 'last', not {select!r}")
     t0 = time.perf_counter()
     train, val = split_rows(len(tokens), seed)
-    before = score(model, adapter, tokens[val], teacher.rows(val), batch_size)
+    val_teacher = teacher.rows(val)
+    before = score(model, adapter, tokens[val], val_teacher, batch_size)
+    params = router_tensors(model, adapter)
+    best = {"kd": before.kd, "epoch": 0, "routers": {n: p.detach().float().clone() for n, p in params.items()}}
+    heldout_kd = [before.kd]
+
+    def judge(epoch: int, masters: dict[str, torch.Tensor]) -> None:
+        kd = score(model, adapter, tokens[val], val_teacher, batch_size).kd
+        heldout_kd.append(kd)
+        if select == "last" or kd < best["kd"]:
+            best.update(kd=kd, epoch=epoch, routers={n: m.detach().clone() for n, m in masters.items()})
+
     history: list[float] = []
-    routers = finetune_routers(model, adapter, tokens[train], loss=loss, teacher=teacher.rows(train), lr=lr,
-                               epochs=epochs, batch_size=batch_size, seed=seed, progress=progress, history=history)
-    after = score(model, adapter, tokens[val], teacher.rows(val), batch_size)
+    finetune_routers(model, adapter, tokens[train], loss=loss, teacher=teacher.rows(train), lr=lr, epochs=epochs,
+                     batch_size=batch_size, seed=seed, progress=progress, history=history, on_epoch=judge)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(best["routers"][n])
+    routers = {n: m.cpu().numpy().astype(np.float32) for n, m in best["routers"].items()}
+    after = score(model, adapter, tokens[val], val_teacher, batch_size)
     section = {
         "loss": loss, "lr": lr, "epochs": epochs, "batch_size": batch_size, "seed": seed, "steps": len(history),
+        "select": select, "kept_epoch": best["epoch"], "heldout_kd_per_epoch": heldout_kd,
         "train_sequences": len(train), "heldout_sequences": len(val), "teacher_top_k": int(teacher.logp.shape[-1]),
         "teacher_ce": teacher.ce, "train_loss_curve": _curve(history),
-        "heldout": {"kd_before": before.kd, "kd_after": after.kd, "ce_before": before.ce, "ce_after": after.ce},
+        "heldout": {"kd_before": before.kd, "kd_after": after.kd, "ce_before": before.ce, "ce_after": after.ce,
+                    "route_before": before.route, "route_after": after.route},
         "routing_shift": {"mean_before": before.mean_shift, "mean_after": after.mean_shift,
                           "per_layer": {str(l): {"before": before.shift[l], "after": after.shift[l]} for l in before.shift}},
         "seconds": time.perf_counter() - t0,
@@ -348,4 +439,9 @@ def tune_for_plan(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, 
     teacher = teacher_pass(model, adapter, tokens, progress=progress)
     quantize_experts_(model, adapter, plan, imatrix, cache)
     routers, section = tune_quantized(model, adapter, tokens, teacher, loss=loss, seed=seed, progress=progress, **train)
+    if section["kept_epoch"] == 0:  # no epoch beat the untuned routers on held-out text: ship the originals
+        log.warning("router tuning did not lower the held-out KD (%.4f -> %s); keeping the original routers",
+                    section["heldout"]["kd_before"], ", ".join(f"{v:.4f}" for v in section["heldout_kd_per_epoch"][1:]))
+        routers = None
+    section["routers_shipped"] = routers is not None
     return {"_routers": routers, "router_tuning": section}

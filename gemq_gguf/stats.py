@@ -143,25 +143,43 @@ class _Recorder:
             h.remove()
 
 
-def _sequence_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Σ over sequences of the mean next-token cross-entropy (batch-size independent gradients)."""
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1),
-                         reduction="sum")
-    return ce / (tokens.shape[1] - 1)
+FISHER_LABELS = ("sampled", "data")
+
+
+def _sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ over sequences of the mean next-token cross-entropy against `targets` [B, L-1] (batch-size
+    independent gradients)."""
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
+    return ce / targets.shape[1]
+
+
+def _targets(logits: torch.Tensor, tokens: torch.Tensor, labels: str, gen: torch.Generator) -> torch.Tensor:
+    """Next-token targets for the gradient: the text's own tokens (`data`: empirical Fisher) or one draw
+    from the model's predictive distribution per position (`sampled`: an unbiased estimate of the true
+    Fisher, which is the Hessian of the KL divergence to the unquantized model, the metric we ship by)."""
+    if labels == "data":
+        return tokens[:, 1:].to(logits.device)
+    with torch.no_grad():
+        probs = torch.softmax(logits[:, :-1].float(), dim=-1).reshape(-1, logits.shape[-1])
+        draws = torch.multinomial(probs.cpu(), 1, generator=gen).reshape(tokens.shape[0], -1)
+    return draws.to(logits.device)
 
 
 def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, *, batch_size: int = 4,
                   store_dtype: torch.dtype = torch.bfloat16, ram_limit: int = DEFAULT_RAM_LIMIT,
                   work_dir: Path | None = None, datasets: list[str] | None = None,
-                  progress: bool = False) -> CalibStats:
+                  labels: str = "sampled", seed: int = 0, progress: bool = False) -> CalibStats:
     """Forward + backward over `tokens` [n_seq, L]; returns per-MoE-layer x, g, routing and imatrix sums.
 
     x and g live in RAM when 2·layers·T·H values fit `ram_limit` bytes, else in memmap files in a fresh
     directory under `work_dir` (the system temp dir when None), deleted with the returned statistics.
     """
+    if labels not in FISHER_LABELS:
+        raise ValueError(f"labels must be one of {FISHER_LABELS}, not {labels!r}")
     shape = adapter.moe_shape(model.config)
     n_seq, seq_len = tokens.shape
     n_tok = n_seq * seq_len
+    gen = torch.Generator().manual_seed(seed)
     spill = stats_bytes(len(shape.moe_layers), n_tok, shape.hidden, store_dtype) > ram_limit
     if spill:
         if work_dir is not None:
@@ -196,7 +214,7 @@ def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, 
             batch = tokens[start:start + batch_size].to(device)
             recorder.offset = start * seq_len
             logits = model(input_ids=batch, use_cache=False).logits
-            loss = _sequence_loss(logits, batch.to(logits.device))
+            loss = _sequence_loss(logits, _targets(logits, batch, labels, gen))
             loss.backward()
             total += float(loss.detach())
     finally:

@@ -14,7 +14,7 @@ from gemq_gguf.calib import calibration_tokens
 from gemq_gguf.costs import PROJS, _fill_never_routed, estimate_costs, prune_cache
 from gemq_gguf.ggml_quant import dequantize, type_info
 from gemq_gguf.imatrix_io import expert_tensor_name
-from gemq_gguf.stats import collect_stats
+from gemq_gguf.stats import _targets, collect_stats
 from tiny_models import COMMON, CONFIGS, make_tiny_model
 
 TYPES = ("Q2_K", "Q4_K", "Q6_K")
@@ -152,16 +152,25 @@ def test_deterministic_with_seed(tmp_path: Path) -> None:
     np.testing.assert_array_equal(c1.cost, c2.cost)
 
 
-def test_gradient_is_the_loss_gradient(tmp_path: Path) -> None:
+@pytest.mark.parametrize("labels", ["data", "sampled"])
+def test_gradient_is_the_loss_gradient(tmp_path: Path, labels: str) -> None:
     """Nudging a block's output along v changes the loss by <g, v> (central difference; the model's
-    RMSNorms compute in float32, which sets the tolerance)."""
+    RMSNorms compute in float32, which sets the tolerance). The loss is the CE against the text's next
+    tokens (`data`) or against one draw per position from the model's own prediction (`sampled`, drawn
+    by the seeded generator in batch order)."""
     path = make_tiny_model("mixtral", tmp_path / "m")
     model = _load(path)
     adapter = adapter_for(model.config.architectures)
     tokens = _tokens(path, 2, 32)
-    stats = collect_stats(model, adapter, tokens, batch_size=1, store_dtype=torch.float64)
+    stats = collect_stats(model, adapter, tokens, batch_size=1, store_dtype=torch.float64, labels=labels, seed=5)
     layer, eps = 1, 1e-3
     v = torch.randn(stats.layers[layer].g.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        targets = torch.cat([_targets(model(input_ids=tokens[i:i + 1], use_cache=False).logits, tokens[i:i + 1],
+                                      labels, gen) for i in range(len(tokens))])
+    if labels == "sampled":
+        assert not torch.equal(targets, tokens[:, 1:])
 
     def loss(shift: float) -> float:
         h = adapter.moe_block(model, layer).register_forward_hook(lambda m, a, o: o + shift * v.reshape(o.shape))
@@ -170,7 +179,7 @@ def test_gradient_is_the_loss_gradient(tmp_path: Path) -> None:
                 logits = model(input_ids=tokens, use_cache=False).logits
         finally:
             h.remove()
-        ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                reduction="sum")
         return float(ce) / (tokens.shape[1] - 1)
     fd = (loss(eps) - loss(-eps)) / (2 * eps)

@@ -14,8 +14,8 @@ from gemq_gguf.calib import calibration_tokens
 from gemq_gguf.ggml_quant import roundtrip
 from gemq_gguf.plan import uniform_plan
 from gemq_gguf.progressive import step_budgets
-from gemq_gguf.router_ft import (finetune_routers, kd_loss, quantize_experts_, router_tensors, routing_shift,
-                                 score, split_rows, teacher_pass)
+from gemq_gguf.router_ft import (finetune_routers, kd_loss, quantize_experts_, route_loss, router_tensors,
+                                 routing_shift, score, split_rows, teacher_pass, tune_quantized)
 from tiny_models import _tokenizer, make_tiny_model
 
 
@@ -38,6 +38,21 @@ def test_kd_loss_is_the_full_kl_when_k_covers_the_vocab_and_a_lower_bound_otherw
     for k in (1, 5, 20):
         assert 0 < float(kd_loss(s, *topk(k))) <= float(full) + 1e-6
     assert float(kd_loss(t, *topk(5))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_route_loss_is_the_scaled_router_kl() -> None:
+    g = torch.Generator().manual_seed(0)
+    t = {0: torch.randn(2, 3, 6, generator=g) * 1e-2, 5: torch.randn(2, 3, 6, generator=g) * 1e-2}
+    s = {l: [v.reshape(6, 6) + torch.randn(6, 6, generator=g) * 1e-2] for l, v in t.items()}
+
+    def kl(l: int) -> float:
+        scale = 0.5 * t[l].reshape(6, 6).std(-1, keepdim=True)
+        return float(F.kl_div((s[l][0] / scale).log_softmax(-1), (t[l].reshape(6, 6) / scale).log_softmax(-1),
+                              log_target=True, reduction="batchmean"))
+    assert float(route_loss(s, t, temperature=0.5)) == pytest.approx(np.mean([kl(0), kl(5)]), rel=1e-5)
+    assert float(route_loss(s, t)) > 0.01  # logits 1e-2 apart still give a loss of order 1
+    assert float(route_loss(s, {l: v * 100 for l, v in t.items()})) > 0  # scale-free in the teacher's spread
+    assert float(route_loss({l: [v.reshape(6, 6) + 3.0] for l, v in t.items()}, t)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_split_rows_holds_out_one_in_eight() -> None:
@@ -113,3 +128,41 @@ def test_finetune_ce_needs_no_teacher(tiny, tokens) -> None:
     routers = finetune_routers(model, adapter, tokens[:2], loss="ce", batch_size=2, progress=False)
     assert all(v.dtype == np.float32 for v in routers.values())
     assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_route_loss_training_restores_full_precision_routing(tiny, tokens) -> None:
+    """Training on the routing-match loss alone moves the quantized model's routing back toward full
+    precision: the router KL and the routing shift both fall on the training tokens."""
+    model, adapter = _load(tiny)
+    shape = adapter.moe_shape(model.config)
+    teacher = teacher_pass(model, adapter, tokens)
+    assert set(teacher.router_logits) == set(shape.moe_layers)
+    quantize_experts_(model, adapter, uniform_plan(list(shape.moe_layers), shape.n_experts, "Q2_K"), None)
+    before = score(model, adapter, tokens, teacher)
+    assert before.route > 0 and before.mean_shift > 0
+    finetune_routers(model, adapter, tokens, loss="route", teacher=teacher, lr=1e-3, epochs=4, batch_size=2,
+                     progress=False)
+    after = score(model, adapter, tokens, teacher)
+    assert after.route < 0.7 * before.route and after.mean_shift < before.mean_shift
+
+
+@pytest.mark.parametrize("lr", [1e-3, 1.0])
+def test_tune_keeps_the_epoch_with_the_lowest_heldout_kd(tiny, tokens, lr) -> None:
+    """select='best' ships the routers of the best held-out epoch; a harmful tuning (lr 1.0) ships none of
+    its epochs: the model gets its original routers back."""
+    model, adapter = _load(tiny)
+    shape = adapter.moe_shape(model.config)
+    original = {n: p.detach().clone() for n, p in router_tensors(model, adapter).items()}
+    teacher = teacher_pass(model, adapter, tokens)
+    quantize_experts_(model, adapter, uniform_plan(list(shape.moe_layers), shape.n_experts, "Q2_K"), None)
+    routers, report = tune_quantized(model, adapter, tokens, teacher, loss="kd", lr=lr, epochs=3, batch_size=2,
+                                     progress=False)
+    curve = report["heldout_kd_per_epoch"]
+    assert len(curve) == 4 and report["kept_epoch"] == int(np.argmin(curve))
+    assert report["heldout"]["kd_after"] == pytest.approx(min(curve), rel=1e-6)
+    for n, p in router_tensors(model, adapter).items():
+        np.testing.assert_array_equal(p.detach().numpy(), routers[n])
+        if report["kept_epoch"] == 0:
+            assert torch.equal(p, original[n])
+    if lr == 1.0:
+        assert report["kept_epoch"] == 0

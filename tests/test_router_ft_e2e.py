@@ -45,7 +45,7 @@ def test_only_routers_change_and_they_are_the_trained_weights(model, plain, tmp_
     trained: list[dict[str, np.ndarray]] = []
     original = router_ft.finetune_routers
     monkeypatch.setattr(router_ft, "finetune_routers", lambda *a, **k: trained.append(original(*a, **k)) or trained[-1])
-    tuned = _convert(model, tmp_path / "tuned.gguf", "--finetune-routers", "--ft-loss", "kd")
+    tuned = _convert(model, tmp_path / "tuned.gguf", "--finetune-routers", "--ft-loss", "kd", "--ft-select", "last")
     a, b = _tensors(plain), _tensors(tuned)
     assert a.keys() == b.keys()
     routers = trained[-1]
@@ -59,10 +59,10 @@ def test_only_routers_change_and_they_are_the_trained_weights(model, plain, tmp_
             assert a[name].tobytes() == b[name].tobytes(), name
     assert GGUFReader(tuned).fields["gemq.routers_tuned"].contents() is True
     report = json.loads(tuned.with_suffix(".json").read_text())["router_tuning"]
-    assert report["loss"] == "kd" and report["steps"] > 0
+    assert report["loss"] == "kd" and report["steps"] > 0 and report["routers_shipped"]
     assert set(report["routing_shift"]["per_layer"]) == {"0", "1"}
 
-    again = _convert(model, tmp_path / "again.gguf", "--finetune-routers", "--ft-loss", "kd")
+    again = _convert(model, tmp_path / "again.gguf", "--finetune-routers", "--ft-loss", "kd", "--ft-select", "last")
     assert _sha(again) == _sha(tuned)
 
 

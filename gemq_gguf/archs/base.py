@@ -66,6 +66,12 @@ class ArchAdapter:
         _, weights, ids = block.gate(x.reshape(-1, x.shape[-1]))
         return ids, weights
 
+    def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Router logits [T, n_experts] (differentiable in the router weight): the routing-match loss
+        compares their softmax with full precision's."""
+        w = self.router(block).weight
+        return torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).to(w.dtype), w)
+
     def expert_weights(self, block: nn.Module, expert: int) -> dict[str, torch.Tensor]:
         """One expert's matrices in [out, in] orientation, keyed gate / up / down."""
         gate, up = block.experts.gate_up_proj[expert].chunk(2, dim=0)

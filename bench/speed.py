@@ -9,7 +9,7 @@ side in ONE llama-bench run:
   (c) mixed    - 3 groups of Q2_K / Q4_K / Q6_K (expert e -> group e % 3; 4.56 bpw vs 4.5 for Q4_K)
 and prints a table with the ratios b/a and c/a (target: b/a >= 0.97 tg128, >= 0.95 pp512).
 
-    python bench/dispatch_speed.py [--ngl 99] [--layers 8] [--reps 3] [--out DIR]
+    python bench/speed.py [--ngl 99] [--layers 8] [--reps 3] [--out DIR]
 
 Needs the patched build (cpp_patch/build.py): llama-bench and libggml-base (for quantization) are
 found through $GEMQ_GGUF_HOME/llama.cpp/PATHS.json, or --bin-dir / --lib-dir; gguf-py through
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import os
 import subprocess
@@ -38,11 +39,9 @@ def paths_json() -> dict:
 
 
 def import_gguf(src_dir: str | None):
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("gguf") is None:
         if not src_dir:
-            raise
+            raise ImportError("gguf is not installed and no llama.cpp source folder was given")
         sys.path.insert(0, str(Path(src_dir) / "gguf-py"))
     import gguf
     return gguf
