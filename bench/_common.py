@@ -39,6 +39,7 @@ class Bench:
     problems: dict[str, AllocationProblem] = field(default_factory=dict)
     opts: ConvertOptions | None = None
     prep_seconds: float = 0.0
+    policy: TensorPolicy = field(default_factory=TensorPolicy)  # non-expert tensors of every written file
 
     @classmethod
     def open(cls, model: str, out_dir: Path, eval_chunks: int | None) -> "Bench":
@@ -90,7 +91,7 @@ class Bench:
 
     def write(self, name: str, plan: ExpertPlan, meta: dict[str, Any], routers: dict | None = None) -> Path:
         out = self.out_dir / f"{name}.gguf"
-        write_gguf(self.ref, out, plan, TensorPolicy(), imatrix=self.imatrix, routers=routers,
+        write_gguf(self.ref, out, plan, self.policy, imatrix=self.imatrix, routers=routers,
                    quant_cache=dict(self.cache), metadata=meta, progress=False)
         return out
 

@@ -28,6 +28,7 @@ from _common import Bench, save_rows
 from gemq_gguf.allocate import solve
 from gemq_gguf.data import calib_texts
 from gemq_gguf.plan import uniform_plan
+from gemq_gguf.policy import TensorPolicy
 from gemq_gguf.router_ft import DEFAULT_LOSS, DEFAULT_LR, LOSSES
 from gemq_gguf.runtime import bin_path
 
@@ -59,8 +60,8 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
     fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for family, marker in (("llama-quantize", "s"), ("gemq (expert)", "o"), ("gemq (tensor)", "^"), ("uniform", "x"),
-                           ("gemq (expert) +routers", "P"), ("gemq (tensor) +routers", "v")):
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    for family, marker in zip(families, "so^xPvD*<>"):
         pts = sorted((r["file_bpw"], r["kld_mean"], r["name"]) for r in rows if r["family"] == family)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=family)
@@ -106,6 +107,8 @@ def main() -> int:
                     help="row families to run (split a long run; merge with --report)")
     ap.add_argument("--granularities", nargs="+", choices=("expert", "tensor"), default=["expert", "tensor"])
     ap.add_argument("--name", default="quality", help="rows go to OUT_DIR/NAME.json, saved after every row")
+    ap.add_argument("--non-expert", metavar="TYPE", help="non-expert policy of the gemq/uniform rows (as convert.py)")
+    ap.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE")
     ap.add_argument("--report", type=Path, nargs="+", help="no runs: table and plot from these rows files")
     ap.add_argument("--out-dir", type=Path, default=Path("bench/out"))
     ap.add_argument("--plot", type=Path, default=Path("docs/quality_pareto.png"))
@@ -116,6 +119,9 @@ def main() -> int:
         pareto_plot(rows, args.plot)
         return 0
     bench = Bench.open(args.model, args.out_dir, args.eval_chunks)
+    bench.policy = TensorPolicy.from_args(args.tensor_type, args.non_expert)
+    tag = "" if not (args.non_expert or args.tensor_type) else \
+        " [" + ", ".join(([f"non-expert {args.non_expert}"] if args.non_expert else []) + args.tensor_type) + "]"
     rows: list[dict] = []
 
     def add(name: str, family: str, path: Path, **extra) -> None:
@@ -132,16 +138,16 @@ def main() -> int:
         bench.prepare_costs(args.calib_tokens)
     layers, n_exp = list(bench.src.shape.moe_layers), bench.src.shape.n_experts
     for t in UNIFORM if "uniform" in args.rows else ():
-        add(f"uniform {t}", "uniform", bench.write(f"uniform-{t}", uniform_plan(layers, n_exp, t), {"strategy": "uniform"}))
+        add(f"uniform {t}", "uniform" + tag, bench.write(f"uniform-{t}", uniform_plan(layers, n_exp, t), {"strategy": "uniform"}))
     for budget in args.budgets if "gemq" in args.rows else ():
         for gran in args.granularities:
             alloc = solve("gemq", bench.problems[gran], budget, max_types=3)
             plan = bench.plan_of(alloc)
             meta = {"strategy": "gemq", "granularity": gran, "budget": budget}
-            add(f"gemq {budget}", f"gemq ({gran})", bench.write(f"gemq-{gran}-{budget}", plan, meta), budget=budget)
+            add(f"gemq {budget}", f"gemq ({gran})" + tag, bench.write(f"gemq-{gran}-{budget}", plan, meta), budget=budget)
             if args.router_tuning:
                 routers = bench.tuned_routers(plan, loss=args.rt_loss, lr=args.rt_lr, epochs=args.rt_epochs)
-                add(f"gemq {budget} +rt", f"gemq ({gran}) +routers",
+                add(f"gemq {budget} +rt", f"gemq ({gran}) +routers" + tag,
                     bench.write(f"gemq-{gran}-{budget}-rt", plan, meta, routers=routers), budget=budget)
 
     print_table(rows, bench.src.model_dir.name)
