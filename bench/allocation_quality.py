@@ -21,6 +21,7 @@ from rich.table import Table
 
 from _common import Bench, save_rows
 from gemq_gguf.allocate import solve
+from gemq_gguf.stats import FISHER_LABELS
 
 ROWS = {"gemq-expert": ("gemq (expert)", "gemq", "expert"), "gemq-tensor": ("gemq (tensor)", "gemq", "tensor"),
         "layerwise": ("layerwise", "layerwise", "expert"), "uniform": ("uniform", "uniform", "expert")}
@@ -33,7 +34,7 @@ def main() -> int:
     ap.add_argument("--calib-tokens", type=int, default=32768)
     ap.add_argument("--eval-chunks", type=int, default=16, help="max 512-token chunks per eval domain")
     ap.add_argument("--out-dir", type=Path, default=Path("bench/out"))
-    ap.add_argument("--fisher", choices=("sampled", "data"), default="sampled")
+    ap.add_argument("--fisher", choices=FISHER_LABELS, default=FISHER_LABELS[0])
     ap.add_argument("--strategies", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--name", default="allocation_quality")
     args = ap.parse_args()

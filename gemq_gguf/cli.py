@@ -10,7 +10,8 @@ from rich.logging import RichHandler
 
 from .errors import GemqError
 from .pipeline import ConvertOptions, convert
-from .router_ft import DEFAULT_EPOCHS, DEFAULT_LOSS, DEFAULT_LR, LOSSES
+from .router_ft import DEFAULT_EPOCHS, DEFAULT_LOSS, DEFAULT_LR, LOSSES, SELECT
+from .stats import FISHER_LABELS
 
 EXAMPLES = """examples:
   python convert.py demo --budget 3.0 -o demo-gemq-3.0.gguf
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-tokens", type=int, default=32768)
     c.add_argument("--seq-len", type=int, default=512)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--fisher", choices=("sampled", "data"), default="sampled",
+    c.add_argument("--fisher", choices=FISHER_LABELS, default=FISHER_LABELS[0],
                    help="gradient targets: sampled (default) = draws from the model's own predictions (true Fisher = "
                         "Hessian of the KLD); data = the calibration text's next tokens (empirical Fisher, the paper's)")
     c.add_argument("--imatrix", type=Path, help="llama.cpp imatrix GGUF to use instead of our own statistics")
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"full-precision routing; ce+route / kd+route: both (default {DEFAULT_LOSS}, docs/router_tuning.md)")
     r.add_argument("--ft-lr", type=float, default=DEFAULT_LR, help="AdamW learning rate of the routers")
     r.add_argument("--ft-epochs", type=int, default=DEFAULT_EPOCHS, help="passes over the calibration tokens")
-    r.add_argument("--ft-select", choices=("best", "last"), default="best",
+    r.add_argument("--ft-select", choices=SELECT, default=SELECT[0],
                    help="best: keep the epoch with the lowest held-out KD, the untuned routers included; last: the last epoch")
     r.add_argument("--progressive", type=int, default=0, metavar="K",
                    help="reach the budget in K allocations from budget+1 down, tuning the routers at each")

@@ -16,6 +16,8 @@ from .errors import GemqError
 from .hf_to_gguf import hf_to_float_gguf
 from .plan import ExpertPlan, load_plan, plan_units, uniform_plan
 from .policy import TensorPolicy
+from .router_ft import DEFAULT_EPOCHS, DEFAULT_LOSS, DEFAULT_LR, SELECT
+from .stats import FISHER_LABELS
 from .summary import print_summary
 from .writer import WriteSummary, write_gguf
 
@@ -42,12 +44,12 @@ class ConvertOptions:
     calib_tokens: int = 32768
     seq_len: int = 512
     seed: int = 0
-    fisher: str = "sampled"  # stats.FISHER_LABELS; measured better than "data" (docs/allocation.md)
+    fisher: str = FISHER_LABELS[0]  # "sampled": measured better than "data" (docs/allocation.md)
     finetune_routers: bool = False
-    ft_loss: str = "kd+route"  # router_ft.DEFAULT_LOSS
-    ft_lr: float = 1e-4
-    ft_epochs: int = 2
-    ft_select: str = "best"
+    ft_loss: str = DEFAULT_LOSS
+    ft_lr: float = DEFAULT_LR
+    ft_epochs: int = DEFAULT_EPOCHS
+    ft_select: str = SELECT[0]
     progressive: int = 0
     work_dir: Path | None = None
     keep_intermediate: bool = False

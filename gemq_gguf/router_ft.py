@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LOSS = "kd+route"  # measured best on the demo model (docs/router_tuning.md)
 DEFAULT_EPOCHS = 2
+SELECT = ("best", "last")  # which epoch's routers ship (tune_quantized)
 TEACHER_TOP_K = 64
 DEFAULT_LR = 1e-4
 
@@ -391,21 +392,21 @@ def tune_quantized(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor,
     calibration text can move the eval text away from full precision, and a tuning that makes things
     worse must not ship. `select="last"` keeps the last epoch's routers.
     """
-    if select not in ("best", "last"):
-        raise ValueError(f"select must be 'best' or 'last', not {select!r}")
+    if select not in SELECT:
+        raise ValueError(f"select must be one of {SELECT}, not {select!r}")
     t0 = time.perf_counter()
     train, val = split_rows(len(tokens), seed)
     val_teacher = teacher.rows(val)
     before = score(model, adapter, tokens[val], val_teacher, batch_size)
     params = router_tensors(model, adapter)
-    best = {"kd": before.kd, "epoch": 0, "routers": {n: p.detach().float().clone() for n, p in params.items()}}
+    best = {"score": before, "epoch": 0, "routers": {n: p.detach().float().clone() for n, p in params.items()}}
     heldout_kd = [before.kd]
 
     def judge(epoch: int, masters: dict[str, torch.Tensor]) -> None:
-        kd = score(model, adapter, tokens[val], val_teacher, batch_size).kd
-        heldout_kd.append(kd)
-        if select == "last" or kd < best["kd"]:
-            best.update(kd=kd, epoch=epoch, routers={n: m.detach().clone() for n, m in masters.items()})
+        s = score(model, adapter, tokens[val], val_teacher, batch_size)
+        heldout_kd.append(s.kd)
+        if select == "last" or s.kd < best["score"].kd:
+            best.update(score=s, epoch=epoch, routers={n: m.detach().clone() for n, m in masters.items()})
 
     history: list[float] = []
     finetune_routers(model, adapter, tokens[train], loss=loss, teacher=teacher.rows(train), lr=lr, epochs=epochs,
@@ -414,7 +415,7 @@ def tune_quantized(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor,
         for n, p in params.items():
             p.copy_(best["routers"][n])
     routers = {n: m.cpu().numpy().astype(np.float32) for n, m in best["routers"].items()}
-    after = score(model, adapter, tokens[val], val_teacher, batch_size)
+    after = best["score"]  # judged with exactly these routers in the model
     section = {
         "loss": loss, "lr": lr, "epochs": epochs, "batch_size": batch_size, "seed": seed, "steps": len(history),
         "select": select, "kept_epoch": best["epoch"], "heldout_kd_per_epoch": heldout_kd,

@@ -161,14 +161,13 @@ def _targets(logits: torch.Tensor, tokens: torch.Tensor, labels: str, gen: torch
         return tokens[:, 1:].to(logits.device)
     with torch.no_grad():
         probs = torch.softmax(logits[:, :-1].float(), dim=-1).reshape(-1, logits.shape[-1])
-        draws = torch.multinomial(probs.cpu(), 1, generator=gen).reshape(tokens.shape[0], -1)
-    return draws.to(logits.device)
+        return torch.multinomial(probs, 1, generator=gen).reshape(tokens.shape[0], -1)
 
 
 def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, *, batch_size: int = 4,
                   store_dtype: torch.dtype = torch.bfloat16, ram_limit: int = DEFAULT_RAM_LIMIT,
                   work_dir: Path | None = None, datasets: list[str] | None = None,
-                  labels: str = "sampled", seed: int = 0, progress: bool = False) -> CalibStats:
+                  labels: str = FISHER_LABELS[0], seed: int = 0, progress: bool = False) -> CalibStats:
     """Forward + backward over `tokens` [n_seq, L]; returns per-MoE-layer x, g, routing and imatrix sums.
 
     x and g live in RAM when 2·layers·T·H values fit `ram_limit` bytes, else in memmap files in a fresh
@@ -179,7 +178,6 @@ def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, 
     shape = adapter.moe_shape(model.config)
     n_seq, seq_len = tokens.shape
     n_tok = n_seq * seq_len
-    gen = torch.Generator().manual_seed(seed)
     spill = stats_bytes(len(shape.moe_layers), n_tok, shape.hidden, store_dtype) > ram_limit
     if spill:
         if work_dir is not None:
@@ -205,6 +203,7 @@ def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, 
     embed_hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
     recorder = _Recorder(adapter, blocks, stats)
     total = 0.0
+    gen: torch.Generator | None = None  # made on the logits' device: draws happen where the logits are
     try:
         starts = range(0, n_seq, batch_size)
         if progress:
@@ -214,6 +213,8 @@ def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, 
             batch = tokens[start:start + batch_size].to(device)
             recorder.offset = start * seq_len
             logits = model(input_ids=batch, use_cache=False).logits
+            if gen is None:
+                gen = torch.Generator(device=logits.device).manual_seed(seed)
             loss = _sequence_loss(logits, _targets(logits, batch, labels, gen))
             loss.backward()
             total += float(loss.detach())
