@@ -1,19 +1,22 @@
 #!/usr/bin/env python3
 """Speed of the typed-expert-group dispatch (patched llama.cpp), llama-bench pp512 / tg128.
 
-Writes three synthetic MoE GGUFs with Qwen3-30B-A3B layer shapes (hidden 2048, 128 experts, top-8,
+Writes four synthetic MoE GGUFs with Qwen3-30B-A3B layer shapes (hidden 2048, 128 experts, top-8,
 expert FFN 768, head_dim 128, 32/4 heads; random weights, small vocab) and benchmarks them side by
 side in ONE llama-bench run:
   (a) uniform  - stock layout, all experts Q4_K
   (b) grouped  - the SAME Q4_K bytes split into 3 groups per projection (expert e -> group e % 3) + qmap
   (c) mixed    - 3 groups of Q2_K / Q4_K / Q6_K (expert e -> group e % 3; 4.56 bpw vs 4.5 for Q4_K)
-and prints a table with the ratios b/a and c/a (target: b/a >= 0.97 tg128, >= 0.95 pp512).
+  (d) mixed3   - 3 groups of Q3_K / Q4_K / Q6_K (on CUDA: the kernel class that takes every type)
+and prints a table with the ratios against (a) (target: b/a >= 0.97 tg128, >= 0.95 pp512).
+--split adds a second run with GEMQ_GGUF_SPLIT_GROUPS=1: the per-group composition instead of the
+single grouped node (they differ only where a backend runs the grouped node, i.e. CUDA).
 
-    python bench/speed.py [--ngl 99] [--layers 8] [--reps 3] [--out DIR]
+    python bench/speed.py [--ngl 99] [--layers 8] [--reps 3] [--split] [--out DIR]
 
 Needs the patched build (cpp_patch/build.py): llama-bench and libggml-base (for quantization) are
 found through $GEMQ_GGUF_HOME/llama.cpp/PATHS.json, or --bin-dir / --lib-dir; gguf-py through
-`import gguf` or <src_dir>/gguf-py.
+`import gguf` or <src_dir>/gguf-py. On a GPU machine bench/cuda_check.sh builds, checks and runs this.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-QK_K_TYPES = {"Q2_K": 10, "Q4_K": 12, "Q6_K": 14}
+QK_K_TYPES = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q6_K": 14}
+VARIANT_TYPES = {"grouped": ["Q4_K"] * 3, "mixed": ["Q2_K", "Q4_K", "Q6_K"], "mixed3": ["Q3_K", "Q4_K", "Q6_K"]}
 
 
 def paths_json() -> dict:
@@ -131,7 +135,7 @@ def write_model(path: Path, variant: str, a: argparse.Namespace, gguf, pools: di
             if variant == "uniform":
                 w.add_tensor(name + ".weight", pools["Q4_K"][proj][slots], raw_dtype=gguf.GGMLQuantizationType.Q4_K)
                 continue
-            types = ["Q4_K"] * 3 if variant == "grouped" else ["Q2_K", "Q4_K", "Q6_K"]
+            types = VARIANT_TYPES[variant]
             for g, ids in enumerate(groups):
                 w.add_tensor(name + f".q{g}.weight", pools[types[g]][proj][slots[ids]],
                              raw_dtype=gguf.GGMLQuantizationType[types[g]])
@@ -159,7 +163,7 @@ def make_models(a: argparse.Namespace, gguf, quant: Quantizer, out: Path) -> lis
              "norm": np.ones(a.hidden, dtype=np.float32), "hnorm": np.ones(a.head_dim, dtype=np.float32),
              "router": [rng.standard_normal((a.experts, a.hidden), dtype=np.float32) * 0.5 for _ in range(4)]}
     files = []
-    for variant in ("uniform", "grouped", "mixed"):
+    for variant in ("uniform", *VARIANT_TYPES):
         f = out / f"dispatch-{variant}-L{a.layers}.gguf"
         if not f.exists() or a.regen:
             t0 = time.time()
@@ -193,6 +197,9 @@ def main() -> int:
     ap.add_argument("--regen", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--gen-only", action="store_true", help="only write the three GGUF files")
+    ap.add_argument("--split", action="store_true",
+                    help="also time the per-group composition (GEMQ_GGUF_SPLIT_GROUPS=1; differs from the default "
+                         "only where a backend runs the single grouped node, i.e. CUDA)")
     a = ap.parse_args()
 
     info = paths_json()
@@ -212,32 +219,44 @@ def main() -> int:
         cmd += ["-t", str(a.threads)]
     for f in files:
         cmd += ["-m", str(f)]
-    print("$ " + " ".join(cmd), flush=True)
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        print(res.stdout[-4000:], res.stderr[-8000:], file=sys.stderr)
-        sys.exit(f"llama-bench failed ({res.returncode})")
-    rows = json.loads(res.stdout)
-    table: dict[tuple[str, str], tuple[float, float]] = {}
-    backend = rows[0].get("backends", "") if rows else ""
-    device = rows[0].get("gpu_info") or rows[0].get("cpu_info", "") if rows else ""
-    for r in rows:
-        variant = Path(r["model_filename"]).name.split("-")[1]
-        test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
-        table[(variant, test)] = (r["avg_ts"], r["stddev_ts"])
     tests = [f"pp{a.n_prompt}", f"tg{a.n_gen}"]
-    print(f"\nbackend: {backend}  device: {device}  layers: {a.layers}  experts: {a.experts} top-{a.top_k}  ngl: {a.ngl}")
-    print(f"| variant | {' | '.join(t + ' t/s' for t in tests)} | {' | '.join(t + ' ratio' for t in tests)} |")
-    print("|---|" + "---|" * (2 * len(tests)))
-    for variant in ("uniform", "grouped", "mixed"):
-        vals = [table.get((variant, t), (float('nan'), 0.0)) for t in tests]
-        ratios = [table.get((variant, t), (float('nan'),))[0] / table.get(("uniform", t), (float('nan'),))[0] for t in tests]
-        label = {"uniform": "(a) uniform Q4_K", "grouped": "(b) same Q4_K, 3 groups",
-                 "mixed": "(c) mixed Q2_K/Q4_K/Q6_K"}[variant]
-        print(f"| {label} | " + " | ".join(f"{v:.2f} ± {s:.2f}" for v, s in vals) + " | "
-              + " | ".join(f"{r:.3f}" for r in ratios) + " |")
+    labels = {"uniform": "(a) uniform Q4_K", "grouped": "(b) same Q4_K, 3 groups", "mixed": "(c) mixed Q2_K/Q4_K/Q6_K",
+              "mixed3": "(d) mixed Q3_K/Q4_K/Q6_K"}
+    runs = [("", {})]
+    if a.split:
+        # the per-group composition (masked mul_mat_id per group + adds) that the single grouped node replaces
+        runs.append((", per-group nodes", {"GEMQ_GGUF_SPLIT_GROUPS": "1"}))
+    all_rows = []
+    for suffix, env in runs:
+        print("$ " + " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(cmd), flush=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+        if res.returncode != 0:
+            print(res.stdout[-4000:], res.stderr[-8000:], file=sys.stderr)
+            sys.exit(f"llama-bench failed ({res.returncode})")
+        rows = json.loads(res.stdout)
+        all_rows.append({"env": env, "rows": rows})
+        table: dict[tuple[str, str], tuple[float, float]] = {}
+        for r in rows:
+            variant = Path(r["model_filename"]).name.split("-")[1]
+            test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+            table[(variant, test)] = (r["avg_ts"], r["stddev_ts"])
+        if not suffix:
+            backend = rows[0].get("backends", "") if rows else ""
+            device = rows[0].get("gpu_info") or rows[0].get("cpu_info", "") if rows else ""
+            print(f"\nbackend: {backend}  device: {device}  layers: {a.layers}  experts: {a.experts} top-{a.top_k}"
+                  f"  ngl: {a.ngl}")
+            print(f"| variant | {' | '.join(t + ' t/s' for t in tests)} | {' | '.join(t + ' ratio' for t in tests)} |")
+            print("|---|" + "---|" * (2 * len(tests)))
+        for variant in ("uniform", *VARIANT_TYPES):
+            if suffix and variant == "uniform":
+                continue  # ratios of this run are against its own uniform row
+            vals = [table.get((variant, t), (float('nan'), 0.0)) for t in tests]
+            ratios = [table.get((variant, t), (float('nan'),))[0] / table.get(("uniform", t), (float('nan'),))[0]
+                      for t in tests]
+            print(f"| {labels[variant]}{suffix} | " + " | ".join(f"{v:.2f} ± {s:.2f}" for v, s in vals) + " | "
+                  + " | ".join(f"{r:.3f}" for r in ratios) + " |", flush=True)
     if a.json:
-        a.json.write_text(json.dumps({"backend": backend, "device": device, "rows": rows}, indent=1))
+        a.json.write_text(json.dumps({"backend": backend, "device": device, "runs": all_rows}, indent=1))
     return 0
 
 

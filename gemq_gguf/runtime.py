@@ -19,7 +19,7 @@ def home() -> Path:
     return Path(os.environ.get("GEMQ_GGUF_HOME", Path.home() / ".cache" / "gemq-gguf"))
 
 
-#: exported by the patched libggml-base only (cpp_patch/patches/0001-ggml-masked-mul-mat-id.patch)
+#: exported by the patched libggml-base only (cpp_patch/patches/0001-ggml-expert-groups-mul-mat-id.patch)
 MARKER_SYMBOL = "ggml_mul_mat_id_set_masked"
 
 

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The patched runtime on a CUDA machine, in one go (a lent GPU: see cpp_patch/README.md "Measured"):
+#   1. build llama-bench, llama-perplexity and test-backend-ops with CUDA from a patched llama.cpp tree
+#   2. test-backend-ops: the MUL_MAT_ID cases with masked ids, CUDA against the CPU
+#   3. exactness of the grouped dispatch, llama-perplexity --kl-divergence on bench/speed.py's models:
+#      grouped (same Q4_K bytes) against uniform, and the single grouped node against the per-group
+#      composition (GEMQ_GGUF_SPLIT_GROUPS=1) on the mixed files (Q2_K/Q4_K/Q6_K, Q3_K/Q4_K/Q6_K), for
+#      the MMQ (-ub 256), the one-token mmvq (-ub 1) and the small-batch mmvq (-ub 4) paths
+#   4. bench/speed.py --split: pp512/tg128 of uniform / grouped / mixed, single node and per-group nodes
+#
+#   bench/cuda_check.sh SRC_DIR [OUT_DIR]     (SRC_DIR: llama.cpp with cpp_patch/patches applied)
+set -uo pipefail
+SRC=${1:?usage: bench/cuda_check.sh SRC_DIR [OUT_DIR]}
+OUT_DIR=${2:-${OUT:-/tmp/gemq-cuda-check}}  # summary.txt and logs.tgz (every log) end up here
+BUILD=${BUILD:-/tmp/gemq-cuda-build}
+MODELS=${MODELS:-/tmp/gemq-cuda-models}
+mkdir -p "$OUT_DIR" "$MODELS"
+SUMMARY=$OUT_DIR/summary.txt
+LOGS=$(mktemp -d)
+trap 'tar -czf "$OUT_DIR/logs.tgz" -C "$LOGS" .' EXIT
+log() { echo "== $(date +%T) $*" | tee -a "$SUMMARY"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$SUMMARY"
+log "build"
+cmake -S "$SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF \
+    -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90-real}" -DGGML_CUDA_FA="${GGML_CUDA_FA:-OFF}" \
+    -DGGML_CUDA_NCCL=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF > "$LOGS/cmake.log" 2>&1 || { tail -30 "$LOGS/cmake.log"; exit 1; }
+ninja -C "$BUILD" -j"$(nproc)" llama-bench llama-perplexity test-backend-ops > "$LOGS/build.log" 2>&1 \
+    || { grep -B2 -A12 "error" "$LOGS/build.log" | head -60; exit 1; }
+B=$BUILD/bin
+
+log "test-backend-ops MUL_MAT_ID masked=1 (CUDA0 vs CPU)"
+"$B/test-backend-ops" -o MUL_MAT_ID -b CUDA0 -p masked=1 > "$LOGS/test-backend-ops.txt" 2>&1
+grep -E "tests passed|Backend CUDA0|FAIL" "$LOGS/test-backend-ops.txt" | head -20 | tee -a "$SUMMARY"
+
+log "models"
+export PYTHONPATH="$SRC/gguf-py${PYTHONPATH:+:$PYTHONPATH}"
+python3 bench/speed.py --gen-only --out "$MODELS" --bin-dir "$B" --lib-dir "$B" >> "$SUMMARY" 2>&1 || exit 1
+U=$MODELS/dispatch-uniform-L8.gguf
+TEXT=/tmp/gemq-kld.txt
+head -c 6000 gemq_gguf/data/eval/prose.txt > "$TEXT"  # byte-fallback tokens: ~1 token a character
+
+kld() { # name base model ub [env...]
+    local name=$1 base=$2 model=$3 ub=$4; shift 4
+    env "$@" "$B/llama-perplexity" -m "$model" -f "$TEXT" -c 256 --chunks 4 -b 256 -ub "$ub" -ngl 99 \
+        --kl-divergence-base "$base" --kl-divergence > "$LOGS/kld-$name.txt" 2>&1
+    echo "$name: $(grep -E "Mean +KLD|Maximum KLD|Same top" "$LOGS/kld-$name.txt" | tr -s ' ' | tr '\n' ';')" | tee -a "$SUMMARY"
+}
+log "exactness (llama-perplexity --kl-divergence, 4 chunks of 256)"
+for ub in 256 1 4; do
+    "$B/llama-perplexity" -m "$U" -f "$TEXT" -c 256 --chunks 4 -b 256 -ub "$ub" -ngl 99 \
+        --kl-divergence-base "/tmp/base-u-$ub.kld" > "$LOGS/base-u-$ub.txt" 2>&1
+    kld "grouped-vs-uniform-ub$ub" "/tmp/base-u-$ub.kld" "$MODELS/dispatch-grouped-L8.gguf" "$ub"
+    for m in mixed mixed3; do
+        GEMQ_GGUF_SPLIT_GROUPS=1 "$B/llama-perplexity" -m "$MODELS/dispatch-$m-L8.gguf" -f "$TEXT" -c 256 --chunks 4 \
+            -b 256 -ub "$ub" -ngl 99 --kl-divergence-base "/tmp/base-$m-$ub.kld" > "$LOGS/base-$m-$ub.txt" 2>&1
+        kld "$m-node-vs-split-ub$ub" "/tmp/base-$m-$ub.kld" "$MODELS/dispatch-$m-L8.gguf" "$ub"
+    done
+done
+
+log "speed"
+python3 bench/speed.py --out "$MODELS" --bin-dir "$B" --lib-dir "$B" --ngl 99 --reps "${REPS:-10}" --split \
+    --json "$LOGS/speed.json" 2>&1 | tee -a "$SUMMARY"
+log "done"
