@@ -215,3 +215,27 @@ def test_unpatched_llama_cpp_refuses_mixed_file(f32_models) -> None:
     log = res.stdout + res.stderr
     assert res.returncode == 3 and "REFUSED" in res.stdout, log[-3000:]
     assert any(m in log for m in ("not found", "missing tensor", "wrong number of tensors")), log[-3000:]
+
+
+def _logits_in_subprocess(path: Path, out: Path, **env: str) -> np.ndarray:
+    """llama_logits in a fresh process (the runtime reads GEMQ_GGUF_* once per process)."""
+    code = ("import sys, pathlib, numpy as np\n"
+            f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "from test_runtime_e2e import llama_logits\n"
+            "np.save(sys.argv[2], llama_logits(pathlib.Path(sys.argv[1])))\n")
+    res = subprocess.run([sys.executable, "-c", code, str(path), str(out)], capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    return np.load(out)
+
+
+@pytest.mark.parametrize("arch", ARCHS_MIXED)
+def test_in_place_groups_match_composition(arch: str, f32_models) -> None:
+    """CPU: groups writing their slots in place == masked per-group products summed (GEMQ_GGUF_SPLIT_GROUPS)."""
+    src = f32_models(arch)
+    mixed = rewrite_experts(src, src.with_name(f"{arch}-mixed-inplace.gguf"), ["Q2_K", "Q4_K", "Q6_K"])
+    a = _logits_in_subprocess(mixed, src.with_name(f"{arch}-inplace.npy"))
+    b = _logits_in_subprocess(mixed, src.with_name(f"{arch}-split.npy"), GEMQ_GGUF_SPLIT_GROUPS="1")
+    assert np.isfinite(a).all() and np.abs(a).max() > 0
+    rel = float(np.abs(a - b).max() / np.abs(a).max())
+    assert rel <= 1e-6, f"{arch}: max relative logit difference {rel:.3e}"
