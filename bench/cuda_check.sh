@@ -2,11 +2,12 @@
 # The patched runtime on a CUDA machine, in one go (a lent GPU: see cpp_patch/README.md "Measured"):
 #   1. build llama-bench, llama-perplexity and test-backend-ops with CUDA from a patched llama.cpp tree
 #   2. test-backend-ops: the MUL_MAT_ID cases with masked ids, CUDA against the CPU
-#   3. exactness of the grouped dispatch, llama-perplexity --kl-divergence on bench/speed.py's models:
+#   3. exactness of the grouped dispatch, llama-perplexity --kl-divergence on bench/dispatch_speed.py's models:
 #      grouped (same Q4_K bytes) against uniform, and the single grouped node against the per-group
 #      composition (GEMQ_GGUF_SPLIT_GROUPS=1) on the mixed files (Q2_K/Q4_K/Q6_K, Q3_K/Q4_K/Q6_K), for
 #      the MMQ (-ub 256), the one-token mmvq (-ub 1) and the small-batch mmvq (-ub 4) paths
-#   4. bench/speed.py --split: pp512/tg128 of uniform / grouped / mixed, single node and per-group nodes
+#   4. bench/dispatch_speed.py --split: pp512/tg128 of uniform / grouped / mixed, single node and per-group nodes
+#   5. where Nsight Compute (ncu) runs: bench/kernel_times.py, the decode kernels' times per file
 #
 #   bench/cuda_check.sh SRC_DIR [OUT_DIR]     (SRC_DIR: llama.cpp with cpp_patch/patches applied)
 set -uo pipefail
@@ -36,7 +37,7 @@ grep -E "tests passed|Backend CUDA0|FAIL" "$LOGS/test-backend-ops.txt" | head -2
 
 log "models"
 export PYTHONPATH="$SRC/gguf-py${PYTHONPATH:+:$PYTHONPATH}"
-python3 bench/speed.py --gen-only --out "$MODELS" --bin-dir "$B" --lib-dir "$B" >> "$SUMMARY" 2>&1 || exit 1
+python3 bench/dispatch_speed.py --gen-only --out "$MODELS" --bin-dir "$B" --lib-dir "$B" >> "$SUMMARY" 2>&1 || exit 1
 U=$MODELS/dispatch-uniform-L8.gguf
 TEXT=/tmp/gemq-kld.txt
 head -c 6000 gemq_gguf/data/eval/prose.txt > "$TEXT"  # byte-fallback tokens: ~1 token a character
@@ -60,6 +61,12 @@ for ub in 256 1 4; do
 done
 
 log "speed"
-python3 bench/speed.py --out "$MODELS" --bin-dir "$B" --lib-dir "$B" --ngl 99 --reps "${REPS:-10}" --split \
+python3 bench/dispatch_speed.py --out "$MODELS" --bin-dir "$B" --lib-dir "$B" --ngl 99 --reps "${REPS:-10}" --split \
     --json "$LOGS/speed.json" 2>&1 | tee -a "$SUMMARY"
+NCU=${NCU:-$(command -v ncu || true)}
+if [ -n "$NCU" ]; then
+    log "decode kernel times (ncu)"
+    python3 bench/kernel_times.py --ncu "$NCU" --bin-dir "$B" "$U" "$MODELS"/dispatch-{grouped,mixed,mixed3}-L8.gguf \
+        2>&1 | tee -a "$SUMMARY"
+fi
 log "done"

@@ -12,7 +12,7 @@ and prints a table with the ratios against (a) (target: b/a >= 0.97 tg128, >= 0.
 --split adds a second run with GEMQ_GGUF_SPLIT_GROUPS=1: the per-group composition instead of the
 single grouped node (they differ only where a backend runs the grouped node, i.e. CUDA).
 
-    python bench/speed.py [--ngl 99] [--layers 8] [--reps 3] [--split] [--out DIR]
+    python bench/dispatch_speed.py [--ngl 99] [--layers 8] [--reps 3] [--split] [--out DIR]
 
 Needs the patched build (cpp_patch/build.py): llama-bench and libggml-base (for quantization) are
 found through $GEMQ_GGUF_HOME/llama.cpp/PATHS.json, or --bin-dir / --lib-dir; gguf-py through
