@@ -42,20 +42,21 @@ U=$MODELS/dispatch-uniform-L8.gguf
 TEXT=/tmp/gemq-kld.txt
 head -c 6000 gemq_gguf/data/eval/prose.txt > "$TEXT"  # byte-fallback tokens: ~1 token a character
 
-kld() { # name base model ub [env...]
-    local name=$1 base=$2 model=$3 ub=$4; shift 4
-    env "$@" "$B/llama-perplexity" -m "$model" -f "$TEXT" -c 256 --chunks 4 -b 256 -ub "$ub" -ngl 99 \
-        --kl-divergence-base "$base" --kl-divergence > "$LOGS/kld-$name.txt" 2>&1
-    echo "$name: $(grep -E "Mean +KLD|Maximum KLD|Same top" "$LOGS/kld-$name.txt" | tr -s ' ' | tr '\n' ';')" | tee -a "$SUMMARY"
+ppl() { # log model ub base [args...]: llama-perplexity over $TEXT, writing (or, with --kl-divergence, reading) base
+    local log=$1 model=$2 ub=$3 base=$4; shift 4
+    "$B/llama-perplexity" -m "$model" -f "$TEXT" -c 256 --chunks 4 -b 256 -ub "$ub" -ngl 99 \
+        --kl-divergence-base "$base" "$@" > "$LOGS/$log.txt" 2>&1
+}
+kld() { # name base model ub
+    ppl "kld-$1" "$3" "$4" "$2" --kl-divergence
+    echo "$1: $(grep -E "Mean +KLD|Maximum KLD|Same top" "$LOGS/kld-$1.txt" | tr -s ' ' | tr '\n' ';')" | tee -a "$SUMMARY"
 }
 log "exactness (llama-perplexity --kl-divergence, 4 chunks of 256)"
 for ub in 256 1 4; do
-    "$B/llama-perplexity" -m "$U" -f "$TEXT" -c 256 --chunks 4 -b 256 -ub "$ub" -ngl 99 \
-        --kl-divergence-base "/tmp/base-u-$ub.kld" > "$LOGS/base-u-$ub.txt" 2>&1
+    ppl "base-u-$ub" "$U" "$ub" "/tmp/base-u-$ub.kld"
     kld "grouped-vs-uniform-ub$ub" "/tmp/base-u-$ub.kld" "$MODELS/dispatch-grouped-L8.gguf" "$ub"
     for m in mixed mixed3; do
-        GEMQ_GGUF_SPLIT_GROUPS=1 "$B/llama-perplexity" -m "$MODELS/dispatch-$m-L8.gguf" -f "$TEXT" -c 256 --chunks 4 \
-            -b 256 -ub "$ub" -ngl 99 --kl-divergence-base "/tmp/base-$m-$ub.kld" > "$LOGS/base-$m-$ub.txt" 2>&1
+        GEMQ_GGUF_SPLIT_GROUPS=1 ppl "base-$m-$ub" "$MODELS/dispatch-$m-L8.gguf" "$ub" "/tmp/base-$m-$ub.kld"
         kld "$m-node-vs-split-ub$ub" "/tmp/base-$m-$ub.kld" "$MODELS/dispatch-$m-L8.gguf" "$ub"
     done
 done

@@ -196,7 +196,7 @@ def main() -> int:
     ap.add_argument("-n", "--n-gen", type=int, default=128)
     ap.add_argument("--regen", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--gen-only", action="store_true", help="only write the three GGUF files")
+    ap.add_argument("--gen-only", action="store_true", help="only write the GGUF files")
     ap.add_argument("--split", action="store_true",
                     help="also time the per-group composition (GEMQ_GGUF_SPLIT_GROUPS=1; differs from the default "
                          "only where a backend runs the single grouped node, i.e. CUDA)")
