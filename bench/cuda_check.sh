@@ -3,7 +3,8 @@
 #   1. build llama-bench, llama-perplexity and test-backend-ops with CUDA from a patched llama.cpp tree
 #   2. test-backend-ops: the MUL_MAT_ID cases with masked ids, CUDA against the CPU
 #   3. exactness of the grouped dispatch, llama-perplexity --kl-divergence on bench/dispatch_speed.py's models:
-#      grouped (same Q4_K bytes) against uniform, and the single grouped node against the per-group
+#      grouped (same Q4_K bytes; experts numbered group by group, and interleaved so that the kernels
+#      read the map) against uniform, and the single grouped node against the per-group
 #      composition (GEMQ_GGUF_SPLIT_GROUPS=1) on the mixed files (Q2_K/Q4_K/Q6_K, Q3_K/Q4_K/Q6_K), for
 #      the MMQ (-ub 256), the one-token mmvq (-ub 1) and the small-batch mmvq (-ub 4) paths
 #   4. bench/dispatch_speed.py --split: pp512/tg128 of uniform / grouped / mixed, single node and per-group nodes
@@ -37,7 +38,11 @@ grep -E "tests passed|Backend CUDA0|FAIL" "$LOGS/test-backend-ops.txt" | head -2
 
 log "models"
 export PYTHONPATH="$SRC/gguf-py${PYTHONPATH:+:$PYTHONPATH}"
-python3 bench/dispatch_speed.py --gen-only --out "$MODELS" --bin-dir "$B" --lib-dir "$B" >> "$SUMMARY" 2>&1 || exit 1
+for order in group-major interleaved; do
+    python3 bench/dispatch_speed.py --gen-only --expert-order $order --out "$MODELS" --bin-dir "$B" --lib-dir "$B" \
+        >> "$SUMMARY" 2>&1 || exit 1
+done
+GI=$MODELS/dispatch-grouped-L8-interleaved.gguf
 U=$MODELS/dispatch-uniform-L8.gguf
 TEXT=/tmp/gemq-kld.txt
 head -c 6000 gemq_gguf/data/eval/prose.txt > "$TEXT"  # byte-fallback tokens: ~1 token a character
@@ -55,6 +60,7 @@ log "exactness (llama-perplexity --kl-divergence, 4 chunks of 256)"
 for ub in 256 1 4; do
     ppl "base-u-$ub" "$U" "$ub" "/tmp/base-u-$ub.kld"
     kld "grouped-vs-uniform-ub$ub" "/tmp/base-u-$ub.kld" "$MODELS/dispatch-grouped-L8.gguf" "$ub"
+    kld "grouped-interleaved-vs-uniform-ub$ub" "/tmp/base-u-$ub.kld" "$GI" "$ub"
     for m in mixed mixed3; do
         GEMQ_GGUF_SPLIT_GROUPS=1 ppl "base-$m-$ub" "$MODELS/dispatch-$m-L8.gguf" "$ub" "/tmp/base-$m-$ub.kld"
         kld "$m-node-vs-split-ub$ub" "/tmp/base-$m-$ub.kld" "$MODELS/dispatch-$m-L8.gguf" "$ub"
@@ -67,7 +73,7 @@ python3 bench/dispatch_speed.py --out "$MODELS" --bin-dir "$B" --lib-dir "$B" --
 NCU=${NCU:-$(command -v ncu || true)}
 if [ -n "$NCU" ]; then
     log "decode kernel times (ncu)"
-    python3 bench/kernel_times.py --ncu "$NCU" --bin-dir "$B" "$U" "$MODELS"/dispatch-{grouped,mixed,mixed3}-L8.gguf \
+    python3 bench/kernel_times.py --ncu "$NCU" --bin-dir "$B" "$U" "$MODELS"/dispatch-{grouped,mixed,mixed3}-L8.gguf "$GI" \
         2>&1 | tee -a "$SUMMARY"
 fi
 log "done"

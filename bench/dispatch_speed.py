@@ -5,10 +5,12 @@ Writes four synthetic MoE GGUFs with Qwen3-30B-A3B layer shapes (hidden 2048, 12
 expert FFN 768, head_dim 128, 32/4 heads; random weights, small vocab) and benchmarks them side by
 side in ONE llama-bench run:
   (a) uniform  - stock layout, all experts Q4_K
-  (b) grouped  - the SAME Q4_K bytes split into 3 groups per projection (expert e -> group e % 3) + qmap
-  (c) mixed    - 3 groups of Q2_K / Q4_K / Q6_K (expert e -> group e % 3; 4.56 bpw vs 4.5 for Q4_K)
+  (b) grouped  - the SAME Q4_K bytes split into 3 groups per projection + qmap
+  (c) mixed    - 3 groups of Q2_K / Q4_K / Q6_K (4.56 bpw vs 4.5 for Q4_K)
   (d) mixed3   - 3 groups of Q3_K / Q4_K / Q6_K (on CUDA: the kernel class that takes every type)
 and prints a table with the ratios against (a) (target: b/a >= 0.97 tg128, >= 0.95 pp512).
+Experts are numbered group by group, as the converter writes them (group g = the g-th third of the
+experts); --expert-order interleaved (expert e -> group e % 3) makes the runtime read the map instead.
 --split adds a second run with GEMQ_GGUF_SPLIT_GROUPS=1: the per-group composition instead of the
 single grouped node (they differ only where a backend runs the grouped node, i.e. CUDA).
 
@@ -112,7 +114,8 @@ def write_model(path: Path, variant: str, a: argparse.Namespace, gguf, pools: di
     w.add_tensor("output_norm.weight", dense["norm"])
     w.add_tensor("output.weight", dense["embd"], raw_dtype=Q8)
     E = a.experts
-    groups = [np.arange(g, E, 3) for g in range(3)]
+    groups = (np.array_split(np.arange(E), 3) if a.expert_order == "group-major" else
+              [np.arange(g, E, 3) for g in range(3)])
     qmap = np.full((3, E), -1, dtype=np.int32)
     for g, ids in enumerate(groups):
         qmap[g, ids] = np.arange(len(ids), dtype=np.int32)
@@ -164,7 +167,8 @@ def make_models(a: argparse.Namespace, gguf, quant: Quantizer, out: Path) -> lis
              "router": [rng.standard_normal((a.experts, a.hidden), dtype=np.float32) * 0.5 for _ in range(4)]}
     files = []
     for variant in ("uniform", *VARIANT_TYPES):
-        f = out / f"dispatch-{variant}-L{a.layers}.gguf"
+        order = "" if variant == "uniform" or a.expert_order == "group-major" else "-interleaved"
+        f = out / f"dispatch-{variant}-L{a.layers}{order}.gguf"
         if not f.exists() or a.regen:
             t0 = time.time()
             write_model(f.with_suffix(".tmp"), variant, a, gguf, pools, dense)
@@ -194,6 +198,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("-p", "--n-prompt", type=int, default=512)
     ap.add_argument("-n", "--n-gen", type=int, default=128)
+    ap.add_argument("--expert-order", choices=("group-major", "interleaved"), default="group-major",
+                    help="how the grouped files number their experts (group-major: as the converter writes)")
     ap.add_argument("--regen", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--gen-only", action="store_true", help="only write the GGUF files")

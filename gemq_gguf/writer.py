@@ -2,15 +2,19 @@
 
 Every tensor gets its planned type through ggml's own quantizer. Routed-expert tensors whose experts
 have different types are written in the grouped layout of docs/gguf-layout.md; uniform ones keep the
-stock name, so a file without mixed projections is a plain llama.cpp file. The source is memory-mapped
-and the output streamed: peak memory is about one expert tensor. The file appears under its final
-name only when complete.
+stock name, so a file without mixed projections is a plain llama.cpp file. Experts are renumbered
+group by group (router rows and every per-expert tensor alike, so the model is unchanged): the
+patched CUDA runtime then finds an expert's group by comparing its index with the group bounds
+instead of reading the map, which costs a memory latency per thread block of the decode kernels.
+The source is memory-mapped and the output streamed: peak memory is about one expert tensor. The
+file appears under its final name only when complete.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +34,22 @@ log = logging.getLogger("gemq")
 
 # (tensor name, expert, type) -> quantized bytes: lets cost estimation hand its work to the writer.
 QuantCache = dict[tuple[str, int, str], np.ndarray]
+
+# tensors with one row (or entry) per routed expert, besides the expert matrices: renumbered with them
+EXPERT_AXIS_RE = re.compile(r"^blk\.(\d+)\.(ffn_gate_inp\.(weight|bias)|exp_probs_b\.bias|ffn_(gate|up|down|gate_up)_exps\.\w+)$")
+# the projection whose groups must be contiguous first (gate_up/gate and up share a fused decode kernel)
+_ORDER_PROJS = ("gate_up", "gate", "up", "down")
+
+
+def group_major_order(types: list[list[str]], n_routing_groups: int = 1) -> list[int]:
+    """New expert numbering of a layer: old expert ids in their new order. A stable sort by routing
+    group (DeepSeek's group-limited routing needs its experts to stay in their group), then by the
+    ggml type id of each projection in `types`; experts of one type per projection end up adjacent,
+    groups ascending by type id as the layout orders them. Identity when every expert has one type."""
+    n = len(types[0])
+    per = n // max(n_routing_groups, 1)
+    ids = [[type_info(t).id for t in ts] for ts in types]
+    return sorted(range(n), key=lambda e: (e // per, *(row[e] for row in ids)))
 
 
 @dataclass
@@ -89,7 +109,7 @@ def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, skip: set[str]) -> No
 
 
 def _add_gemq_metadata(writer: GGUFWriter, meta: dict[str, Any], summary_counts: Counter, grouped: int,
-                       expert_bpw: float, routers_tuned: bool) -> None:
+                       expert_bpw: float, routers_tuned: bool, orders: dict[int, list[int]]) -> None:
     writer.add_uint32("gemq.version", GEMQ_VERSION)
     if meta.get("budget") is not None:
         writer.add_float32("gemq.budget", float(meta["budget"]))
@@ -101,14 +121,17 @@ def _add_gemq_metadata(writer: GGUFWriter, meta: dict[str, Any], summary_counts:
     writer.add_string("gemq.type_counts", json.dumps(dict(sorted(summary_counts.items()))))
     writer.add_uint32("gemq.grouped_tensors", grouped)
     writer.add_bool("gemq.routers_tuned", routers_tuned)
+    if orders:
+        writer.add_string("gemq.expert_order", json.dumps({str(l): o for l, o in sorted(orders.items())}))
 
 
 class _Planner:
     """Turns source tensors into output tensors (names, types, byte shapes, lazy bytes)."""
 
     def __init__(self, plan: ExpertPlan, policy: TensorPolicy, imatrix: dict[str, np.ndarray] | None,
-                 routers: dict[str, np.ndarray] | None, strict_plan: bool, cache: QuantCache | None) -> None:
-        self.plan, self.policy, self.imatrix = plan, policy, imatrix or {}
+                 routers: dict[str, np.ndarray] | None, strict_plan: bool, cache: QuantCache | None,
+                 orders: dict[int, list[int]]) -> None:
+        self.plan, self.policy, self.imatrix, self.orders = plan, policy, imatrix or {}, orders
         self.routers, self.strict, self.cache = routers or {}, strict_plan, cache if cache is not None else {}
         self.fallbacks: list[str] = []
         self.expert_counts: Counter = Counter()
@@ -133,6 +156,12 @@ class _Planner:
             if new.shape != data.shape:
                 raise ValueError(f"router {name}: tuned shape {new.shape} != {data.shape}")
             rows = new.reshape(rows.shape)
+        m = EXPERT_AXIS_RE.match(name)
+        order = self.orders.get(int(m.group(1))) if m else None
+        if order is not None:
+            if data.shape[0] != len(order):
+                raise ValueError(f"{name}: {data.shape[0]} rows on the expert axis, the layer has {len(order)} experts")
+            rows = np.asarray(rows).reshape(len(order), -1)[order].reshape(rows.shape)
         want = self.policy.type_for(name, data.ndim)
         t = self._fit(name, want, rows.shape[1], strict=False)
         imat = self.imatrix.get(name)
@@ -166,11 +195,12 @@ class _Planner:
         self.expert_counts.update(types)
         groups = sorted(set(types), key=lambda t: type_info(t).id)
         stock = name.removesuffix(".weight")
+        order = self.orders.get(layer, list(range(n_exp)))  # members are old ids, listed in new order
         if len(groups) == 1:
-            names = [(name, groups[0], list(range(n_exp)))]
+            names = [(name, groups[0], order)]
         else:
             self.grouped += 1
-            names = [(f"{stock}.q{g}.weight", t, [e for e in range(n_exp) if types[e] == t]) for g, t in enumerate(groups)]
+            names = [(f"{stock}.q{g}.weight", t, [e for e in order if types[e] == t]) for g, t in enumerate(groups)]
         outs = []
         for out_name, t, members in names:
             row_bytes = type_info(t).row_bytes(n_in)
@@ -179,9 +209,10 @@ class _Planner:
                 return np.stack([self._expert_bytes(name, data, e, t) for e in members])
             outs.append(_Out(out_name, t, (len(members), n_out, row_bytes), len(members) * n_out * n_in, make, True))
         if len(groups) > 1:
+            new_id = np.argsort(order)
             qmap = np.full((len(groups), n_exp), -1, dtype=np.int32)
             for g, (_, _, members) in enumerate(names):
-                qmap[g, members] = np.arange(len(members), dtype=np.int32)
+                qmap[g, new_id[members]] = np.arange(len(members), dtype=np.int32)
             outs.append(_Out(f"{stock}.qmap", "I32", qmap.shape, 0, lambda q=qmap: q))
         return outs
 
@@ -193,7 +224,8 @@ def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
     """Write `dst` from the float GGUF `src` with every tensor typed by `plan` (experts) and `policy`."""
     reader = GGUFReader(src)
     arch = str(reader.fields[Keys.General.ARCHITECTURE].contents())
-    planner = _Planner(plan, policy, imatrix, routers, strict_plan, quant_cache)
+    orders = _expert_orders(reader, arch, plan)
+    planner = _Planner(plan, policy, imatrix, routers, strict_plan, quant_cache, orders)
     outs: list[_Out] = []
     for t in reader.tensors:
         data = t.data  # memory-mapped, numpy order (reversed ggml ne)
@@ -214,7 +246,7 @@ def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
         _copy_metadata(reader, writer, skip={Keys.General.FILE_TYPE} | {k for k in reader.fields if k.startswith("gemq.")})
         writer.add_file_type(LlamaFileType.GUESSED)
         _add_gemq_metadata(writer, metadata or {}, planner.expert_counts, planner.grouped,
-                           8.0 * expert_bytes / max(expert_params, 1), bool(routers))
+                           8.0 * expert_bytes / max(expert_params, 1), bool(routers), orders)
         for o in outs:
             dtype = np.int32 if o.type_name == "I32" else np.uint8
             raw = None if o.type_name == "I32" else GGMLQuantizationType[o.type_name]
@@ -240,6 +272,24 @@ def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
                         expert_params=expert_params, expert_bytes=expert_bytes, grouped=planner.grouped,
                         type_counts=dict(counts), expert_type_counts=dict(planner.expert_counts),
                         fallbacks=planner.fallbacks)
+
+
+def _expert_orders(reader: GGUFReader, arch: str, plan: ExpertPlan) -> dict[int, list[int]]:
+    """The layers whose experts get renumbered (group_major_order), from tensor shapes and the plan."""
+    field = reader.fields.get(Keys.LLM.EXPERT_GROUP_COUNT.format(arch=arch))
+    n_routing_groups = int(field.contents()) if field is not None else 1
+    types: dict[int, dict[str, list[str]]] = {}
+    for t in reader.tensors:
+        m = EXPERT_RE.match(t.name)
+        planned = plan.get((int(m.group(1)), m.group(2))) if m else None
+        if planned is not None and len(planned) == t.data.shape[0]:  # else experts() reports the plan
+            types.setdefault(int(m.group(1)), {})[m.group(2)] = [fitting_type(x, t.data.shape[-1]) for x in planned]
+    orders = {}
+    for layer, by_proj in types.items():
+        order = group_major_order([by_proj[p] for p in _ORDER_PROJS if p in by_proj], n_routing_groups)
+        if order != sorted(order):
+            orders[layer] = order
+    return orders
 
 
 def _bf16_to_f32(data: np.ndarray) -> np.ndarray:

@@ -48,23 +48,31 @@ def test_tokenizer_agrees_with_hf(tiny, tmp_path) -> None:
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == AutoTokenizer.from_pretrained(model)(text)["input_ids"]
 
 
-def _per_tensor_mixed_units(layers: list[int]) -> list[dict]:
-    cycle = ["Q2_K", "Q4_K", "Q6_K", "Q3_K", "IQ4_XS"]
-    return [{"layer": l, "expert": None, "proj": p, "type": cycle[(i + j) % len(cycle)]}
-            for i, l in enumerate(layers) for j, p in enumerate(("gate", "up", "down"))]
+def _mixed_units(layers: list[int], n_experts: int, per: str) -> list[dict]:
+    """per="tensor": one type per layer-projection (stock layout); per="expert": one type per expert,
+    interleaved (expert e of layer l: Q2_K/Q4_K/Q6_K by (e + l) % 3), so the writer groups and renumbers."""
+    if per == "tensor":
+        cycle = ["Q2_K", "Q4_K", "Q6_K", "Q3_K", "IQ4_XS"]
+        return [{"layer": l, "expert": None, "proj": p, "type": cycle[(i + j) % len(cycle)]}
+                for i, l in enumerate(layers) for j, p in enumerate(("gate", "up", "down"))]
+    cycle = ["Q2_K", "Q4_K", "Q6_K"]
+    return [{"layer": l, "expert": e, "proj": None, "type": cycle[(e + l) % 3]} for l in layers for e in range(n_experts)]
 
 
-def test_per_tensor_mixed_file_is_as_close_as_uniform(tiny, tmp_path) -> None:
-    """One type per layer-projection (stock layout): as close to its dequantized HF reference as a uniform file."""
+@pytest.mark.parametrize("per", ["tensor", "expert"])
+def test_mixed_file_is_as_close_as_uniform(tiny, tmp_path, per) -> None:
+    """A mixed file (per layer-projection, or per expert: typed groups, experts renumbered group by group)
+    is as close to its dequantized HF reference as a uniform file is to its own."""
     import json
     arch, model = tiny
     tokens = sample_tokens(model)
     results = {}
     for name, extra in (("uniform", ["--uniform", "Q4_K"]), ("mixed", None)):
         if extra is None:
-            layers = sorted({u["layer"] for u in json.loads((tmp_path / "uniform.json").read_text())["units"]})
+            uniform = json.loads((tmp_path / "uniform.json").read_text())
+            layers = sorted({u["layer"] for u in uniform["units"]})
             plan_path = tmp_path / "plan.json"
-            plan_path.write_text(json.dumps({"units": _per_tensor_mixed_units(layers)}))
+            plan_path.write_text(json.dumps({"units": _mixed_units(layers, uniform["moe"]["n_experts"], per)}))
             extra = ["--plan", str(plan_path)]
         gguf = _convert(model, tmp_path / f"{name}.gguf", *extra, "--non-expert", "F32")
         report = json.loads(gguf.with_suffix(".json").read_text())
@@ -72,7 +80,9 @@ def test_per_tensor_mixed_file_is_as_close_as_uniform(tiny, tmp_path) -> None:
         plan = plan_from_units(report["units"], layers, report["moe"]["n_experts"])
         cmp = kld_vs_logits(llama_logits(gguf, tokens, RunOptions(f32_kv=True)), hf_logits(load_hf(model, plan), tokens))
         results[name] = cmp
-    assert {t.tensor_type.name for t in GGUFReader(tmp_path / "mixed.gguf").tensors if "_exps" in t.name} >= {"Q2_K", "Q6_K"}
+    mixed = GGUFReader(tmp_path / "mixed.gguf")
+    assert {t.tensor_type.name for t in mixed.tensors if "_exps" in t.name} >= {"Q2_K", "Q6_K"}
+    assert ("gemq.expert_order" in mixed.fields) == (per == "expert")
     # llama.cpp quantizes activations (Q8_K), so neither file matches exactly; the mixed file must be as close.
     u, m = results["uniform"], results["mixed"]
     assert m.kld_mean <= max(2.0 * u.kld_mean, 2e-4), f"{arch}: mixed {m.kld_mean:.2e} vs uniform {u.kld_mean:.2e}"

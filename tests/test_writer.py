@@ -1,6 +1,8 @@
-"""The typed writer on a synthetic float GGUF: grouped layout, qmap, stock names, metadata, atomicity."""
+"""The typed writer on a synthetic float GGUF: grouped layout, qmap, expert renumbering, stock names,
+metadata, atomicity."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,17 +13,22 @@ from gemq_gguf.errors import GemqError
 from gemq_gguf.ggml_quant import quantize
 from gemq_gguf.plan import uniform_plan
 from gemq_gguf.policy import TensorPolicy
-from gemq_gguf.writer import write_gguf
+from gemq_gguf.writer import group_major_order, write_gguf
 
 E, H, I = 4, 256, 256
 
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory) -> Path:
+    return _make_src(tmp_path_factory.mktemp("w") / "src.gguf")
+
+
+def _make_src(path: Path, routing_groups: int = 0) -> Path:
     rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("w") / "src.gguf"
     w = GGUFWriter(path, "mixtral")
     w.add_block_count(1)
+    if routing_groups:
+        w.add_expert_group_count(routing_groups)
     w.add_string("general.name", "synthetic")
     w.add_tensor("token_embd.weight", rng.standard_normal((64, H)).astype(np.float32))
     w.add_tensor("blk.0.attn_norm.weight", np.ones(H, dtype=np.float32))
@@ -49,12 +56,20 @@ def test_mixed_projection_is_grouped(src, tmp_path) -> None:
     assert "blk.0.ffn_down_exps.weight" not in t and "blk.0.ffn_gate_exps.weight" in t
     groups = [t[f"blk.0.ffn_down_exps.q{g}.weight"] for g in range(3)]
     assert [g.tensor_type.name for g in groups] == ["Q2_K", "Q4_K", "Q6_K"]  # ascending ggml type id
+    # experts renumbered group by group: new expert i is old expert order[i] (Q2_K: 1, Q4_K: 3, Q6_K: 0, 2)
+    order = [1, 3, 0, 2]
+    assert json.loads(GGUFReader(out).fields["gemq.expert_order"].contents()) == {"0": order}
     qmap = np.asarray(t["blk.0.ffn_down_exps.qmap"].data).reshape(3, E)
-    assert qmap.tolist() == [[-1, 0, -1, -1], [-1, -1, -1, 0], [0, -1, 1, -1]]
+    assert qmap.tolist() == [[0, -1, -1, -1], [-1, 0, -1, -1], [-1, -1, 0, 1]]
     assert list(t["blk.0.ffn_down_exps.qmap"].shape) == [E, 3]
-    # expert 2 is the second Q6_K member: its bytes are ggml's quantization of that expert alone
-    w_down = np.asarray(_tensors(src)["blk.0.ffn_down_exps.weight"].data)
+    # old expert 2 is the second Q6_K member: its bytes are ggml's quantization of that expert alone
+    s_t = _tensors(src)
+    w_down = np.asarray(s_t["blk.0.ffn_down_exps.weight"].data)
     assert np.array_equal(np.asarray(groups[2].data)[1], quantize(w_down[2], "Q6_K"))
+    # the router rows and the uniform projections move with their experts
+    assert np.array_equal(np.asarray(t["blk.0.ffn_gate_inp.weight"].data), np.asarray(s_t["blk.0.ffn_gate_inp.weight"].data)[order])
+    w_gate = np.asarray(s_t["blk.0.ffn_gate_exps.weight"].data)
+    assert np.array_equal(np.asarray(t["blk.0.ffn_gate_exps.weight"].data)[1], quantize(w_gate[3], "Q4_K"))
     assert s.grouped == 1 and s.expert_type_counts == {"Q4_K": 9, "Q6_K": 2, "Q2_K": 1}
     assert t["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"
     assert t["blk.0.attn_norm.weight"].tensor_type.name == "F32"
@@ -70,6 +85,28 @@ def test_uniform_file_has_stock_layout(src, tmp_path) -> None:
     t = _tensors(out)
     assert {n for n in t if "_exps" in n} == {f"blk.0.ffn_{p}_exps.weight" for p in ("gate", "up", "down")}
     assert s.grouped == 0 and s.expert_bpw == pytest.approx(3.4375)
+    assert "gemq.expert_order" not in GGUFReader(out).fields  # nothing renumbered
+
+
+def test_renumbering_keeps_routing_groups(tmp_path) -> None:
+    src2 = _make_src(tmp_path / "src2.gguf", routing_groups=2)  # experts {0, 1} and {2, 3} route as groups
+    plan = uniform_plan([0], E, "Q4_K")
+    plan[(0, "down")] = ["Q6_K", "Q2_K", "Q6_K", "Q2_K"]
+    out = tmp_path / "g.gguf"
+    write_gguf(src2, out, plan, TensorPolicy(), progress=False)
+    assert json.loads(GGUFReader(out).fields["gemq.expert_order"].contents()) == {"0": [1, 0, 3, 2]}
+    qmap = np.asarray(_tensors(out)["blk.0.ffn_down_exps.qmap"].data).reshape(2, E)
+    assert qmap.tolist() == [[0, -1, 1, -1], [-1, 0, -1, 1]]
+
+
+def test_group_major_order() -> None:
+    # a stable sort by type id, first projection first; ties keep the old order
+    assert group_major_order([["Q6_K", "Q2_K", "Q6_K", "Q2_K"], ["Q4_K"] * 4]) == [1, 3, 0, 2]
+    assert group_major_order([["Q4_K"] * 4, ["Q6_K", "Q2_K", "Q6_K", "Q4_K"]]) == [1, 3, 0, 2]
+    assert group_major_order([["Q2_K", "Q2_K", "Q4_K", "Q4_K"], ["Q6_K", "Q2_K", "Q4_K", "Q4_K"]]) == [1, 0, 2, 3]
+    # routing groups (DeepSeek n_group): experts never leave their group of E / n_group
+    assert group_major_order([["Q6_K", "Q2_K", "Q6_K", "Q2_K"]], n_routing_groups=2) == [1, 0, 3, 2]
+    assert group_major_order([["Q4_K"] * 5]) == list(range(5))
 
 
 def test_routers_replace_and_stay_f32(src, tmp_path) -> None:
