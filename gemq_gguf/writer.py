@@ -129,10 +129,11 @@ class _Planner:
     """Turns source tensors into output tensors (names, types, byte shapes, lazy bytes)."""
 
     def __init__(self, plan: ExpertPlan, policy: TensorPolicy, imatrix: dict[str, np.ndarray] | None,
-                 routers: dict[str, np.ndarray] | None, strict_plan: bool, cache: QuantCache | None,
-                 orders: dict[int, list[int]]) -> None:
-        self.plan, self.policy, self.imatrix, self.orders = plan, policy, imatrix or {}, orders
+                 routers: dict[str, np.ndarray] | None, strict_plan: bool, cache: QuantCache | None) -> None:
+        self.plan, self.policy, self.imatrix = plan, policy, imatrix or {}
         self.routers, self.strict, self.cache = routers or {}, strict_plan, cache if cache is not None else {}
+        self.fitted: dict[tuple[int, str], list[str]] = {}  # (layer, proj) -> each expert's type as written
+        self.orders: dict[int, list[int]] = {}  # set by fit_experts_and_order
         self.fallbacks: list[str] = []
         self.expert_counts: Counter = Counter()
         self.grouped = 0
@@ -182,17 +183,31 @@ class _Planner:
             self.cache[key] = quantize(np.asarray(data[e], dtype=np.float32), t, imat)
         return self.cache.pop(key)
 
+    def fit_experts_and_order(self, reader: GGUFReader, n_routing_groups: int) -> None:
+        """Check the plan against every expert tensor and fit its types to the rows, before anything is
+        written (so a bad plan fails first), then number each layer's experts group by group."""
+        for t in reader.tensors:
+            m = EXPERT_RE.match(t.name)
+            if not m:
+                continue
+            layer, proj = int(m.group(1)), m.group(2)
+            n_exp, n_in = int(t.shape[-1]), int(t.shape[0])  # ggml order: (n_in, n_out, n_exp)
+            try:
+                types = self.plan[(layer, proj)]
+            except KeyError:
+                raise GemqError(f"the plan has no types for {t.name}.",
+                                "give every MoE layer a type (see --plan).") from None
+            if len(types) != n_exp:
+                raise GemqError(f"the plan gives {len(types)} types for {t.name}, which has {n_exp} experts.",
+                                "make the plan match the model.")
+            fitted = [self._fit(f"{t.name} expert {e}", x, n_in, self.strict) for e, x in enumerate(types)]
+            self.fitted[(layer, proj)] = fitted
+            self.expert_counts.update(fitted)
+        self.orders = _expert_orders(self.fitted, n_routing_groups)
+
     def experts(self, name: str, data: np.ndarray, layer: int, proj: str) -> list[_Out]:
         n_exp, n_out, n_in = data.shape
-        try:
-            types = self.plan[(layer, proj)]
-        except KeyError:
-            raise GemqError(f"the plan has no types for {name}.", "give every MoE layer a type (see --plan).") from None
-        if len(types) != n_exp:
-            raise GemqError(f"the plan gives {len(types)} types for {name}, which has {n_exp} experts.",
-                            "make the plan match the model.")
-        types = [self._fit(f"{name} expert {e}", t, n_in, self.strict) for e, t in enumerate(types)]
-        self.expert_counts.update(types)
+        types = self.fitted[(layer, proj)]
         groups = sorted(set(types), key=lambda t: type_info(t).id)
         stock = name.removesuffix(".weight")
         order = self.orders.get(layer, list(range(n_exp)))  # members are old ids, listed in new order
@@ -224,8 +239,9 @@ def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
     """Write `dst` from the float GGUF `src` with every tensor typed by `plan` (experts) and `policy`."""
     reader = GGUFReader(src)
     arch = str(reader.fields[Keys.General.ARCHITECTURE].contents())
-    orders = _expert_orders(reader, arch, plan)
-    planner = _Planner(plan, policy, imatrix, routers, strict_plan, quant_cache, orders)
+    field = reader.fields.get(Keys.LLM.EXPERT_GROUP_COUNT.format(arch=arch))
+    planner = _Planner(plan, policy, imatrix, routers, strict_plan, quant_cache)
+    planner.fit_experts_and_order(reader, int(field.contents()) if field is not None else 1)
     outs: list[_Out] = []
     for t in reader.tensors:
         data = t.data  # memory-mapped, numpy order (reversed ggml ne)
@@ -246,7 +262,7 @@ def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
         _copy_metadata(reader, writer, skip={Keys.General.FILE_TYPE} | {k for k in reader.fields if k.startswith("gemq.")})
         writer.add_file_type(LlamaFileType.GUESSED)
         _add_gemq_metadata(writer, metadata or {}, planner.expert_counts, planner.grouped,
-                           8.0 * expert_bytes / max(expert_params, 1), bool(routers), orders)
+                           8.0 * expert_bytes / max(expert_params, 1), bool(routers), planner.orders)
         for o in outs:
             dtype = np.int32 if o.type_name == "I32" else np.uint8
             raw = None if o.type_name == "I32" else GGMLQuantizationType[o.type_name]
@@ -274,18 +290,13 @@ def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
                         fallbacks=planner.fallbacks)
 
 
-def _expert_orders(reader: GGUFReader, arch: str, plan: ExpertPlan) -> dict[int, list[int]]:
-    """The layers whose experts get renumbered (group_major_order), from tensor shapes and the plan."""
-    field = reader.fields.get(Keys.LLM.EXPERT_GROUP_COUNT.format(arch=arch))
-    n_routing_groups = int(field.contents()) if field is not None else 1
-    types: dict[int, dict[str, list[str]]] = {}
-    for t in reader.tensors:
-        m = EXPERT_RE.match(t.name)
-        planned = plan.get((int(m.group(1)), m.group(2))) if m else None
-        if planned is not None and len(planned) == t.data.shape[0]:  # else experts() reports the plan
-            types.setdefault(int(m.group(1)), {})[m.group(2)] = [fitting_type(x, t.data.shape[-1]) for x in planned]
+def _expert_orders(fitted: dict[tuple[int, str], list[str]], n_routing_groups: int) -> dict[int, list[int]]:
+    """The layers whose experts get renumbered (group_major_order), from each expert's fitted type."""
+    by_layer: dict[int, dict[str, list[str]]] = {}
+    for (layer, proj), types in fitted.items():
+        by_layer.setdefault(layer, {})[proj] = types
     orders = {}
-    for layer, by_proj in types.items():
+    for layer, by_proj in by_layer.items():
         order = group_major_order([by_proj[p] for p in _ORDER_PROJS if p in by_proj], n_routing_groups)
         if order != sorted(order):
             orders[layer] = order
