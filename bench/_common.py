@@ -14,17 +14,18 @@ from typing import Any
 
 from gguf import GGUFReader
 
-from gemq_gguf.allocate import DEFAULT_TYPES, Allocation, AllocationProblem, to_tensor_granularity
-from gemq_gguf.checkpoint import inspect_checkpoint
-from gemq_gguf.costs import estimate_costs
+from gemq_gguf.allocate import Allocation, AllocationProblem, to_tensor_granularity
+from gemq_gguf.convert.hf_to_gguf import hf_to_float_gguf
+from gemq_gguf.convert.writer import write_gguf
 from gemq_gguf.data import eval_texts
 from gemq_gguf.evaluate import evaluate_gguf
-from gemq_gguf.gemq import calibrate
-from gemq_gguf.hf_to_gguf import hf_to_float_gguf
-from gemq_gguf.pipeline import ConvertOptions, Source, resolve_model
-from gemq_gguf.plan import ExpertPlan, plan_from_units
-from gemq_gguf.policy import EXPERT_RE, TensorPolicy
-from gemq_gguf.writer import write_gguf
+from gemq_gguf.gemq.budget import calibrate
+from gemq_gguf.gemq.costs import estimate_costs
+from gemq_gguf.ggml.names import EXPERT_RE
+from gemq_gguf.options import DEFAULT_TYPES, CalibOptions, TuneOptions
+from gemq_gguf.pipeline import Source, open_source
+from gemq_gguf.plan import ExpertPlan, PlanOrigin, plan_from_allocation
+from gemq_gguf.policy import TensorPolicy
 
 
 @dataclass
@@ -32,28 +33,24 @@ class Bench:
     """The model, its F32 reference GGUF, and (after `prepare_costs`) calibration results."""
 
     src: Source
+    ref: Path
     out_dir: Path
     eval_chunks: int | None
     imatrix: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
     problems: dict[str, AllocationProblem] = field(default_factory=dict)
-    opts: ConvertOptions | None = None
+    calib: CalibOptions | None = None
     prep_seconds: float = 0.0
     policy: TensorPolicy = field(default_factory=TensorPolicy)  # non-expert tensors of every written file
 
     @classmethod
     def open(cls, model: str, out_dir: Path, eval_chunks: int | None) -> "Bench":
         out_dir.mkdir(parents=True, exist_ok=True)
-        model_dir = resolve_model(model)
-        config, adapter, shape = inspect_checkpoint(model_dir)
-        ref = out_dir / f"{model_dir.name}.f32.gguf"
+        src = open_source(model)
+        ref = out_dir / f"{src.model_dir.name}.f32.gguf"
         if not ref.exists():
-            hf_to_float_gguf(model_dir, ref, "f32")
-        return cls(Source(model_dir, config, adapter, shape, ref), out_dir, eval_chunks)
-
-    @property
-    def ref(self) -> Path:
-        return self.src.float_gguf
+            hf_to_float_gguf(src.model_dir, ref, "f32")
+        return cls(src, ref, out_dir, eval_chunks)
 
     def prepare_costs(self, calib_tokens: int, fisher: str = "sampled") -> None:
         """Calibrate once; costs at expert granularity and, coarsened from expert-proj, tensor granularity.
@@ -61,14 +58,14 @@ class Bench:
         The imatrix and cost tables are kept in OUT_DIR/costs-*.pkl, so the benchmarks share one
         calibration (the expert bytes are quantized again when a file is written)."""
         t0 = time.perf_counter()
-        self.opts = ConvertOptions(model=str(self.src.model_dir), out=self.out_dir / "x.gguf", calib_tokens=calib_tokens,
-                                   fisher=fisher)
+        self.calib = CalibOptions(tokens=calib_tokens, fisher=fisher)
         saved = self.out_dir / f"costs-{self.src.model_dir.name}-{calib_tokens}-{fisher}.pkl"
         if saved.exists():
             self.imatrix, self.problems = pickle.loads(saved.read_bytes())
             return
-        model, stats, self.imatrix = calibrate(self.opts, self.src)
-        tables = {g: estimate_costs(model, self.src.adapter, stats, self.imatrix, types=DEFAULT_TYPES, granularity=g,
+        c = calibrate(self.src.model_dir, self.src.adapter, self.calib, self.out_dir)
+        self.imatrix = c.imatrix
+        tables = {g: estimate_costs(c.model, self.src.adapter, c.stats, self.imatrix, types=DEFAULT_TYPES, granularity=g,
                                     cache=self.cache, progress=True) for g in ("expert", "expert-proj")}
         self.problems = {"expert": tables["expert"].problem(),
                          "tensor": to_tensor_granularity(tables["expert-proj"].problem())[0]}
@@ -76,23 +73,22 @@ class Bench:
         saved.write_bytes(pickle.dumps((self.imatrix, self.problems)))
 
     def plan_of(self, alloc: Allocation) -> ExpertPlan:
-        return plan_from_units(alloc.to_dict()["units"], list(self.src.shape.moe_layers), self.src.shape.n_experts)
+        return plan_from_allocation(alloc, list(self.src.shape.moe_layers), self.src.shape.n_experts)
 
-    def tuned_routers(self, plan: ExpertPlan, **train: Any) -> dict[str, Any]:
-        """Routers tuned against this plan's quantized experts, on a fresh copy of the model (`train`:
-        router_ft.tune_for_plan's loss / lr / epochs)."""
-        from gemq_gguf.gemq import calib_tokens
-        from gemq_gguf.router_ft import tune_for_plan
-        from gemq_gguf.stats import load_for_calibration
-        assert self.opts is not None, "prepare_costs first"
+    def tuned_routers(self, plan: ExpertPlan, tune: TuneOptions) -> dict[str, Any] | None:
+        """Routers tuned against this plan's quantized experts, on a fresh copy of the model."""
+        from gemq_gguf.gemq.budget import calib_tokens
+        from gemq_gguf.gemq.router_ft import tune_for_plan
+        from gemq_gguf.gemq.stats import load_for_calibration
+        assert self.calib is not None, "prepare_costs first"
         model = load_for_calibration(self.src.model_dir)
-        return tune_for_plan(model, self.src.adapter, calib_tokens(self.opts, self.src), plan, self.imatrix,
-                             dict(self.cache), seed=self.opts.seed, **train)["_routers"]
+        return tune_for_plan(model, self.src.adapter, calib_tokens(self.src.model_dir, self.calib), plan, self.imatrix,
+                             dict(self.cache), tune, seed=self.calib.seed).routers
 
-    def write(self, name: str, plan: ExpertPlan, meta: dict[str, Any], routers: dict | None = None) -> Path:
+    def write(self, name: str, plan: ExpertPlan, origin: PlanOrigin, routers: dict | None = None) -> Path:
         out = self.out_dir / f"{name}.gguf"
         write_gguf(self.ref, out, plan, self.policy, imatrix=self.imatrix, routers=routers,
-                   quant_cache=dict(self.cache), metadata=meta, progress=False)
+                   quant_cache=dict(self.cache), origin=origin, progress=False)
         return out
 
     def evaluate(self, path: Path) -> dict[str, Any]:

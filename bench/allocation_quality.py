@@ -16,12 +16,13 @@ import json
 import sys
 from pathlib import Path
 
+from _common import Bench, save_rows
 from rich.console import Console
 from rich.table import Table
 
-from _common import Bench, save_rows
 from gemq_gguf.allocate import solve
-from gemq_gguf.stats import FISHER_LABELS
+from gemq_gguf.options import FISHER_LABELS
+from gemq_gguf.plan import PlanOrigin
 
 ROWS = {"gemq-expert": ("gemq (expert)", "gemq", "expert"), "gemq-tensor": ("gemq (tensor)", "gemq", "tensor"),
         "layerwise": ("layerwise", "layerwise", "expert"), "uniform": ("uniform", "uniform", "expert")}
@@ -46,7 +47,7 @@ def main() -> int:
         for label, strategy, gran in (ROWS[k] for k in args.strategies):
             alloc = solve(strategy, bench.problems[gran], budget, max_types=3)
             path = bench.write(f"alloc-{strategy}-{gran}-{budget}", bench.plan_of(alloc),
-                               {"strategy": strategy, "granularity": gran, "budget": budget})
+                               PlanOrigin(strategy, gran, budget))
             rows.append({"budget": budget, "allocation": label, "predicted_loss": alloc.total_cost,
                          **bench.evaluate(path)})
             path.unlink()

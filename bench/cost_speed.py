@@ -15,10 +15,10 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from gemq_gguf.allocate import DEFAULT_TYPES
 from gemq_gguf.archs import adapter_for
-from gemq_gguf.costs import estimate_costs
-from gemq_gguf.stats import collect_stats
+from gemq_gguf.gemq.costs import estimate_costs
+from gemq_gguf.gemq.stats import collect_stats
+from gemq_gguf.options import DEFAULT_TYPES
 
 
 def main() -> None:

@@ -21,15 +21,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _common import Bench, save_rows
 from rich.console import Console
 from rich.table import Table
 
-from _common import Bench, save_rows
 from gemq_gguf.allocate import solve
 from gemq_gguf.data import calib_texts
-from gemq_gguf.plan import uniform_plan
+from gemq_gguf.options import LOSSES, TuneOptions
+from gemq_gguf.plan import PlanOrigin, uniform_plan
 from gemq_gguf.policy import TensorPolicy
-from gemq_gguf.router_ft import DEFAULT_LOSS, DEFAULT_LR, LOSSES
 from gemq_gguf.runtime import bin_path
 
 RECIPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ3_XXS", "IQ4_XS", "Q4_K_M")
@@ -100,8 +100,8 @@ def main() -> int:
     ap.add_argument("--imatrix-chunks", type=int, default=64)
     ap.add_argument("--eval-chunks", type=int, default=16, help="max 512-token chunks per eval domain")
     ap.add_argument("--router-tuning", action="store_true", help="also rows with tuned routers (slow on CPU)")
-    ap.add_argument("--rt-loss", default=DEFAULT_LOSS, choices=LOSSES)
-    ap.add_argument("--rt-lr", type=float, default=DEFAULT_LR)
+    ap.add_argument("--rt-loss", default=TuneOptions.loss, choices=LOSSES)
+    ap.add_argument("--rt-lr", type=float, default=TuneOptions.lr)
     ap.add_argument("--rt-epochs", type=int, default=1)
     ap.add_argument("--rows", nargs="+", choices=("recipes", "uniform", "gemq"), default=["recipes", "uniform", "gemq"],
                     help="row families to run (split a long run; merge with --report)")
@@ -138,15 +138,16 @@ def main() -> int:
         bench.prepare_costs(args.calib_tokens)
     layers, n_exp = list(bench.src.shape.moe_layers), bench.src.shape.n_experts
     for t in UNIFORM if "uniform" in args.rows else ():
-        add(f"uniform {t}", "uniform" + tag, bench.write(f"uniform-{t}", uniform_plan(layers, n_exp, t), {"strategy": "uniform"}))
+        add(f"uniform {t}", "uniform" + tag, bench.write(f"uniform-{t}", uniform_plan(layers, n_exp, t),
+                                                                 PlanOrigin("uniform", "tensor")))
     for budget in args.budgets if "gemq" in args.rows else ():
         for gran in args.granularities:
             alloc = solve("gemq", bench.problems[gran], budget, max_types=3)
             plan = bench.plan_of(alloc)
-            meta = {"strategy": "gemq", "granularity": gran, "budget": budget}
+            meta = PlanOrigin("gemq", gran, budget)
             add(f"gemq {budget}", f"gemq ({gran})" + tag, bench.write(f"gemq-{gran}-{budget}", plan, meta), budget=budget)
             if args.router_tuning:
-                routers = bench.tuned_routers(plan, loss=args.rt_loss, lr=args.rt_lr, epochs=args.rt_epochs)
+                routers = bench.tuned_routers(plan, TuneOptions(loss=args.rt_loss, lr=args.rt_lr, epochs=args.rt_epochs))
                 add(f"gemq {budget} +rt", f"gemq ({gran}) +routers" + tag,
                     bench.write(f"gemq-{gran}-{budget}-rt", plan, meta, routers=routers), budget=budget)
 

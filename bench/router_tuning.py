@@ -24,18 +24,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import Bench
 from rich.console import Console
 from rich.table import Table
 
-from _common import Bench
-from gemq_gguf.allocate import DEFAULT_TYPES, solve
-from gemq_gguf.costs import estimate_costs
+from gemq_gguf.allocate import solve
 from gemq_gguf.data import eval_texts
 from gemq_gguf.errors import GemqError
-from gemq_gguf.gemq import calib_tokens, calibrate
-from gemq_gguf.pipeline import ConvertOptions
-from gemq_gguf.progressive import progressive_allocation, restore_experts_
-from gemq_gguf.router_ft import (LOSSES, quantize_experts_, router_tensors, score, teacher_pass, tune_quantized)
+from gemq_gguf.gemq.budget import calibrate
+from gemq_gguf.gemq.costs import estimate_costs
+from gemq_gguf.gemq.progressive import progressive_allocation, restore_experts_
+from gemq_gguf.gemq.router_ft import (
+    quantize_experts_,
+    router_tensors,
+    score,
+    teacher_pass,
+    tune_quantized,
+)
+from gemq_gguf.options import (
+    DEFAULT_TYPES,
+    LOSSES,
+    AllocOptions,
+    CalibOptions,
+    TuneOptions,
+)
+from gemq_gguf.plan import PlanOrigin
 
 
 def eval_tokens(model_dir: Path, chunks: int, ctx: int = 512) -> torch.Tensor:
@@ -56,15 +69,13 @@ class RouterBench:
         self.args = args
         self.bench = Bench.open(args.model, Path(args.out_dir), args.eval_chunks)
         src = self.bench.src
-        self.opts = ConvertOptions(model=str(src.model_dir), out=self.bench.out_dir / "x.gguf",
-                                   calib_tokens=args.calib_tokens, seq_len=args.seq_len, seed=args.seed,
-                                   granularity=args.granularity)
+        self.calib = CalibOptions(tokens=args.calib_tokens, seq_len=args.seq_len, seed=args.seed)
         t0 = time.perf_counter()
-        self.model, stats, self.bench.imatrix = calibrate(self.opts, src)
-        self.problem = estimate_costs(self.model, src.adapter, stats, self.bench.imatrix, types=DEFAULT_TYPES,
+        c = calibrate(src.model_dir, src.adapter, self.calib, self.bench.out_dir)
+        self.model, self.bench.imatrix, self.tokens = c.model, c.imatrix, c.tokens
+        self.problem = estimate_costs(self.model, src.adapter, c.stats, self.bench.imatrix, types=DEFAULT_TYPES,
                                       granularity=args.granularity, cache=self.bench.cache, progress=True).problem()
-        del stats
-        self.tokens = calib_tokens(self.opts, src)
+        del c
         self.eval = eval_tokens(src.model_dir, args.hf_chunks)
         self.teacher = teacher_pass(self.model, src.adapter, self.tokens, progress=True)
         self.eval_teacher = teacher_pass(self.model, src.adapter, self.eval, progress=True)
@@ -98,11 +109,12 @@ class RouterBench:
         quantize_experts_(self.model, src.adapter, plan, self.bench.imatrix, self.bench.cache)
         routers, tuning = None, None
         if variant != "none":
-            routers, tuning = tune_quantized(self.model, src.adapter, self.tokens, self.teacher, loss=variant,
-                                             lr=lr, epochs=epochs, batch_size=a.batch_size, seed=a.seed)
+            tuned = tune_quantized(self.model, src.adapter, self.tokens, self.teacher,
+                                   TuneOptions(loss=variant, lr=lr, epochs=epochs), batch_size=a.batch_size, seed=a.seed)
+            routers, tuning = tuned.routers, tuned.report
         row = {"budget": budget, "variant": variant, "lr": lr, "epochs": epochs, "bpw": alloc.bpw, **self.hf_side()}
         if a.llama:
-            meta = {"strategy": "gemq", "granularity": a.granularity, "budget": budget}
+            meta = PlanOrigin("gemq", a.granularity, budget)
             row.update(self.evaluate(self.bench.write(f"rt-{a.granularity}-{budget}-{variant}", plan, meta,
                                                       routers=routers)))
         else:
@@ -112,17 +124,17 @@ class RouterBench:
     def progressive_row(self, budget: float) -> dict[str, Any]:
         """`--progressive K` to `budget`, from the full-precision costs, tuned at every step."""
         src, a = self.bench.src, self.args
-        meta = {"strategy": "gemq", "granularity": a.granularity, "budget": budget}
+        meta = PlanOrigin("gemq", a.granularity, budget)
         t0 = time.perf_counter()
         self.reset()
-        opts = ConvertOptions(**{**self.opts.__dict__, "budget": budget, "progressive": a.progressive,
-                                 "ft_loss": a.progressive_loss, "ft_lr": a.lr[0], "ft_epochs": a.epochs[0]})
-        palloc, pmeta = progressive_allocation(opts, src, self.model, self.tokens, self.bench.imatrix, self.problem,
-                                               self.bench.cache)
-        path = self.bench.write(f"rt-{a.granularity}-{budget}-progressive", self.bench.plan_of(palloc), meta,
-                                routers=pmeta["_routers"])
+        tune = TuneOptions(loss=a.progressive_loss, lr=a.lr[0], epochs=a.epochs[0], progressive=a.progressive)
+        res = progressive_allocation(self.model, src.adapter, self.bench.ref, self.tokens, self.bench.imatrix,
+                                     self.problem, self.bench.cache, AllocOptions(budget, granularity=a.granularity),
+                                     tune, self.calib)
+        path = self.bench.write(f"rt-{a.granularity}-{budget}-progressive", self.bench.plan_of(res.allocation), meta,
+                                routers=res.tuning.routers)
         return {"budget": budget, "variant": f"progressive {a.progressive} ({a.progressive_loss})",
-                "bpw": palloc.bpw, **self.hf_side(), **self.evaluate(path), "steps": pmeta["progressive"],
+                "bpw": res.allocation.bpw, **self.hf_side(), **self.evaluate(path), "steps": res.steps,
                 "seconds": time.perf_counter() - t0}
 
 

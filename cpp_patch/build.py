@@ -36,7 +36,8 @@ HERE = Path(__file__).resolve().parent
 PATCH_DIR = HERE / "patches"
 TOOLS = ["llama-perplexity", "llama-completion", "llama-bench", "llama-quantize", "llama-imatrix", "test-backend-ops"]
 LIB_GLOBS = ["lib*.so*", "lib*.dylib"]  # libllama, libggml*, libllama-common, tool impl libraries
-MARKER_SYMBOL = "ggml_mul_mat_id_set_masked"  # exported by the patched libggml-base
+sys.path.insert(0, str(HERE.parent))  # the project's standard-library-only lookup of the patched ggml
+from gemq_gguf.ggml.lib import is_patched  # noqa: E402
 
 
 def home() -> Path:
@@ -280,22 +281,12 @@ def copy_converter(llama_dir: Path, prefix: Path) -> Path:
 
 # ---------------------------------------------------------------- check
 
-def lib_is_patched(lib_dir: Path) -> bool:
-    """Does libggml-base in lib_dir export the marker symbol? (read from the file: dlopen would
-    return an already loaded library of the same name)"""
-    for name in ("libggml-base.so", "libggml-base.dylib"):
-        f = lib_dir / name
-        if f.exists():
-            return MARKER_SYMBOL.encode() in f.read_bytes()
-    return False
-
-
 def check() -> int:
     pkg = site_llama_cpp_dir()
     if pkg is None:
         print("llama_cpp: not installed")
         return 1
-    patched = lib_is_patched(pkg / "lib")
+    patched = is_patched(pkg / "lib")
     print(f"llama_cpp at {pkg}: {'PATCHED (gemq expert groups)' if patched else 'NOT patched'}")
     paths = home() / "llama.cpp" / "PATHS.json"
     if paths.exists():
@@ -336,7 +327,7 @@ def main() -> int:
     old = json.loads(stamp_file.read_text()) if stamp_file.exists() else {}
     up_to_date = (not a.force and old.get("stamp") == stamp
                   and all((prefix / "bin" / t).exists() for t in TOOLS))
-    python_ok = a.no_python or (site_llama_cpp_dir() is not None and lib_is_patched(site_llama_cpp_dir() / "lib")
+    python_ok = a.no_python or (site_llama_cpp_dir() is not None and is_patched(site_llama_cpp_dir() / "lib")
                                 and old.get("python_stamp") == stamp)
     if up_to_date and python_ok:
         log(f"up to date ({prefix}); nothing to do")
@@ -372,7 +363,7 @@ def main() -> int:
                     tf.extractall(home() / "src")
             return d
         lib_dir = install_python(get_pkg_dir, llama_dir, libs)
-        if not lib_is_patched(lib_dir):
+        if not is_patched(lib_dir):
             sys.exit(f"installed llama_cpp at {lib_dir} is not the patched build")
         python_stamp = stamp
 

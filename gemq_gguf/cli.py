@@ -9,9 +9,24 @@ from pathlib import Path
 from rich.logging import RichHandler
 
 from .errors import GemqError
-from .pipeline import ConvertOptions, convert
-from .router_ft import DEFAULT_EPOCHS, DEFAULT_LOSS, DEFAULT_LR, LOSSES, SELECT
-from .stats import FISHER_LABELS
+from .options import (
+    DEFAULT_TYPES,
+    FISHER_LABELS,
+    GRANULARITIES,
+    LOSSES,
+    SELECT,
+    STRATEGIES,
+    AllocOptions,
+    CalibOptions,
+    ConvertRequest,
+    ExpertTyping,
+    OutputOptions,
+    PlanFile,
+    PolicyOptions,
+    TuneOptions,
+    UniformTypes,
+)
+from .pipeline import convert
 
 EXAMPLES = """examples:
   python convert.py demo --budget 3.0 -o demo-gemq-3.0.gguf
@@ -31,29 +46,31 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--uniform", metavar="TYPE", help="every routed expert gets TYPE (e.g. Q4_K)")
     a.add_argument("--plan", type=Path, help="JSON plan (or an allocation report) with a type per expert")
     g = p.add_argument_group("allocation (with --budget)")
-    g.add_argument("--strategy", choices=("gemq", "layerwise", "uniform"), default="gemq")
-    g.add_argument("--granularity", choices=("expert", "expert-proj", "tensor"), default="expert",
+    g.add_argument("--strategy", choices=STRATEGIES, default=STRATEGIES[0])
+    g.add_argument("--granularity", choices=GRANULARITIES, default=GRANULARITIES[0],
                    help="expert: gate/up/down share a type; expert-proj: each its own; tensor: one type per "
                         "layer-projection (loads in stock llama.cpp)")
-    g.add_argument("--types", help="comma-separated candidate ggml types (default IQ2_XXS,Q2_K,IQ3_XXS,Q3_K,IQ4_XS,Q4_K,Q5_K,Q6_K)")
-    g.add_argument("--max-types", type=int, default=3, help="at most this many types per layer-projection (default 3)")
+    g.add_argument("--types", help=f"comma-separated candidate ggml types (default {','.join(DEFAULT_TYPES)})")
+    g.add_argument("--max-types", type=int, default=AllocOptions.max_types,
+                   help=f"at most this many types per layer-projection (default {AllocOptions.max_types})")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", nargs="+", default=[], metavar="FILE[:WEIGHT]", help="text or jsonl files (default: built-in mix)")
-    c.add_argument("--calib-tokens", type=int, default=32768)
-    c.add_argument("--seq-len", type=int, default=512)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--fisher", choices=FISHER_LABELS, default=FISHER_LABELS[0],
+    c.add_argument("--calib-tokens", type=int, default=CalibOptions.tokens)
+    c.add_argument("--seq-len", type=int, default=CalibOptions.seq_len)
+    c.add_argument("--seed", type=int, default=CalibOptions.seed)
+    c.add_argument("--fisher", choices=FISHER_LABELS, default=CalibOptions.fisher,
                    help="gradient targets: sampled (default) = draws from the model's own predictions (true Fisher = "
                         "Hessian of the KLD); data = the calibration text's next tokens (empirical Fisher, the paper's)")
-    c.add_argument("--imatrix", type=Path, help="llama.cpp imatrix GGUF to use instead of our own statistics")
+    c.add_argument("--imatrix", type=Path, help="llama.cpp imatrix GGUF to quantize with instead of our own statistics")
     r = p.add_argument_group("router tuning")
     r.add_argument("--finetune-routers", action="store_true", help="train the routers against the quantized experts")
-    r.add_argument("--ft-loss", choices=LOSSES, default=DEFAULT_LOSS,
+    r.add_argument("--ft-loss", choices=LOSSES, default=TuneOptions.loss,
                    help=f"ce: LM cross-entropy (the paper's); kd: KL to the full-precision model; route: match the "
-                        f"full-precision routing; ce+route / kd+route: both (default {DEFAULT_LOSS}, docs/router_tuning.md)")
-    r.add_argument("--ft-lr", type=float, default=DEFAULT_LR, help="AdamW learning rate of the routers")
-    r.add_argument("--ft-epochs", type=int, default=DEFAULT_EPOCHS, help="passes over the calibration tokens")
-    r.add_argument("--ft-select", choices=SELECT, default=SELECT[0],
+                        f"full-precision routing; ce+route / kd+route: both (default {TuneOptions.loss}, "
+                        f"docs/router_tuning.md)")
+    r.add_argument("--ft-lr", type=float, default=TuneOptions.lr, help="AdamW learning rate of the routers")
+    r.add_argument("--ft-epochs", type=int, default=TuneOptions.epochs, help="passes over the calibration tokens")
+    r.add_argument("--ft-select", choices=SELECT, default=TuneOptions.select,
                    help="best: keep the epoch with the lowest held-out KD, the untuned routers included; last: the last epoch")
     r.add_argument("--progressive", type=int, default=0, metavar="K",
                    help="reach the budget in K allocations from budget+1 down, tuning the routers at each")
@@ -65,21 +82,41 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep-intermediate", action="store_true", help="keep the float GGUF next to the output")
     t.add_argument("--report-json", type=Path, help="report path (default: OUT with .json)")
     t.add_argument("--heatmap", type=Path, help="allocation picture (default: OUT with .png)")
+    t.add_argument("--save-imatrix", type=Path, metavar="FILE",
+                   help="with --budget: also write the calibration's importance matrix (llama-quantize --imatrix reads it)")
     t.add_argument("--dry-run", action="store_true", help="stop after the allocation; write the report only")
     t.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
-def options_from_args(ns: argparse.Namespace) -> ConvertOptions:
-    types = [s.strip().upper() for s in ns.types.split(",")] if ns.types else None
-    return ConvertOptions(model=ns.model, out=ns.out, uniform=ns.uniform, plan=ns.plan, budget=ns.budget,
-                          strategy=ns.strategy, granularity=ns.granularity, types=types, max_types=ns.max_types,
-                          tensor_types=ns.tensor_type, non_expert=ns.non_expert, imatrix=ns.imatrix, calib=ns.calib,
-                          calib_tokens=ns.calib_tokens, seq_len=ns.seq_len, seed=ns.seed, fisher=ns.fisher,
-                          finetune_routers=ns.finetune_routers, ft_loss=ns.ft_loss, ft_lr=ns.ft_lr,
-                          ft_epochs=ns.ft_epochs, ft_select=ns.ft_select, progressive=ns.progressive,
-                          work_dir=ns.work_dir, keep_intermediate=ns.keep_intermediate, dry_run=ns.dry_run,
-                          report_json=ns.report_json, heatmap=ns.heatmap, verbose=ns.verbose)
+def _expert_typing(ns: argparse.Namespace) -> ExpertTyping:
+    given = [x for x in ("uniform", "plan", "budget") if getattr(ns, x) is not None]
+    if len(given) != 1:
+        raise GemqError("say how to type the experts: exactly one of --budget, --uniform or --plan.",
+                        "e.g. --budget 3.0 (GEMQ), or --uniform Q4_K.")
+    if ns.uniform is not None:
+        return UniformTypes(ns.uniform)
+    if ns.plan is not None:
+        return PlanFile(ns.plan)
+    types = tuple(s.strip().upper() for s in ns.types.split(",")) if ns.types else DEFAULT_TYPES
+    return AllocOptions(budget=ns.budget, strategy=ns.strategy, granularity=ns.granularity, types=types,
+                        max_types=ns.max_types)
+
+
+def request_from_args(ns: argparse.Namespace) -> ConvertRequest:
+    tune = None
+    if ns.finetune_routers or ns.progressive:
+        tune = TuneOptions(loss=ns.ft_loss, lr=ns.ft_lr, epochs=ns.ft_epochs, select=ns.ft_select,
+                           progressive=ns.progressive)
+    return ConvertRequest(
+        model=ns.model,
+        output=OutputOptions(path=ns.out, report_json=ns.report_json, heatmap=ns.heatmap, work_dir=ns.work_dir,
+                             keep_intermediate=ns.keep_intermediate, dry_run=ns.dry_run, save_imatrix=ns.save_imatrix),
+        experts=_expert_typing(ns),
+        policy=PolicyOptions(tensor_types=tuple(ns.tensor_type), non_expert=ns.non_expert),
+        calib=CalibOptions(texts=tuple(ns.calib), tokens=ns.calib_tokens, seq_len=ns.seq_len, seed=ns.seed,
+                           fisher=ns.fisher, imatrix=ns.imatrix),
+        tune=tune, verbose=ns.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(show_path=False, show_time=False)])
     try:
-        convert(options_from_args(ns))
+        convert(request_from_args(ns))
     except GemqError as e:
         print(f"error: {e.problem}\n  fix: {e.fix}", file=sys.stderr)
         return 2

@@ -11,13 +11,42 @@ Later units override earlier ones, so a plan can set a layer default and then si
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from .allocate import Allocation
 from .errors import GemqError
-from .ggml_quant import canonical
+from .ggml.names import PROJS
+from .ggml.quant import QuantCache
+from .ggml.types import canonical
 
-PROJS = ("gate", "up", "down")
 ExpertPlan = dict[tuple[int, str], list[str]]
+
+
+@dataclass(frozen=True)
+class PlanOrigin:
+    """How a plan was made: recorded in the file's `gemq.*` keys and in the report."""
+
+    strategy: str                       # gemq | layerwise | uniform | plan
+    granularity: str                    # expert | expert-proj | tensor
+    budget: float | None = None
+    candidate_types: tuple[str, ...] = ()
+
+
+@dataclass
+class ExpertTypes:
+    """The expert-typing step's result, whatever made it: the plan and everything the writer and the
+    report need from the step (imatrix, already quantized bytes, tuned routers, report sections)."""
+
+    plan: ExpertPlan
+    origin: PlanOrigin
+    report: dict[str, Any] = field(default_factory=dict)
+    imatrix: dict[str, np.ndarray] | None = None
+    quant_cache: QuantCache = field(default_factory=dict)
+    routers: dict[str, np.ndarray] | None = None
 
 
 def uniform_plan(layers: list[int], n_experts: int, type_name: str, projs: tuple[str, ...] = PROJS) -> ExpertPlan:
@@ -53,6 +82,12 @@ def plan_from_units(units: list[dict], layers: list[int], n_experts: int, projs:
         raise GemqError(f"the plan gives no type to {len(missing)} expert matrices (first: layer {l}, expert {e}, {p}).",
                         "add units for them, or a layer default like {\"layer\": L, \"expert\": null, \"proj\": null, ...}.")
     return plan  # type: ignore[return-value]
+
+
+def plan_from_allocation(alloc: Allocation, layers: list[int], n_experts: int) -> ExpertPlan:
+    """The writer's form of a solved allocation (one type per unit)."""
+    return plan_from_units([{"layer": l, "expert": e, "proj": p, "type": t} for (l, e, p), t in alloc.plan().items()],
+                           layers, n_experts)
 
 
 def load_plan(path: Path, layers: list[int], n_experts: int) -> ExpertPlan:

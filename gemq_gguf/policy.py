@@ -8,45 +8,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from .errors import GemqError
-from .ggml_quant import canonical
+from .ggml.names import CATEGORIES, tensor_category
+from .ggml.types import canonical
 
-EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight$")
-
-# Default types by category. Routers stay F32 (llama-quantize never quantizes them; they carry the
-# fine-tuned weights), as do norms and other 1-D tensors.
-DEFAULTS: dict[str, str] = {
-    "embd": "Q6_K",
-    "output": "Q6_K",
-    "attn": "Q6_K",
-    "shexp": "Q6_K",
-    "ffn": "Q6_K",
-    "router": "F32",
-    "other": "Q6_K",
-}
-CATEGORIES = tuple(DEFAULTS) + ("expert",)
-
-
-def category(name: str, n_dims: int) -> str:
-    """Which policy category a GGUF tensor falls in; 1-D tensors (norms, biases) are 'f32'."""
-    if n_dims <= 1 or name.endswith(".bias"):
-        return "f32"
-    if EXPERT_RE.match(name):
-        return "expert"
-    if ".ffn_gate_inp" in name or ".exp_probs_b" in name:
-        return "router"
-    if name.startswith("token_embd"):
-        return "embd"
-    if name.startswith("output"):
-        return "output"
-    if ".attn_" in name:
-        return "attn"
-    if "_shexp" in name:
-        return "shexp"
-    if re.search(r"\.ffn_(gate|up|down)\.", name):
-        return "ffn"
-    return "other"
+# Default types by category: Q6_K, but routers stay F32 (llama-quantize never quantizes them; they carry
+# the fine-tuned weights), as do norms and other 1-D tensors.
+DEFAULTS: dict[str, str] = {c: "F32" if c == "router" else "Q6_K" for c in CATEGORIES}
 
 
 @dataclass
@@ -57,7 +27,7 @@ class TensorPolicy:
     overrides: list[tuple[re.Pattern[str], str]] = field(default_factory=list)
 
     @classmethod
-    def from_args(cls, specs: list[str] | None, non_expert: str | None = None) -> "TensorPolicy":
+    def from_args(cls, specs: Sequence[str] | None, non_expert: str | None = None) -> "TensorPolicy":
         """Build from `--non-expert TYPE` (all categories but routers) and `--tensor-type PATTERN=TYPE`."""
         policy = cls()
         if non_expert:
@@ -82,7 +52,7 @@ class TensorPolicy:
 
     def type_for(self, name: str, n_dims: int) -> str:
         """The requested type of a non-expert tensor (before any row-width fallback)."""
-        cat = category(name, n_dims)
+        cat = tensor_category(name, n_dims)
         if cat == "f32":
             return "F32"
         for pattern, type_name in self.overrides:

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from gemq_gguf.archs import adapter_for
-from gemq_gguf.ggml_quant import roundtrip
+from gemq_gguf.ggml.quant import roundtrip
 from gemq_gguf.plan import ExpertPlan
 
 

@@ -6,8 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from gemq_gguf.calib import calibration_tokens, load_sources, parse_spec, split_windows
 from gemq_gguf.errors import GemqError
+from gemq_gguf.gemq.calib import (
+    calibration_tokens,
+    load_sources,
+    parse_spec,
+    split_windows,
+)
 
 
 class CharTokenizer:

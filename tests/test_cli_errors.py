@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tiny_models import make_tiny_model
 
 from gemq_gguf.cli import main as convert_main
-from tiny_models import make_tiny_model
 
 
 @pytest.fixture(scope="module")

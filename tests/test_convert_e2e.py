@@ -6,13 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFReader
+from reference import hf_logits, load_hf, sample_tokens
+from tiny_models import ARCHS, make_tiny_model
 
 from gemq_gguf.cli import main as convert_main
 from gemq_gguf.evaluate import RunOptions, kld_vs_logits, llama_logits
 from gemq_gguf.plan import plan_from_units
-
-from reference import hf_logits, load_hf, sample_tokens
-from tiny_models import ARCHS, make_tiny_model
 
 pytestmark = pytest.mark.slow
 

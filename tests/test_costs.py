@@ -7,15 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import COMMON, CONFIGS, make_tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from gemq_gguf.archs import adapter_for
-from gemq_gguf.calib import calibration_tokens
-from gemq_gguf.costs import PROJS, _fill_never_routed, estimate_costs, prune_cache
-from gemq_gguf.ggml_quant import dequantize, type_info
-from gemq_gguf.imatrix_io import expert_tensor_name
-from gemq_gguf.stats import _targets, collect_stats
-from tiny_models import COMMON, CONFIGS, make_tiny_model
+from gemq_gguf.gemq.calib import calibration_tokens
+from gemq_gguf.gemq.costs import _fill_never_routed, estimate_costs, prune_cache
+from gemq_gguf.gemq.stats import _targets, collect_stats
+from gemq_gguf.ggml.names import PROJS, expert_tensor_name
+from gemq_gguf.ggml.quant import dequantize
+from gemq_gguf.ggml.types import type_info
 
 TYPES = ("Q2_K", "Q4_K", "Q6_K")
 
@@ -249,10 +250,10 @@ def test_cached_experts_are_the_writers_bytes(arch: str, tmp_path: Path) -> None
     """The QuantCache filled during cost estimation (from HF weights) holds exactly the bytes the writer
     would make from the float GGUF: a file written with the cache is byte-identical to one without."""
     from gemq_gguf import runtime
+    from gemq_gguf.convert.hf_to_gguf import hf_to_float_gguf
+    from gemq_gguf.convert.writer import write_gguf
     from gemq_gguf.errors import GemqError
-    from gemq_gguf.hf_to_gguf import hf_to_float_gguf
     from gemq_gguf.policy import TensorPolicy
-    from gemq_gguf.writer import write_gguf
     try:
         runtime.converter_dir()
     except GemqError:

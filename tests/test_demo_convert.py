@@ -9,7 +9,7 @@ import pytest
 from gemq_gguf.cli import main as convert_main
 from gemq_gguf.data import eval_texts
 from gemq_gguf.evaluate import evaluate_gguf
-from gemq_gguf.runtime import is_patched
+from gemq_gguf.ggml.lib import is_patched
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,6 @@ from gemq_gguf.data import eval_texts
 from gemq_gguf.errors import GemqError
 
 
-
 def _softmax_log(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
     return x - (x.max(1, keepdims=True) + np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True)))
@@ -250,7 +249,7 @@ def _requantize(src: Path, dst: Path, qtype_name: str) -> None:
 @pytest.fixture(scope="module")
 def gguf_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     pytest.importorskip("llama_cpp")
-    from gemq_gguf.hf_to_gguf import hf_to_float_gguf
+    from gemq_gguf.convert.hf_to_gguf import hf_to_float_gguf
 
     tmp = tmp_path_factory.mktemp("evalmodels")
     files = {"hf": _peaked_tiny_mixtral(tmp / "hf")}

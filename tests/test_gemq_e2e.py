@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 from gguf import GGUFReader
+from tiny_models import make_tiny_model
 
 from gemq_gguf.cli import main as convert_main
-from gemq_gguf.ggml_quant import type_info
-from tiny_models import make_tiny_model
+from gemq_gguf.ggml.types import type_info
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import torch
 from gguf import GGUFReader
 
 from gemq_gguf.errors import GemqError
-from gemq_gguf.imatrix_io import Imatrix, expert_imatrix, read_imatrix, write_imatrix
+from gemq_gguf.ggml.imatrix import Imatrix, expert_imatrix, read_imatrix, write_imatrix
 
 
 def _imatrix() -> Imatrix:
@@ -68,11 +68,11 @@ def one_torch_thread():
 @pytest.mark.usefixtures("one_torch_thread")
 def test_statistics_as_imatrix(tmp_path: Path) -> None:
     """Our calibration's imatrix: per-expert mean of x² (gate/up) and of act(gate x)·up x squared (down)."""
+    from tiny_models import make_tiny_model
     from transformers import AutoModelForCausalLM
 
     from gemq_gguf.archs import adapter_for
-    from gemq_gguf.stats import collect_stats
-    from tiny_models import make_tiny_model
+    from gemq_gguf.gemq.stats import collect_stats
 
     path = make_tiny_model("qwen3_moe", tmp_path / "m")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -6,8 +6,9 @@ import json
 import pytest
 
 from gemq_gguf.errors import GemqError
+from gemq_gguf.ggml.names import tensor_category
 from gemq_gguf.plan import load_plan, plan_from_units, plan_units, uniform_plan
-from gemq_gguf.policy import TensorPolicy, category
+from gemq_gguf.policy import TensorPolicy
 
 
 @pytest.mark.parametrize("name,dims,cat", [
@@ -18,7 +19,7 @@ from gemq_gguf.policy import TensorPolicy, category
     ("blk.0.attn_q.bias", 1, "f32"), ("blk.0.exp_probs_b.bias", 1, "f32"),
 ])
 def test_category(name: str, dims: int, cat: str) -> None:
-    assert category(name, dims) == cat
+    assert tensor_category(name, dims) == cat
 
 
 def test_policy_defaults_and_overrides() -> None:

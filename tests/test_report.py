@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from gemq_gguf.allocate import DEFAULT_TYPES, AllocationProblem, bpw_of, solve, synthetic_problem
+from gemq_gguf.allocate import (
+    DEFAULT_TYPES,
+    AllocationProblem,
+    bpw_of,
+    solve,
+    synthetic_problem,
+)
 from gemq_gguf.report import (
     allocation_table,
     heatmap_panels,

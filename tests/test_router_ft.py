@@ -7,16 +7,27 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import _tokenizer, make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from gemq_gguf.archs import adapter_for
-from gemq_gguf.calib import calibration_tokens
-from gemq_gguf.ggml_quant import roundtrip
+from gemq_gguf.gemq.calib import calibration_tokens
+from gemq_gguf.gemq.progressive import step_budgets
+from gemq_gguf.gemq.router_ft import (
+    finetune_routers,
+    kd_loss,
+    quantize_experts_,
+    route_loss,
+    router_tensors,
+    routing_shift,
+    score,
+    split_rows,
+    teacher_pass,
+    tune_quantized,
+)
+from gemq_gguf.ggml.quant import roundtrip
+from gemq_gguf.options import TuneOptions
 from gemq_gguf.plan import uniform_plan
-from gemq_gguf.progressive import step_budgets
-from gemq_gguf.router_ft import (finetune_routers, kd_loss, quantize_experts_, route_loss, router_tensors,
-                                 routing_shift, score, split_rows, teacher_pass, tune_quantized)
-from tiny_models import _tokenizer, make_tiny_model
 
 
 def test_routing_shift_counts_changed_choices_as_sets() -> None:
@@ -155,14 +166,17 @@ def test_tune_keeps_the_epoch_with_the_lowest_heldout_kd(tiny, tokens, lr) -> No
     original = {n: p.detach().clone() for n, p in router_tensors(model, adapter).items()}
     teacher = teacher_pass(model, adapter, tokens)
     quantize_experts_(model, adapter, uniform_plan(list(shape.moe_layers), shape.n_experts, "Q2_K"), None)
-    routers, report = tune_quantized(model, adapter, tokens, teacher, loss="kd", lr=lr, epochs=3, batch_size=2,
-                                     progress=False)
+    tuned = tune_quantized(model, adapter, tokens, teacher, TuneOptions(loss="kd", lr=lr, epochs=3), batch_size=2,
+                           progress=False)
+    report = tuned.report
     curve = report["heldout_kd_per_epoch"]
     assert len(curve) == 4 and report["kept_epoch"] == int(np.argmin(curve))
     assert report["heldout"]["kd_after"] == pytest.approx(min(curve), rel=1e-6)
+    assert (tuned.routers is None) == (report["kept_epoch"] == 0) == (not report["routers_shipped"])
     for n, p in router_tensors(model, adapter).items():
-        np.testing.assert_array_equal(p.detach().numpy(), routers[n])
         if report["kept_epoch"] == 0:
             assert torch.equal(p, original[n])
+        else:
+            np.testing.assert_array_equal(p.detach().numpy(), tuned.routers[n])
     if lr == 1.0:
         assert report["kept_epoch"] == 0

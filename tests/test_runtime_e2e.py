@@ -14,7 +14,6 @@ weights".
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +22,9 @@ import numpy as np
 import pytest
 
 from gemq_gguf import runtime
+from gemq_gguf.ggml import lib, quant
+from gemq_gguf.ggml.names import EXPERT_RE
 
-EXPERT_RE = re.compile(r"^blk\.\d+\.ffn_(gate|up|down|gate_up)_exps\.weight$")
 ARCHS_EXACT = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2"]
 ARCHS_MIXED = ["mixtral", "qwen2_moe"]
 N_TOKENS = 48
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 
 def _require_patched() -> None:
-    if not runtime.is_patched():
+    if not lib.is_patched():
         pytest.skip("the installed llama-cpp-python is not the patched build (run python cpp_patch/build.py)")
 
 
@@ -54,10 +54,9 @@ _QCACHE: dict[tuple[str, int, str], np.ndarray] = {}
 
 
 def _quant_expert(src: Path, name: str, e: int, w: np.ndarray, t: str) -> np.ndarray:
-    from gemq_gguf import ggml_quant
     key = (f"{src}:{name}", e, t)
     if key not in _QCACHE:
-        _QCACHE[key] = ggml_quant.quantize(np.ascontiguousarray(w, dtype=np.float32), t)
+        _QCACHE[key] = quant.quantize(np.ascontiguousarray(w, dtype=np.float32), t)
     return _QCACHE[key]
 
 
@@ -66,7 +65,6 @@ def rewrite_experts(src: Path, dst: Path, group_types: list[str], group_of=lambd
     """Re-write the routed experts of an F32 GGUF: group g holds the experts with group_of(e) == g,
     quantized to group_types[g]. One group -> stock tensor name. dequantized -> F32 reference."""
     import gguf
-    from gemq_gguf import ggml_quant
 
     reader = gguf.GGUFReader(str(src))
     arch = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
@@ -85,7 +83,7 @@ def rewrite_experts(src: Path, dst: Path, group_types: list[str], group_of=lambd
         members = [[e for e in range(n_exp) if (group_of(e) if G > 1 else 0) == g] for g in range(G)]
         q = {e: _quant_expert(src, t.name, e, data[e], group_types[g]) for g in range(G) for e in members[g]}
         if dequantized:
-            deq = np.stack([ggml_quant.dequantize(q[e], group_types[g], n_in)
+            deq = np.stack([quant.dequantize(q[e], group_types[g], n_in)
                             for e in range(n_exp) for g in range(G) if e in members[g]])
             writer.add_tensor(t.name, deq.reshape(n_exp, n_out, n_in).astype(np.float32))
         elif G == 1:
@@ -140,8 +138,9 @@ def kld_top1(ref: np.ndarray, test: np.ndarray) -> tuple[float, float]:
 def f32_models(tmp_path_factory: pytest.TempPathFactory):
     """arch -> F32 GGUF of a tiny random model (built lazily, once per module)."""
     _require_patched()
-    from gemq_gguf.hf_to_gguf import hf_to_float_gguf
     from tiny_models import make_tiny_model
+
+    from gemq_gguf.convert.hf_to_gguf import hf_to_float_gguf
 
     root = tmp_path_factory.mktemp("runtime_e2e")
     cache: dict[str, Path] = {}
@@ -192,7 +191,7 @@ def _stock_lib_dir() -> Path | None:
     env = os.environ.get("GEMQ_STOCK_LLAMA_LIB")
     cands = [Path(env)] if env else [runtime.home() / "stock-lib"]
     for d in cands:
-        if (d / "libllama.so").exists() and not runtime.is_patched(d):
+        if (d / "libllama.so").exists() and not lib.is_patched(d):
             return d
     return None
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFWriter
 
+from gemq_gguf.convert.writer import group_major_order, write_gguf
 from gemq_gguf.errors import GemqError
-from gemq_gguf.ggml_quant import quantize
+from gemq_gguf.ggml.quant import quantize
 from gemq_gguf.plan import uniform_plan
 from gemq_gguf.policy import TensorPolicy
-from gemq_gguf.writer import group_major_order, write_gguf
 
 E, H, I = 4, 256, 256
 

@@ -15,8 +15,6 @@ from torch import nn
 
 from ..errors import GemqError
 
-EXPERT_PROJS = ("gate", "up", "down")
-
 
 @dataclass(frozen=True)
 class MoeShape:

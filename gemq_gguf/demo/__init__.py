@@ -7,8 +7,18 @@ registries alone.
 
 CLI: `python -m gemq_gguf.demo build [--out DIR] [--force]`.
 """
-from .build import (DEMO_NAME, EXPERTS, HIDDEN, TOP_K, build_demo_model, default_demo_dir, demo_cache_dir,
-                    ensure_demo_model, gemq_home, is_built)
+from .build import (
+                    DEMO_NAME,
+                    EXPERTS,
+                    HIDDEN,
+                    TOP_K,
+                    build_demo_model,
+                    default_demo_dir,
+                    demo_cache_dir,
+                    ensure_demo_model,
+                    gemq_home,
+                    is_built,
+)
 
 __all__ = ["DEMO_NAME", "EXPERTS", "HIDDEN", "TOP_K", "build_demo_model", "default_demo_dir", "demo_cache_dir",
            "ensure_demo_model", "gemq_home", "is_built"]

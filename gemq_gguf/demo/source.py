@@ -104,7 +104,14 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 def build_tokenizer(meta: dict):
     """HF fast tokenizer equivalent to SmolLM2's: GPT-2 byte-level BPE with single-digit pre-splitting (llama.cpp's
     converter recognises it as its 'smollm' pre-tokenizer). Like the original it adds no BOS/EOS by itself."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tokens, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]

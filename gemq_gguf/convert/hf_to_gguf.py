@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import GemqError
-from .runtime import converter_dir
+from ..errors import GemqError
+from ..runtime import converter_dir
 
 FLOAT_OUTTYPES = ("f32", "f16", "bf16")
 

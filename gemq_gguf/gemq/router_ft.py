@@ -1,4 +1,4 @@
-"""Router fine-tuning against the quantized experts (DESIGN.md §6), for `--finetune-routers`.
+"""Router fine-tuning against the quantized experts, for `--finetune-routers`.
 
 Quantization changes what the experts return, so the hidden states the later routers see drift and
 tokens go to other experts than in full precision. We replace every routed expert's weights in the
@@ -42,23 +42,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .archs import EXPERT_PROJS, ArchAdapter
-from .errors import GemqError
-from .ggml_quant import dequantize, fitting_type, roundtrip
-from .imatrix_io import expert_imatrix, expert_tensor_name
-from .plan import ExpertPlan
-from .writer import QuantCache
+from ..archs import ArchAdapter
+from ..errors import GemqError
+from ..ggml.imatrix import expert_imatrix
+from ..ggml.names import PROJS, expert_tensor_name, router_tensor_name
+from ..ggml.quant import QuantCache, dequantize, roundtrip
+from ..ggml.types import fitting_type
+from ..options import LOSSES, SELECT, TuneOptions
+from ..plan import ExpertPlan
+from .hooks import block_input, frozen, moe_block_hooks
 
-LOSSES = ("kd", "ce", "route", "kd+route", "ce+route")
 ROUTE_WEIGHT = 1.0
 ROUTE_TEMPERATURE = 0.5  # in units of the per-token std of the full-precision router logits
-log = logging.getLogger(__name__)
-
-DEFAULT_LOSS = "kd+route"  # measured best on the demo model (docs/router_tuning.md)
-DEFAULT_EPOCHS = 2
-SELECT = ("best", "last")  # which epoch's routers ship (tune_quantized)
 TEACHER_TOP_K = 64
-DEFAULT_LR = 1e-4
+log = logging.getLogger(__name__)
 
 
 # -- the model as llama.cpp computes it ------------------------------------------------------------
@@ -66,7 +63,7 @@ DEFAULT_LR = 1e-4
 def router_tensors(model: nn.Module, adapter: ArchAdapter) -> dict[str, nn.Parameter]:
     """Every router parameter of the model keyed by its GGUF tensor name (HF shape = GGUF numpy shape)."""
     shape = adapter.moe_shape(model.config)
-    return {f"blk.{l}.{suffix}.weight": p for l in shape.moe_layers
+    return {router_tensor_name(l, suffix): p for l in shape.moe_layers
             for suffix, p in adapter.router_params(adapter.moe_block(model, l)).items()}
 
 
@@ -84,7 +81,7 @@ def quantize_experts_(model: nn.Module, adapter: ArchAdapter, plan: ExpertPlan,
             w = adapter.expert_weights(block, e)
             adapter.set_expert_weights(block, e, {
                 p: torch.from_numpy(_roundtrip(w[p], l, e, p, plan[(l, p)][e], imatrix, cache, shape.n_experts))
-                for p in EXPERT_PROJS})
+                for p in PROJS})
 
 
 def _roundtrip(w: torch.Tensor, layer: int, expert: int, proj: str, planned: str,
@@ -121,7 +118,7 @@ def record_routing(model: nn.Module, adapter: ArchAdapter, *, logits: bool = Fal
 
     def hook(layer: int) -> Callable[..., None]:
         def f(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            x = args[0] if args else kwargs["hidden_states"]
+            x = block_input(args, kwargs)
             if grad:
                 out.logits[layer].append(adapter.router_logits(block, x).float())
                 return
@@ -133,12 +130,8 @@ def record_routing(model: nn.Module, adapter: ArchAdapter, *, logits: bool = Fal
                     z = adapter.router_logits(block, flat).float()
                     out.logits[layer].append((z - z.mean(-1, keepdim=True)).half().cpu())
         return f
-    handles = [adapter.moe_block(model, l).register_forward_hook(hook(l), with_kwargs=True) for l in shape.moe_layers]
-    try:
+    with moe_block_hooks(model, adapter, hook):
         yield out
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def routing_shift(fp_ids: dict[int, torch.Tensor], q_ids: dict[int, torch.Tensor]) -> dict[int, float]:
@@ -295,25 +288,8 @@ def _deterministic(seed: int, threads: int | None) -> Iterator[None]:
         torch.set_num_threads(was_threads)
 
 
-@contextlib.contextmanager
-def _only_routers_trainable(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[None]:
-    requires = [p.requires_grad for p in model.parameters()]
-    was_training = model.training
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    model.eval()  # no dropout or router jitter: train the routers llama.cpp will run
-    try:
-        yield
-    finally:
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
-        model.train(was_training)
-
-
-def finetune_routers(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, *, loss: str = DEFAULT_LOSS,
-                     teacher: Teacher | None = None, lr: float = DEFAULT_LR, epochs: int = 1, batch_size: int = 4,
+def finetune_routers(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, *, loss: str = TuneOptions.loss,
+                     teacher: Teacher | None = None, lr: float = TuneOptions.lr, epochs: int = 1, batch_size: int = 4,
                      seed: int = 0, threads: int | None = None, progress: bool = True,
                      history: list[float] | None = None,
                      on_epoch: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> dict[str, np.ndarray]:
@@ -329,7 +305,7 @@ def finetune_routers(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tenso
         raise ValueError(f"{loss} needs the teacher's cached distributions (teacher_pass before quantizing)")
     params = router_tensors(model, adapter)
     masters = {n: p.detach().float().clone().requires_grad_(True) for n, p in params.items()}
-    with _deterministic(seed, threads), _only_routers_trainable(model, params):
+    with _deterministic(seed, threads), frozen(model, params.values()):
         opt = torch.optim.AdamW(list(masters.values()), lr=lr, weight_decay=0.0)
         gen = torch.Generator().manual_seed(seed)
         steps = [b for _ in range(epochs) for b in _batches(len(tokens), batch_size, torch.randperm(len(tokens), generator=gen))]
@@ -381,19 +357,29 @@ def _curve(history: list[float], points: int = 20) -> list[float]:
     return [float(np.mean(c)) for c in np.array_split(np.asarray(history), min(points, len(history)))]
 
 
-def tune_quantized(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, teacher: Teacher, *,
-                   loss: str = DEFAULT_LOSS, lr: float = DEFAULT_LR, epochs: int = DEFAULT_EPOCHS, batch_size: int = 4,
-                   seed: int = 0, select: str = "best", progress: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Tune the routers of an already quantized model; returns (routers, report section).
+@dataclass
+class RouterTuning:
+    """Tuned routers by GGUF name (None: keep the file's own, no epoch beat them on held-out text), and
+    the report section that says how they were judged."""
+
+    routers: dict[str, np.ndarray] | None
+    report: dict[str, Any]
+
+
+def tune_quantized(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, teacher: Teacher,
+                   opts: TuneOptions = TuneOptions(), *, batch_size: int = 4, seed: int = 0,
+                   progress: bool = True) -> RouterTuning:
+    """Tune the routers of an already quantized model.
 
     Held-out sequences judge the tuning: KD and CE loss and routing shift per layer, before and after,
     plus the training loss curve. With `select="best"` the routers kept are those of the epoch with the
     lowest held-out KD, the untuned ones included (epoch 0): on the demo model, tuning that fits the
     calibration text can move the eval text away from full precision, and a tuning that makes things
-    worse must not ship. `select="last"` keeps the last epoch's routers.
+    worse must not ship (then `routers` is None and the model keeps its original routers). `select="last"`
+    keeps the last epoch's routers.
     """
-    if select not in SELECT:
-        raise ValueError(f"select must be one of {SELECT}, not {select!r}")
+    if opts.select not in SELECT:
+        raise ValueError(f"select must be one of {SELECT}, not {opts.select!r}")
     t0 = time.perf_counter()
     train, val = split_rows(len(tokens), seed)
     val_teacher = teacher.rows(val)
@@ -405,44 +391,41 @@ def tune_quantized(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor,
     def judge(epoch: int, masters: dict[str, torch.Tensor]) -> None:
         s = score(model, adapter, tokens[val], val_teacher, batch_size)
         heldout_kd.append(s.kd)
-        if select == "last" or s.kd < best["score"].kd:
+        if opts.select == "last" or s.kd < best["score"].kd:
             best.update(score=s, epoch=epoch, routers={n: m.detach().clone() for n, m in masters.items()})
 
     history: list[float] = []
-    finetune_routers(model, adapter, tokens[train], loss=loss, teacher=teacher.rows(train), lr=lr, epochs=epochs,
-                     batch_size=batch_size, seed=seed, progress=progress, history=history, on_epoch=judge)
+    finetune_routers(model, adapter, tokens[train], loss=opts.loss, teacher=teacher.rows(train), lr=opts.lr,
+                     epochs=opts.epochs, batch_size=batch_size, seed=seed, progress=progress, history=history,
+                     on_epoch=judge)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(best["routers"][n])
-    routers = {n: m.cpu().numpy().astype(np.float32) for n, m in best["routers"].items()}
     after = best["score"]  # judged with exactly these routers in the model
+    shipped = best["epoch"] > 0
+    if not shipped:
+        log.warning("router tuning did not lower the held-out KD (%.4f -> %s); keeping the original routers",
+                    before.kd, ", ".join(f"{v:.4f}" for v in heldout_kd[1:]))
     section = {
-        "loss": loss, "lr": lr, "epochs": epochs, "batch_size": batch_size, "seed": seed, "steps": len(history),
-        "select": select, "kept_epoch": best["epoch"], "heldout_kd_per_epoch": heldout_kd,
-        "train_sequences": len(train), "heldout_sequences": len(val), "teacher_top_k": int(teacher.logp.shape[-1]),
-        "teacher_ce": teacher.ce, "train_loss_curve": _curve(history),
+        "loss": opts.loss, "lr": opts.lr, "epochs": opts.epochs, "batch_size": batch_size, "seed": seed,
+        "steps": len(history), "select": opts.select, "kept_epoch": best["epoch"], "routers_shipped": shipped,
+        "heldout_kd_per_epoch": heldout_kd, "train_sequences": len(train), "heldout_sequences": len(val),
+        "teacher_top_k": int(teacher.logp.shape[-1]), "teacher_ce": teacher.ce, "train_loss_curve": _curve(history),
         "heldout": {"kd_before": before.kd, "kd_after": after.kd, "ce_before": before.ce, "ce_after": after.ce,
                     "route_before": before.route, "route_after": after.route},
         "routing_shift": {"mean_before": before.mean_shift, "mean_after": after.mean_shift,
                           "per_layer": {str(l): {"before": before.shift[l], "after": after.shift[l]} for l in before.shift}},
         "seconds": time.perf_counter() - t0,
     }
-    return routers, section
+    routers = {n: m.cpu().numpy().astype(np.float32) for n, m in best["routers"].items()} if shipped else None
+    return RouterTuning(routers, section)
 
 
 def tune_for_plan(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, plan: ExpertPlan,
-                  imatrix: dict[str, np.ndarray] | None, cache: QuantCache | None = None, *,
-                  loss: str = DEFAULT_LOSS, seed: int = 0, progress: bool = True,
-                  **train: Any) -> dict[str, Any]:
-    """Teacher pass, quantize the experts per `plan`, tune the routers: the writer's `_routers` and the
-    report's `router_tuning` section, as a meta dict for `gemq.allocate_plan`. The model's experts stay
+                  imatrix: dict[str, np.ndarray] | None, cache: QuantCache | None = None,
+                  opts: TuneOptions = TuneOptions(), *, seed: int = 0, progress: bool = True) -> RouterTuning:
+    """Teacher pass, quantize the experts per `plan`, tune the routers. The model's experts stay
     quantized afterwards."""
     teacher = teacher_pass(model, adapter, tokens, progress=progress)
     quantize_experts_(model, adapter, plan, imatrix, cache)
-    routers, section = tune_quantized(model, adapter, tokens, teacher, loss=loss, seed=seed, progress=progress, **train)
-    if section["kept_epoch"] == 0:  # no epoch beat the untuned routers on held-out text: ship the originals
-        log.warning("router tuning did not lower the held-out KD (%.4f -> %s); keeping the original routers",
-                    section["heldout"]["kd_before"], ", ".join(f"{v:.4f}" for v in section["heldout_kd_per_epoch"][1:]))
-        routers = None
-    section["routers_shipped"] = routers is not None
-    return {"_routers": routers, "router_tuning": section}
+    return tune_quantized(model, adapter, tokens, teacher, opts, seed=seed, progress=progress)

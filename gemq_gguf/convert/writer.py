@@ -14,29 +14,32 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, Keys, LlamaFileType
+from gguf import (
+    GGMLQuantizationType,
+    GGUFReader,
+    GGUFValueType,
+    GGUFWriter,
+    Keys,
+    LlamaFileType,
+)
 from tqdm import tqdm
 
-from .errors import GemqError
-from .ggml_quant import fitting_type, quantize, type_info
-from .plan import ExpertPlan
-from .policy import EXPERT_RE, TensorPolicy
+from ..errors import GemqError
+from ..ggml.names import EXPERT_AXIS_RE, group_tensor_name, parse_expert_name, qmap_name
+from ..ggml.quant import QuantCache, quantize, widen_bf16
+from ..ggml.types import fitting_type, type_info
+from ..plan import ExpertPlan, PlanOrigin
+from ..policy import TensorPolicy
 
 GEMQ_VERSION = 1
 log = logging.getLogger("gemq")
 
-# (tensor name, expert, type) -> quantized bytes: lets cost estimation hand its work to the writer.
-QuantCache = dict[tuple[str, int, str], np.ndarray]
-
-# tensors with one row (or entry) per routed expert, besides the expert matrices: renumbered with them
-EXPERT_AXIS_RE = re.compile(r"^blk\.(\d+)\.(ffn_gate_inp\.(weight|bias)|exp_probs_b\.bias|ffn_(gate|up|down|gate_up)_exps\.\w+)$")
 # the projection whose groups must be contiguous first (gate_up/gate and up share a fused decode kernel)
 _ORDER_PROJS = ("gate_up", "gate", "up", "down")
 
@@ -108,15 +111,15 @@ def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, skip: set[str]) -> No
         writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
 
 
-def _add_gemq_metadata(writer: GGUFWriter, meta: dict[str, Any], summary_counts: Counter, grouped: int,
+def _add_gemq_metadata(writer: GGUFWriter, origin: PlanOrigin, summary_counts: Counter, grouped: int,
                        expert_bpw: float, routers_tuned: bool, orders: dict[int, list[int]]) -> None:
     writer.add_uint32("gemq.version", GEMQ_VERSION)
-    if meta.get("budget") is not None:
-        writer.add_float32("gemq.budget", float(meta["budget"]))
-    writer.add_string("gemq.strategy", str(meta.get("strategy", "uniform")))
-    writer.add_string("gemq.granularity", str(meta.get("granularity", "expert")))
-    if meta.get("candidate_types"):
-        writer.add_array("gemq.candidate_types", list(meta["candidate_types"]))
+    if origin.budget is not None:
+        writer.add_float32("gemq.budget", float(origin.budget))
+    writer.add_string("gemq.strategy", origin.strategy)
+    writer.add_string("gemq.granularity", origin.granularity)
+    if origin.candidate_types:
+        writer.add_array("gemq.candidate_types", list(origin.candidate_types))
     writer.add_float32("gemq.expert_bpw", float(expert_bpw))
     writer.add_string("gemq.type_counts", json.dumps(dict(sorted(summary_counts.items()))))
     writer.add_uint32("gemq.grouped_tensors", grouped)
@@ -187,10 +190,10 @@ class _Planner:
         """Check the plan against every expert tensor and fit its types to the rows, before anything is
         written (so a bad plan fails first), then number each layer's experts group by group."""
         for t in reader.tensors:
-            m = EXPERT_RE.match(t.name)
-            if not m:
+            parsed = parse_expert_name(t.name)
+            if parsed is None:
                 continue
-            layer, proj = int(m.group(1)), m.group(2)
+            layer, proj = parsed
             n_exp, n_in = int(t.shape[-1]), int(t.shape[0])  # ggml order: (n_in, n_out, n_exp)
             try:
                 types = self.plan[(layer, proj)]
@@ -209,13 +212,12 @@ class _Planner:
         n_exp, n_out, n_in = data.shape
         types = self.fitted[(layer, proj)]
         groups = sorted(set(types), key=lambda t: type_info(t).id)
-        stock = name.removesuffix(".weight")
         order = self.orders.get(layer, list(range(n_exp)))  # members are old ids, listed in new order
         if len(groups) == 1:
             names = [(name, groups[0], order)]
         else:
             self.grouped += 1
-            names = [(f"{stock}.q{g}.weight", t, [e for e in order if types[e] == t]) for g, t in enumerate(groups)]
+            names = [(group_tensor_name(name, g), t, [e for e in order if types[e] == t]) for g, t in enumerate(groups)]
         outs = []
         for out_name, t, members in names:
             row_bytes = type_info(t).row_bytes(n_in)
@@ -228,13 +230,13 @@ class _Planner:
             qmap = np.full((len(groups), n_exp), -1, dtype=np.int32)
             for g, (_, _, members) in enumerate(names):
                 qmap[g, new_id[members]] = np.arange(len(members), dtype=np.int32)
-            outs.append(_Out(f"{stock}.qmap", "I32", qmap.shape, 0, lambda q=qmap: q))
+            outs.append(_Out(qmap_name(name), "I32", qmap.shape, 0, lambda q=qmap: q))
         return outs
 
 
 def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
                imatrix: dict[str, np.ndarray] | None = None, routers: dict[str, np.ndarray] | None = None,
-               metadata: dict[str, Any] | None = None, strict_plan: bool = False,
+               origin: PlanOrigin = PlanOrigin("uniform", "tensor"), strict_plan: bool = False,
                quant_cache: QuantCache | None = None, progress: bool = True) -> WriteSummary:
     """Write `dst` from the float GGUF `src` with every tensor typed by `plan` (experts) and `policy`."""
     reader = GGUFReader(src)
@@ -249,9 +251,9 @@ def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
             raise GemqError(f"{src} holds {t.name} as {t.tensor_type.name}; re-typing needs float tensors.",
                             "convert from the Hugging Face checkpoint (or a F32/F16/BF16 GGUF).")
         if t.tensor_type == GGMLQuantizationType.BF16:
-            data = _bf16_to_f32(data)
-        m = EXPERT_RE.match(t.name)
-        outs.extend(planner.experts(t.name, data, int(m.group(1)), m.group(2)) if m else [planner.plain(t.name, data)])
+            data = widen_bf16(data)
+        parsed = parse_expert_name(t.name)
+        outs.extend(planner.experts(t.name, data, *parsed) if parsed else [planner.plain(t.name, data)])
 
     counts = Counter(o.type_name for o in outs)
     expert_params = sum(o.n_params for o in outs if o.expert)
@@ -261,7 +263,7 @@ def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
         writer = GGUFWriter(tmp, arch)
         _copy_metadata(reader, writer, skip={Keys.General.FILE_TYPE} | {k for k in reader.fields if k.startswith("gemq.")})
         writer.add_file_type(LlamaFileType.GUESSED)
-        _add_gemq_metadata(writer, metadata or {}, planner.expert_counts, planner.grouped,
+        _add_gemq_metadata(writer, origin, planner.expert_counts, planner.grouped,
                            8.0 * expert_bytes / max(expert_params, 1), bool(routers), planner.orders)
         for o in outs:
             dtype = np.int32 if o.type_name == "I32" else np.uint8
@@ -301,9 +303,3 @@ def _expert_orders(fitted: dict[tuple[int, str], list[str]], n_routing_groups: i
         if order != sorted(order):
             orders[layer] = order
     return orders
-
-
-def _bf16_to_f32(data: np.ndarray) -> np.ndarray:
-    """BF16 GGUF tensors come as uint16 (or raw bytes); widen lazily to float32 per tensor."""
-    u16 = data.view(np.uint16)
-    return (u16.astype(np.uint32) << 16).view(np.float32)

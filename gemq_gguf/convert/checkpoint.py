@@ -6,8 +6,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from .archs import ArchAdapter, MoeShape, adapter_for
-from .errors import GemqError
+from ..archs import ArchAdapter, MoeShape, adapter_for
+from ..errors import GemqError
 from .hf_to_gguf import check_tokenizer
 
 

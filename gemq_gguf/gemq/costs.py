@@ -1,6 +1,6 @@
 """GEMQ costs: the predicted loss increase of quantizing each unit to each candidate ggml type.
 
-c[l, e, t] = Σ_tokens Σ_d (w_e(x)·g_d)² (E_e(x) − E_e,q(x))_d²  (DESIGN.md §5), over the tokens routed
+c[l, e, t] = Σ_tokens Σ_d (w_e(x)·g_d)² (E_e(x) − E_e,q(x))_d², over the tokens routed
 to expert e, with only that expert (or one of its projections) quantized to t by ggml's own
 quantizer with the expert's imatrix: the exact bytes that will ship. Quantizing one expert does not
 change the router's input, so this equals re-running the whole block, without re-running it.
@@ -34,17 +34,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .allocate import DEFAULT_TYPES, AllocationProblem, UnitKey
-from .archs import ArchAdapter
-from .errors import GemqError
-from .ggml_quant import dequantize, fitting_type, quantize, type_info
-from .imatrix_io import expert_imatrix, expert_tensor_name
-from .plan import ExpertPlan
+from ..allocate import AllocationProblem, UnitKey
+from ..archs import ArchAdapter
+from ..errors import GemqError
+from ..ggml.imatrix import expert_imatrix
+from ..ggml.names import PROJS, expert_tensor_name, parse_expert_name
+from ..ggml.quant import QuantCache, dequantize, quantize
+from ..ggml.types import fitting_type, type_info
+from ..options import DEFAULT_TYPES
+from ..plan import ExpertPlan
 from .stats import CalibStats, LayerStats
-from .writer import QuantCache
+from .units import Widths, effective_type, unit_bits, unit_keys
 
-GRANULARITIES = ("expert", "expert-proj", "tensor")
-PROJS = ("gate", "up", "down")
 DEFAULT_CACHE_LIMIT = 2**30
 Act = Callable[[torch.Tensor], torch.Tensor]
 
@@ -69,29 +70,6 @@ class CostTable:
 
     def problem(self) -> AllocationProblem:
         return AllocationProblem.build(self.units, self.types, self.cost, self.params, bits=self.bits)
-
-
-def unit_keys(layers: Sequence[int], n_experts: int, granularity: str) -> list[UnitKey]:
-    """Units in a fixed order: layer-major, then expert, then projection."""
-    if granularity == "expert":
-        return [(l, e, None) for l in layers for e in range(n_experts)]
-    if granularity == "expert-proj":
-        return [(l, e, p) for l in layers for e in range(n_experts) for p in PROJS]
-    if granularity == "tensor":
-        return [(l, None, p) for l in layers for p in PROJS]
-    raise GemqError(f"unknown granularity '{granularity}'.", f"use one of: {', '.join(GRANULARITIES)}.")
-
-
-def effective_type(t: str, width: int, fallback: bool, has_imatrix: bool) -> str | None:
-    """The type rows of `width` really get for candidate t (None: not allowed)."""
-    et = fitting_type(t, width) if fallback else type_info(t).name
-    if not type_info(et).fits(width) or (type_info(et).requires_imatrix and not has_imatrix):
-        return None
-    return et
-
-
-def matrix_bits(rows: int, width: int, t: str) -> int:
-    return rows * type_info(t).row_bytes(width) * 8
 
 
 # -- the arithmetic (pure) -------------------------------------------------------------------------
@@ -145,6 +123,8 @@ class _LayerJobs:
     weights: list[dict[str, np.ndarray]]
     eff: dict[str, dict[str, str | None]]            # proj -> candidate -> effective type
     futures: dict[tuple[str, int, str], Future]      # QuantCache key -> quantized bytes
+    fallback: bool                                   # a type the rows cannot take becomes llama.cpp's fallback
+    has_imatrix: dict[str, bool]                     # proj -> an imatrix exists (types that need one allowed)
 
 
 def _submit_layer(pool: ThreadPoolExecutor, adapter: ArchAdapter, block: nn.Module, layer: int, n_experts: int,
@@ -166,7 +146,7 @@ def _submit_layer(pool: ThreadPoolExecutor, adapter: ArchAdapter, block: nn.Modu
                 else:
                     im = None if imat[p] is None else imat[p][e]
                     futures[key] = pool.submit(quantize, weights[e][p], et, im, 1)
-    return _LayerJobs(layer, weights, eff, futures)
+    return _LayerJobs(layer, weights, eff, futures, fallback, {p: imat[p] is not None for p in PROJS})
 
 
 def _done(value: np.ndarray) -> Future:
@@ -238,22 +218,13 @@ def _fill_never_routed(c: np.ndarray, routed: np.ndarray) -> np.ndarray:
     return c
 
 
-def _matrix_bits(jobs: _LayerJobs, p: str, t: str) -> int | None:
-    et = jobs.eff[p][t]
-    if et is None:
-        return None
-    rows, width = jobs.weights[0][p].shape
-    return matrix_bits(rows, width, et)
+def _widths(jobs: _LayerJobs) -> Widths:
+    return {p: jobs.weights[0][p].shape for p in PROJS}
 
 
 def _unit_bits(jobs: _LayerJobs, projs: Sequence[str], types: Sequence[str], n: int = 1) -> np.ndarray:
-    """Bits of a unit made of `projs` (× n experts) for every type; nominal bpw where not allowed."""
-    out = np.empty(len(types))
-    params = n * sum(jobs.weights[0][p].size for p in projs)
-    for j, t in enumerate(types):
-        b = [_matrix_bits(jobs, p, t) for p in projs]
-        out[j] = n * sum(b) if all(v is not None for v in b) else params * type_info(t).bpw
-    return out
+    """Bits of a unit made of `projs` (x n experts) for every type; nominal bpw where not allowed."""
+    return unit_bits(_widths(jobs), projs, types, n, jobs.fallback, jobs.has_imatrix)[0]
 
 
 def _keep(cache: QuantCache, jobs: _LayerJobs, keep: bool) -> None:
@@ -362,8 +333,8 @@ def prune_cache(cache: QuantCache, plan: ExpertPlan) -> None:
     """Drop cached matrices the plan does not use, before the write (frees the other types' bytes)."""
     for key in list(cache):
         name, e, et = key
-        layer, proj = int(name.split(".")[1]), name.split(".")[2][len("ffn_"):-len("_exps")]
-        planned = plan.get((layer, proj))
+        parsed = parse_expert_name(name)
+        planned = plan.get(parsed) if parsed else None
         width = cache[key].shape[1] // type_info(et).type_size * type_info(et).block_size
         if planned is None or fitting_type(planned[e], width) != et:
             del cache[key]

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
-from .errors import GemqError
+from ..errors import GemqError
+from .names import expert_tensor_name
 
 KV_TYPE = "general.type"
 KV_DATASETS = "imatrix.datasets"
@@ -26,11 +27,6 @@ KV_CHUNK_COUNT = "imatrix.chunk_count"
 KV_CHUNK_SIZE = "imatrix.chunk_size"
 SUM_SUFFIX = ".in_sum2"
 COUNT_SUFFIX = ".counts"
-
-
-def expert_tensor_name(layer: int, proj: str) -> str:
-    """GGUF name of a layer's stacked routed-expert tensor; `proj` is gate, up, down (or gate_up)."""
-    return f"blk.{layer}.ffn_{proj}_exps.weight"
 
 
 @dataclass

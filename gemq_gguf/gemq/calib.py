@@ -19,8 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .data import calib_texts
-from .errors import GemqError
+from ..data import calib_texts
+from ..errors import GemqError
 
 DEFAULT_TOKENS = 32768
 DEFAULT_SEQ_LEN = 512

@@ -1,6 +1,6 @@
 """Calibration statistics for GEMQ, from one forward + backward pass over the calibration tokens.
 
-For every MoE layer we keep what the cost of quantizing any expert needs (DESIGN.md §5):
+For every MoE layer we keep what the cost of quantizing any expert needs:
 the block input x [T, H], the gradient g [T, H] of the LM loss w.r.t. the block output (routed plus
 shared part, i.e. what the block returns), the routing (ids, weights [T, k]), and per expert the
 importance matrix sums (Σ x² for gate/up inputs, Σ (act(gate x)·up x)² for down inputs) and token
@@ -36,8 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .archs import ArchAdapter
-from .imatrix_io import Imatrix, expert_tensor_name
+from ..archs import ArchAdapter
+from ..ggml.imatrix import Imatrix
+from ..ggml.names import expert_tensor_name
+from ..options import FISHER_LABELS
+from .hooks import block_input, frozen, moe_block_hooks
 
 DEFAULT_RAM_LIMIT = 2 * 2**30
 
@@ -111,18 +114,17 @@ def _accumulate_imatrix(adapter: ArchAdapter, block: nn.Module, x: torch.Tensor,
 
 
 class _Recorder:
-    """Hooks on the MoE blocks; `offset` / `n` locate the current batch in the token buffers."""
+    """Forward hooks on the MoE blocks; `offset` locates the current batch in the token buffers."""
 
-    def __init__(self, adapter: ArchAdapter, blocks: dict[int, nn.Module], stats: dict[int, LayerStats]) -> None:
-        self.adapter, self.blocks, self.stats = adapter, blocks, stats
+    def __init__(self, adapter: ArchAdapter, stats: dict[int, LayerStats]) -> None:
+        self.adapter, self.stats = adapter, stats
         self.offset = 0
-        self.handles = [b.register_forward_hook(self._hook(l), with_kwargs=True) for l, b in blocks.items()]
 
-    def _hook(self, layer: int) -> Callable[..., None]:
+    def hook(self, layer: int) -> Callable[..., None]:
         def hook(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             s, start = self.stats[layer], self.offset
             out = output[0] if isinstance(output, tuple) else output
-            x_in = args[0] if args else kwargs["hidden_states"]
+            x_in = block_input(args, kwargs)
             x = x_in.detach().reshape(-1, x_in.shape[-1])
             end = start + x.shape[0]
             with torch.no_grad():
@@ -138,12 +140,6 @@ class _Recorder:
                 out.register_hook(grad_hook)
         return hook
 
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-FISHER_LABELS = ("sampled", "data")
 
 
 def _sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -183,7 +179,6 @@ def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, 
         if work_dir is not None:
             Path(work_dir).mkdir(parents=True, exist_ok=True)
         work_dir = Path(tempfile.mkdtemp(prefix="gemq-stats-", dir=work_dir))
-    blocks = {l: adapter.moe_block(model, l) for l in shape.moe_layers}
     stats = {l: LayerStats(
         layer=l,
         x=_buffer((n_tok, shape.hidden), store_dtype, work_dir / f"x{l}.bin" if spill else None),
@@ -195,35 +190,28 @@ def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, 
         counts=torch.zeros(shape.n_experts, dtype=torch.int64)) for l in shape.moe_layers}
 
     device = model.get_input_embeddings().weight.device
-    was_training = model.training
-    model.eval()
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
+    # the embedding output requires grad, so backward reaches the MoE blocks' outputs with every weight frozen
     embed_hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-    recorder = _Recorder(adapter, blocks, stats)
+    recorder = _Recorder(adapter, stats)
     total = 0.0
     gen: torch.Generator | None = None  # made on the logits' device: draws happen where the logits are
     try:
-        starts = range(0, n_seq, batch_size)
-        if progress:
-            from tqdm import tqdm
-            starts = tqdm(starts, desc="calibration", unit="batch")
-        for start in starts:
-            batch = tokens[start:start + batch_size].to(device)
-            recorder.offset = start * seq_len
-            logits = model(input_ids=batch, use_cache=False).logits
-            if gen is None:
-                gen = torch.Generator(device=logits.device).manual_seed(seed)
-            loss = _sequence_loss(logits, _targets(logits, batch, labels, gen))
-            loss.backward()
-            total += float(loss.detach())
+        with frozen(model), moe_block_hooks(model, adapter, recorder.hook):
+            starts = range(0, n_seq, batch_size)
+            if progress:
+                from tqdm import tqdm
+                starts = tqdm(starts, desc="calibration", unit="batch")
+            for start in starts:
+                batch = tokens[start:start + batch_size].to(device)
+                recorder.offset = start * seq_len
+                logits = model(input_ids=batch, use_cache=False).logits
+                if gen is None:
+                    gen = torch.Generator(device=logits.device).manual_seed(seed)
+                loss = _sequence_loss(logits, _targets(logits, batch, labels, gen))
+                loss.backward()
+                total += float(loss.detach())
     finally:
-        recorder.close()
         embed_hook.remove()
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
-        model.train(was_training)
     result = CalibStats(layers=stats, n_seq=n_seq, seq_len=seq_len, loss=total / n_seq, datasets=list(datasets or []),
                         work_dir=work_dir if spill else None)
     if spill:  # the memmap files go when the statistics do

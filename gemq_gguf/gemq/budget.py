@@ -1,0 +1,152 @@
+"""`--budget`: calibrate, estimate per-expert costs with ggml's quantizer, solve the global allocation,
+and optionally tune the routers against the result.
+
+The glue between the pure pieces (calib, stats, costs, allocate, report): it returns the expert types
+plus what the writer and the report need (imatrix, already quantized bytes, tuned routers).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..allocate import Allocation, AllocationProblem, check_budget, solve
+from ..archs import ArchAdapter, MoeShape
+from ..errors import GemqError
+from ..ggml.imatrix import read_imatrix, write_imatrix
+from ..ggml.names import PROJS
+from ..ggml.quant import QuantCache
+from ..ggml.types import canonical
+from ..options import AllocOptions, CalibOptions, OutputOptions, TuneOptions
+from ..plan import ExpertTypes, PlanOrigin, plan_from_allocation
+from ..report import plot_heatmap, print_allocation, report_dict
+from .calib import calibration_tokens
+from .costs import estimate_costs, prune_cache
+from .stats import CalibStats, collect_stats, load_for_calibration
+from .units import Widths, unit_bits, unit_keys, unit_projs
+
+log = logging.getLogger("gemq")
+
+
+def expert_widths(shape: MoeShape) -> Widths:
+    """(rows, row width) of each expert projection, in ggml terms."""
+    return {"gate": (shape.expert_ffn, shape.hidden), "up": (shape.expert_ffn, shape.hidden),
+            "down": (shape.hidden, shape.expert_ffn)}
+
+
+def size_problem(shape: MoeShape, types: list[str], granularity: str, has_imatrix: bool) -> AllocationProblem:
+    """The allocation problem with exact bits and zero costs: budget checks and the uniform baseline need
+    no calibration. Types a projection cannot take are not allowed (expert granularity: llama.cpp's fallback)."""
+    units = unit_keys(list(shape.moe_layers), shape.n_experts, granularity)
+    widths = expert_widths(shape)
+    bits = np.empty((len(units), len(types)))
+    cost = np.zeros_like(bits)
+    params = np.zeros(len(units))
+    for u, unit in enumerate(units):
+        projs, n = unit_projs(unit), shape.n_experts if unit[1] is None else 1
+        params[u] = n * sum(widths[p][0] * widths[p][1] for p in projs)
+        bits[u], allowed = unit_bits(widths, projs, types, n, granularity == "expert", dict.fromkeys(PROJS, has_imatrix))
+        cost[u, ~allowed] = np.inf
+    return AllocationProblem.build(units, types, cost, params, bits=bits)
+
+
+def check_request(opts: AllocOptions, shape: MoeShape) -> list[str]:
+    """Validate types and budget before any heavy work; returns the candidate types."""
+    types = [canonical(t) for t in opts.types]
+    problem = size_problem(shape, types, opts.granularity, has_imatrix=True)
+    check_budget(problem, opts.budget)
+    hi = problem.bpw_range()[1]
+    if opts.budget > hi * (1 + 1e-12):
+        raise GemqError(f"budget {opts.budget:g} bpw is above the highest reachable average ({hi:.4f} bpw) with "
+                        f"types {', '.join(types)}: every expert would get the widest type.",
+                        f"use --budget up to {hi:.4f}, add a wider type (e.g. Q8_0) to --types, or use --uniform.")
+    return types
+
+
+def calib_tokens(model_dir: Path, calib: CalibOptions) -> torch.Tensor:
+    """The calibration tokens [n_seq, seq_len] (seeded: the same on every call)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return calibration_tokens(tokenizer, calib.texts or None, calib.tokens, calib.seq_len, calib.seed)
+
+
+@dataclass
+class Calibration:
+    """The calibrated model and what one forward + backward pass over the calibration text gave."""
+
+    model: nn.Module
+    tokens: torch.Tensor
+    stats: CalibStats
+    imatrix: dict[str, np.ndarray]  # per-matrix means by GGUF name: ours, or the user's --imatrix
+
+
+def calibrate(model_dir: Path, adapter: ArchAdapter, calib: CalibOptions, work_dir: Path) -> Calibration:
+    """Load the model, tokenize the calibration text once, and gather the statistics."""
+    tokens = calib_tokens(model_dir, calib)
+    log.info("calibration: %d sequences x %d tokens", *tokens.shape)
+    model = load_for_calibration(model_dir)
+    stats = collect_stats(model, adapter, tokens, progress=True, work_dir=work_dir,
+                          datasets=list(calib.texts) or ["gemq-gguf built-in mix"], labels=calib.fisher,
+                          seed=calib.seed)
+    imatrix = (read_imatrix(calib.imatrix) if calib.imatrix else stats.imatrix()).means()
+    return Calibration(model, tokens, stats, imatrix)
+
+
+def allocate_experts(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, float_gguf: Path, opts: AllocOptions,
+                     types: list[str], calib: CalibOptions, tune: TuneOptions | None,
+                     output: OutputOptions) -> ExpertTypes:
+    """Expert types for `--budget` under `--strategy` (`types`: the candidates `check_request` accepted),
+    with the report sections, heatmap and writer inputs."""
+    c = calibrate(model_dir, adapter, calib, float_gguf.parent)
+    if output.save_imatrix is not None:
+        write_imatrix(output.save_imatrix, c.stats.imatrix())
+        log.info("imatrix: %s", output.save_imatrix)
+    cache: QuantCache = {}
+    report: dict[str, Any] = {"calibration": {"sequences": c.stats.n_seq, "seq_len": c.stats.seq_len,
+                                              "loss": c.stats.loss, "datasets": c.stats.datasets}}
+    if opts.strategy == "uniform":
+        problem = size_problem(shape, types, opts.granularity, has_imatrix=True)
+    else:
+        table = estimate_costs(c.model, adapter, c.stats, c.imatrix, types=types, granularity=opts.granularity,
+                               cache=cache, progress=True)
+        problem = table.problem()
+        report.update(never_routed_experts=[f"L{l}.E{e}" for l, e in table.never_routed], cost_notes=table.notes,
+                      cost_seconds=table.seconds)
+    del c.stats
+    alloc, routers, tuning_report = _solve_and_tune(c, adapter, shape, float_gguf, problem, cache, opts, calib, tune)
+    plan = plan_from_allocation(alloc, list(shape.moe_layers), shape.n_experts)
+    prune_cache(cache, plan)
+    print_allocation(alloc, report)
+    plot_heatmap(alloc, output.heatmap_path, title=f"{model_dir.name}: {opts.strategy} {opts.budget} bpw "
+                                                   f"({opts.granularity})")
+    report["heatmap"] = str(output.heatmap_path)
+    if alloc.bpw > opts.budget + 1e-9:
+        raise GemqError(f"the allocation uses {alloc.bpw:.4f} bpw, over the budget {opts.budget}.",
+                        "report this as a bug.")
+    return ExpertTypes(plan=plan, origin=PlanOrigin(opts.strategy, opts.granularity, opts.budget, tuple(types)),
+                       report={"allocation": report_dict(alloc, report), **tuning_report}, imatrix=c.imatrix,
+                       quant_cache=cache, routers=routers)
+
+
+def _solve_and_tune(c: Calibration, adapter: ArchAdapter, shape: MoeShape, float_gguf: Path, problem: AllocationProblem,
+                    cache: QuantCache, opts: AllocOptions, calib: CalibOptions,
+                    tune: TuneOptions | None) -> tuple[Allocation, dict[str, np.ndarray] | None, dict[str, Any]]:
+    """The allocation at the budget, and with router tuning (once, or progressively) the tuned routers
+    and their report sections (router_ft.py, progressive.py)."""
+    if tune is not None and tune.progressive:
+        from .progressive import progressive_allocation
+        res = progressive_allocation(c.model, adapter, float_gguf, c.tokens, c.imatrix, problem, cache, opts, tune,
+                                     calib)
+        return res.allocation, res.tuning.routers, {"router_tuning": res.tuning.report, "progressive": res.steps}
+    alloc = solve(opts.strategy, problem, opts.budget, max_types=opts.max_types)
+    if tune is None:
+        return alloc, None, {}
+    from .router_ft import tune_for_plan
+    plan = plan_from_allocation(alloc, list(shape.moe_layers), shape.n_experts)
+    tuning = tune_for_plan(c.model, adapter, c.tokens, plan, c.imatrix, cache, tune, seed=calib.seed)
+    return alloc, tuning.routers, {"router_tuning": tuning.report}

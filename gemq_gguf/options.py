@@ -1,0 +1,112 @@
+"""What a conversion can be asked, as one small typed record per stage, with the defaults users get.
+
+Each stage takes only its own record (calibration its `CalibOptions`, the allocation its
+`AllocOptions`, ...), and the command line reads its defaults from here, so a default lives in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: candidate expert types of `--budget` (real ggml bits: IQ2_XXS 2.06 ... Q6_K 6.56)
+DEFAULT_TYPES: tuple[str, ...] = ("IQ2_XXS", "Q2_K", "IQ3_XXS", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K")
+STRATEGIES: tuple[str, ...] = ("gemq", "layerwise", "uniform")
+GRANULARITIES: tuple[str, ...] = ("expert", "expert-proj", "tensor")
+#: gradient targets: draws from the model's own predictions (true Fisher), or the text's next tokens
+FISHER_LABELS: tuple[str, ...] = ("sampled", "data")
+#: router-tuning losses (gemq.router_ft) and which epoch's routers ship
+LOSSES: tuple[str, ...] = ("kd", "ce", "route", "kd+route", "ce+route")
+SELECT: tuple[str, ...] = ("best", "last")
+
+
+@dataclass(frozen=True)
+class CalibOptions:
+    """The calibration text and how statistics are gathered from it."""
+
+    texts: tuple[str, ...] = ()          # FILE[:WEIGHT] specs; empty = the packaged mix
+    tokens: int = 32768
+    seq_len: int = 512
+    seed: int = 0
+    fisher: str = FISHER_LABELS[0]       # "sampled": measured better than "data" (docs/allocation.md)
+    imatrix: Path | None = None          # a llama.cpp imatrix to quantize with instead of ours
+
+
+@dataclass(frozen=True)
+class AllocOptions:
+    """`--budget`: how the experts' types are chosen."""
+
+    budget: float
+    strategy: str = STRATEGIES[0]
+    granularity: str = GRANULARITIES[0]
+    types: tuple[str, ...] = DEFAULT_TYPES
+    max_types: int = 3
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """`--finetune-routers` / `--progressive K`: router tuning against the quantized experts."""
+
+    loss: str = "kd+route"               # measured best on the demo model (docs/router_tuning.md)
+    lr: float = 1e-4
+    epochs: int = 2
+    select: str = SELECT[0]
+    progressive: int = 0                 # 0: tune once at the budget; K: reach it in K allocations
+
+
+@dataclass(frozen=True)
+class UniformTypes:
+    """`--uniform TYPE`: every routed expert gets one type."""
+
+    type: str
+
+
+@dataclass(frozen=True)
+class PlanFile:
+    """`--plan FILE`: explicit types from a plan or an allocation report."""
+
+    path: Path
+
+
+ExpertTyping = UniformTypes | PlanFile | AllocOptions
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where the file, its report and its picture go, and what is kept."""
+
+    path: Path
+    report_json: Path | None = None      # default: OUT with .json
+    heatmap: Path | None = None          # default: OUT with .png
+    work_dir: Path | None = None         # the intermediate float GGUF (default: next to the output)
+    keep_intermediate: bool = False
+    dry_run: bool = False
+    save_imatrix: Path | None = None     # also write the calibration's imatrix for llama-quantize
+
+    @property
+    def report_path(self) -> Path:
+        return self.report_json or self.path.with_suffix(".json")
+
+    @property
+    def heatmap_path(self) -> Path:
+        return self.heatmap or self.path.with_suffix(".png")
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """Types of the tensors that are not routed experts (`--tensor-type`, `--non-expert`)."""
+
+    tensor_types: tuple[str, ...] = ()
+    non_expert: str | None = None
+
+
+@dataclass(frozen=True)
+class ConvertRequest:
+    """One conversion: the model, how its experts are typed, and each stage's options."""
+
+    model: str
+    output: OutputOptions
+    experts: ExpertTyping
+    policy: PolicyOptions = field(default_factory=PolicyOptions)
+    calib: CalibOptions = field(default_factory=CalibOptions)
+    tune: TuneOptions | None = None
+    verbose: bool = False
