@@ -12,6 +12,7 @@ import pytest
 from gemq_gguf import evaluate as ev
 from gemq_gguf.data import eval_texts
 from gemq_gguf.errors import GemqError
+from gemq_gguf.evaluate.base_file import write_chunk, write_header
 
 
 def _softmax_log(logits: np.ndarray) -> np.ndarray:
@@ -132,10 +133,10 @@ def _write_base(path: Path, n_ctx: int, n_vocab: int, n_chunk: int, seed: int) -
     rng = np.random.default_rng(seed)
     chunks = []
     with open(path, "wb") as f:
-        ev._write_header(f, n_ctx, n_vocab, rng.integers(0, n_vocab, n_chunk * n_ctx))
+        write_header(f, n_ctx, n_vocab, rng.integers(0, n_vocab, n_chunk * n_ctx))
         for _ in range(n_chunk):
             chunks.append(ev.encode_log_probs(rng.normal(0, 5, (n_ctx - 1 - n_ctx // 2, n_vocab))))
-            ev._write_chunk(f, chunks[-1])
+            write_chunk(f, chunks[-1])
     return chunks
 
 
