@@ -53,8 +53,16 @@ class ArchAdapter:
 
     # -- Hugging Face side (transformers 5: every MoE block has `gate` -> (logits, weights, ids) and
     # -- `experts` with stacked `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]).
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The model's decoder layers, in order (what layer-streamed calibration walks through)."""
+        return model.model.layers
+
+    def block_of(self, layer_module: nn.Module) -> nn.Module:
+        """The MoE block inside one decoder layer module."""
+        return getattr(layer_module, self.block_attr)
+
     def moe_block(self, model: nn.Module, layer: int) -> nn.Module:
-        return getattr(model.model.layers[layer], self.block_attr)
+        return self.block_of(self.decoder_layers(model)[layer])
 
     def router(self, block: nn.Module) -> nn.Module:
         return block.gate
