@@ -23,7 +23,6 @@ found through $GEMQ_GGUF_HOME/llama.cpp/PATHS.json, or --bin-dir / --lib-dir; gg
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.util
 import json
 import os
@@ -34,7 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-QK_K_TYPES = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q6_K": 14}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's quantizer and grouped layout
+from gemq_gguf.ggml.layout import expert_qmap, group_tensor_name, qmap_name  # noqa: E402
+from gemq_gguf.ggml.quant import quantize  # noqa: E402
+
+QK_K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q6_K")
 VARIANT_TYPES = {"grouped": ["Q4_K"] * 3, "mixed": ["Q2_K", "Q4_K", "Q6_K"], "mixed3": ["Q3_K", "Q4_K", "Q6_K"]}
 
 
@@ -51,28 +54,6 @@ def import_gguf(src_dir: str | None):
         sys.path.insert(0, str(Path(src_dir) / "gguf-py"))
     import gguf
     return gguf
-
-
-class Quantizer:
-    """ggml_quantize_chunk from the patched libggml-base (K-quants need no imatrix)."""
-
-    def __init__(self, lib_dir: Path):
-        name = "libggml-base.dylib" if sys.platform == "darwin" else "libggml-base.so"
-        self.lib = ctypes.CDLL(str(lib_dir / name))
-        self.lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-        self.lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-        self.lib.ggml_row_size.restype = ctypes.c_size_t
-        self.lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
-
-    def __call__(self, rows: np.ndarray, type_name: str) -> np.ndarray:
-        t = QK_K_TYPES[type_name]
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        n_rows, n_per_row = rows.shape
-        rb = self.lib.ggml_row_size(t, n_per_row)
-        out = np.empty((n_rows, rb), dtype=np.uint8)
-        self.lib.ggml_quantize_chunk(t, rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, None)
-        return out
 
 
 def add_vocab(w, gguf, n_vocab: int) -> None:
@@ -116,9 +97,7 @@ def write_model(path: Path, variant: str, a: argparse.Namespace, gguf, pools: di
     E = a.experts
     groups = (np.array_split(np.arange(E), 3) if a.expert_order == "group-major" else
               [np.arange(g, E, 3) for g in range(3)])
-    qmap = np.full((3, E), -1, dtype=np.int32)
-    for g, ids in enumerate(groups):
-        qmap[g, ids] = np.arange(len(ids), dtype=np.int32)
+    qmap = expert_qmap(groups, E)
     for il in range(a.layers):
         p = f"blk.{il}."
         w.add_tensor(p + "attn_norm.weight", dense["norm"])
@@ -131,25 +110,25 @@ def write_model(path: Path, variant: str, a: argparse.Namespace, gguf, pools: di
         w.add_tensor(p + "attn_output.weight", dense["o"], raw_dtype=Q8)
         w.add_tensor(p + "ffn_gate_inp.weight", dense["router"][il % len(dense["router"])])
         for proj in ("gate", "up", "down"):
-            name = p + f"ffn_{proj}_exps"
+            name = p + f"ffn_{proj}_exps.weight"
             # expert e uses pool slot (e * 7 + il) % P: identical statistics, distinct bytes per layer
             P = pools["Q4_K"][proj].shape[0]
             slots = (np.arange(E) * 7 + il) % P
             if variant == "uniform":
-                w.add_tensor(name + ".weight", pools["Q4_K"][proj][slots], raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+                w.add_tensor(name, pools["Q4_K"][proj][slots], raw_dtype=gguf.GGMLQuantizationType.Q4_K)
                 continue
             types = VARIANT_TYPES[variant]
             for g, ids in enumerate(groups):
-                w.add_tensor(name + f".q{g}.weight", pools[types[g]][proj][slots[ids]],
+                w.add_tensor(group_tensor_name(name, g), pools[types[g]][proj][slots[ids]],
                              raw_dtype=gguf.GGMLQuantizationType[types[g]])
-            w.add_tensor(name + ".qmap", qmap)
+            w.add_tensor(qmap_name(name), qmap)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
 
-def make_models(a: argparse.Namespace, gguf, quant: Quantizer, out: Path) -> list[Path]:
+def make_models(a: argparse.Namespace, gguf, out: Path) -> list[Path]:
     rng = np.random.default_rng(0)
     P = a.pool
     pools: dict[str, dict[str, np.ndarray]] = {t: {} for t in QK_K_TYPES}
@@ -157,7 +136,7 @@ def make_models(a: argparse.Namespace, gguf, quant: Quantizer, out: Path) -> lis
         n_out, n_in = (a.hidden, a.ffn) if proj == "down" else (a.ffn, a.hidden)
         x = (rng.standard_normal((P * n_out, n_in), dtype=np.float32) * 0.02)
         for t in QK_K_TYPES:
-            pools[t][proj] = quant(x, t).reshape(P, n_out, -1)
+            pools[t][proj] = quantize(x, t).reshape(P, n_out, -1)  # K-quants need no imatrix
     q8 = lambda r, c: gguf.quants.quantize(rng.standard_normal((r, c), dtype=np.float32) * 0.02,  # noqa: E731
                                            gguf.GGMLQuantizationType.Q8_0)
     qd = a.heads * a.head_dim
@@ -216,7 +195,8 @@ def main() -> int:
         sys.exit(f"{bench} not found: build with cpp_patch/build.py or pass --bin-dir")
     gguf = import_gguf(info.get("src_dir"))
     a.out.mkdir(parents=True, exist_ok=True)
-    files = make_models(a, gguf, Quantizer(lib_dir), a.out)
+    os.environ.setdefault("GEMQ_GGML_LIB_DIR", str(lib_dir))  # the quantizer's libggml-base
+    files = make_models(a, gguf, a.out)
     if a.gen_only:
         return 0
 

@@ -22,7 +22,10 @@ import numpy as np
 import pytest
 
 from gemq_gguf import runtime
+from gemq_gguf.convert.writer import copy_metadata
+from gemq_gguf.evaluate import kld_vs_logits
 from gemq_gguf.ggml import lib, quant
+from gemq_gguf.ggml.layout import expert_qmap, group_tensor_name, qmap_name
 from gemq_gguf.ggml.names import EXPERT_RE
 
 ARCHS_EXACT = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2"]
@@ -39,16 +42,6 @@ def _require_patched() -> None:
 
 
 # ------------------------------------------------------------------ GGUF helpers (gguf-py only)
-
-def _copy_metadata(reader, writer) -> None:
-    from gguf import GGUFValueType, Keys
-    for f in reader.fields.values():
-        if f.name.startswith("GGUF.") or f.name == Keys.General.ARCHITECTURE:
-            continue
-        vtype = f.types[0]
-        sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
-        writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
-
 
 _QCACHE: dict[tuple[str, int, str], np.ndarray] = {}
 
@@ -69,7 +62,7 @@ def rewrite_experts(src: Path, dst: Path, group_types: list[str], group_of=lambd
     reader = gguf.GGUFReader(str(src))
     arch = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
     writer = gguf.GGUFWriter(str(dst), arch)
-    _copy_metadata(reader, writer)
+    copy_metadata(reader, writer)
     if not dequantized:
         writer.add_uint32("gemq.version", 1)
     for t in reader.tensors:
@@ -90,13 +83,10 @@ def rewrite_experts(src: Path, dst: Path, group_types: list[str], group_of=lambd
             writer.add_tensor(t.name, np.stack([q[e] for e in range(n_exp)]),
                               raw_dtype=gguf.GGMLQuantizationType[group_types[0]])
         else:
-            base = t.name[: -len(".weight")]
-            qmap = np.full((G, n_exp), -1, dtype=np.int32)
             for g in range(G):
-                qmap[g, members[g]] = np.arange(len(members[g]), dtype=np.int32)
-                writer.add_tensor(f"{base}.q{g}.weight", np.stack([q[e] for e in members[g]]),
+                writer.add_tensor(group_tensor_name(t.name, g), np.stack([q[e] for e in members[g]]),
                                   raw_dtype=gguf.GGMLQuantizationType[group_types[g]])
-            writer.add_tensor(f"{base}.qmap", qmap)
+            writer.add_tensor(qmap_name(t.name), expert_qmap(members, n_exp))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -125,13 +115,8 @@ def llama_logits(path: Path) -> np.ndarray:
 
 
 def kld_top1(ref: np.ndarray, test: np.ndarray) -> tuple[float, float]:
-    def logp(x: np.ndarray) -> np.ndarray:
-        x = x - x.max(axis=-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    lp, lq = logp(ref), logp(test)
-    kld = float((np.exp(lp) * (lp - lq)).sum(axis=-1).mean())
-    top1 = float((ref.argmax(-1) == test.argmax(-1)).mean())
-    return kld, top1
+    c = kld_vs_logits(test, ref)
+    return c.kld_mean, c.same_top_p
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFWriter
 
-from gemq_gguf.convert.writer import group_major_order, write_gguf
+from gemq_gguf.convert.writer import write_gguf
 from gemq_gguf.errors import GemqError
+from gemq_gguf.ggml.layout import group_major_order
 from gemq_gguf.ggml.quant import quantize
 from gemq_gguf.plan import uniform_plan
 from gemq_gguf.policy import TensorPolicy

@@ -31,7 +31,8 @@ from gguf import (
 from tqdm import tqdm
 
 from ..errors import GemqError
-from ..ggml.names import EXPERT_AXIS_RE, group_tensor_name, parse_expert_name, qmap_name
+from ..ggml.layout import expert_qmap, group_major_order, group_tensor_name, qmap_name
+from ..ggml.names import EXPERT_AXIS_RE, parse_expert_name
 from ..ggml.quant import QuantCache, quantize, widen_bf16
 from ..ggml.types import fitting_type, type_info
 from ..plan import ExpertPlan, PlanOrigin
@@ -42,17 +43,6 @@ log = logging.getLogger("gemq")
 
 # the projection whose groups must be contiguous first (gate_up/gate and up share a fused decode kernel)
 _ORDER_PROJS = ("gate_up", "gate", "up", "down")
-
-
-def group_major_order(types: list[list[str]], n_routing_groups: int = 1) -> list[int]:
-    """New expert numbering of a layer: old expert ids in their new order. A stable sort by routing
-    group (DeepSeek's group-limited routing needs its experts to stay in their group), then by the
-    ggml type id of each projection in `types`; experts of one type per projection end up adjacent,
-    groups ascending by type id as the layout orders them. Identity when every expert has one type."""
-    n = len(types[0])
-    per = n // max(n_routing_groups, 1)
-    ids = [[type_info(t).id for t in ts] for ts in types]
-    return sorted(range(n), key=lambda e: (e // per, *(row[e] for row in ids)))
 
 
 @dataclass
@@ -102,7 +92,8 @@ class WriteSummary:
                 "fallbacks": self.fallbacks}
 
 
-def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, skip: set[str]) -> None:
+def copy_metadata(reader: GGUFReader, writer: GGUFWriter, skip: frozenset[str] | set[str] = frozenset()) -> None:
+    """Every key of `reader` but the architecture (the writer sets it) and `skip`, with its exact value type."""
     for f in reader.fields.values():
         if f.name.startswith("GGUF.") or f.name in skip or f.name == Keys.General.ARCHITECTURE:
             continue
@@ -227,9 +218,7 @@ class _Planner:
             outs.append(_Out(out_name, t, (len(members), n_out, row_bytes), len(members) * n_out * n_in, make, True))
         if len(groups) > 1:
             new_id = np.argsort(order)
-            qmap = np.full((len(groups), n_exp), -1, dtype=np.int32)
-            for g, (_, _, members) in enumerate(names):
-                qmap[g, new_id[members]] = np.arange(len(members), dtype=np.int32)
+            qmap = expert_qmap([new_id[members] for _, _, members in names], n_exp)
             outs.append(_Out(qmap_name(name), "I32", qmap.shape, 0, lambda q=qmap: q))
         return outs
 
@@ -261,7 +250,7 @@ def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
     tmp = dst.with_name(dst.name + ".tmp")
     try:
         writer = GGUFWriter(tmp, arch)
-        _copy_metadata(reader, writer, skip={Keys.General.FILE_TYPE} | {k for k in reader.fields if k.startswith("gemq.")})
+        copy_metadata(reader, writer, skip={Keys.General.FILE_TYPE} | {k for k in reader.fields if k.startswith("gemq.")})
         writer.add_file_type(LlamaFileType.GUESSED)
         _add_gemq_metadata(writer, origin, planner.expert_counts, planner.grouped,
                            8.0 * expert_bytes / max(expert_params, 1), bool(routers), planner.orders)

@@ -11,12 +11,36 @@ not a look-alike. Modules, one job each:
 from .base_file import BASE_MAGIC, BaseChunk, BaseFile, merge_base_files
 from .cli import main, read_texts
 from .options import RunOptions
-from .perplexity_backend import binary_kld, binary_kld_base, find_llama_perplexity, parse_kld_output
-from .python_backend import (cached_kld_base, chunk_logits, llama_logits, n_chunks_for, open_llama,
-                             score_against_base, score_paired, tokenize_like_perplexity, write_kld_base)
+from .perplexity_backend import (
+                             binary_kld,
+                             binary_kld_base,
+                             find_llama_perplexity,
+                             parse_kld_output,
+)
+from .python_backend import (
+                             cached_kld_base,
+                             chunk_logits,
+                             llama_logits,
+                             n_chunks_for,
+                             open_llama,
+                             score_against_base,
+                             score_paired,
+                             tokenize_like_perplexity,
+                             write_kld_base,
+)
 from .run import EvalResult, evaluate_gguf, print_result
-from .scores import (LOG_PROB_FLOOR, EvalStats, LogitsComparison, TokenScores, encode_log_probs,
-                     kld_vs_logits, median, percentile, score_chunk, stats_from_scores)
+from .scores import (
+                             LOG_PROB_FLOOR,
+                             EvalStats,
+                             LogitsComparison,
+                             TokenScores,
+                             encode_log_probs,
+                             kld_vs_logits,
+                             median,
+                             percentile,
+                             score_chunk,
+                             stats_from_scores,
+)
 
 __all__ = [
     "BASE_MAGIC", "LOG_PROB_FLOOR", "BaseChunk", "BaseFile", "EvalResult", "EvalStats", "LogitsComparison",

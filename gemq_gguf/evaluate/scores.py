@@ -230,7 +230,7 @@ def kld_vs_logits(test_logits: Any, ref_logits: Any) -> LogitsComparison:
 
 def _as_2d_float64(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
-        x = x.detach().float().cpu().numpy()
+        x = x.detach().double().cpu().numpy()
     a = np.asarray(x, dtype=np.float64)
     return a.reshape(-1, a.shape[-1])
 

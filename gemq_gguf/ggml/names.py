@@ -1,7 +1,7 @@
-"""GGUF tensor names: the routed-expert tensors, their grouped form, routers, and tensor categories.
+"""GGUF tensor names: the routed-expert tensors, routers, and tensor categories.
 
 Names come from gguf-py's own tables (`TENSOR_NAMES`), so they are what llama.cpp's converter writes and
-its loader looks up. The grouped layout (`.q{g}.weight` + `.qmap`, docs/gguf-layout.md) is ours.
+its loader looks up. The grouped layout's names are ours (`layout.py`).
 """
 from __future__ import annotations
 
@@ -46,16 +46,6 @@ def parse_expert_name(name: str) -> tuple[int, str] | None:
 def router_tensor_name(layer: int, suffix: str = ROUTER) -> str:
     """GGUF name of a router weight (`ffn_gate_inp`, or the shared-expert gate `ffn_gate_inp_shexp`)."""
     return f"blk.{layer}.{suffix}.weight"
-
-
-def group_tensor_name(expert_name: str, group: int) -> str:
-    """Group g of a grouped expert tensor: blk.N.ffn_P_exps.weight -> blk.N.ffn_P_exps.q{g}.weight."""
-    return f"{expert_name.removesuffix('.weight')}.q{group}.weight"
-
-
-def qmap_name(expert_name: str) -> str:
-    """The I32 map of a grouped expert tensor: blk.N.ffn_P_exps.weight -> blk.N.ffn_P_exps.qmap."""
-    return f"{expert_name.removesuffix('.weight')}.qmap"
 
 
 #: categories of non-expert tensors (typed by policy, or by the whole-file allocation)
