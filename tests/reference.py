@@ -19,11 +19,9 @@ def load_hf(model_dir: Path, plan: ExpertPlan | None = None) -> torch.nn.Module:
     if plan:
         adapter = adapter_for(AutoConfig.from_pretrained(model_dir).architectures)
         for (layer, proj), types in plan.items():
-            block = adapter.moe_block(model, layer)
+            view = adapter.experts(adapter.moe_block(model, layer))
             for e, t in enumerate(types):
-                w = adapter.expert_weights(block, e)
-                w = {**w, proj: torch.from_numpy(roundtrip(w[proj].detach().float().numpy(), t))}
-                adapter.set_expert_weights(block, e, w)
+                view.set_weights(e, {proj: torch.from_numpy(roundtrip(view.weight(proj, e).detach().float().numpy(), t))})
     return model
 
 

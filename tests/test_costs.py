@@ -56,12 +56,13 @@ def _block_cost(model, adapter, stats, layer: int, expert: int, wq: dict[str, to
     """The cost by definition: re-run the whole MoE block with the expert's weights replaced."""
     block, s = adapter.moe_block(model, layer), stats.layers[layer]
     x = s.x.reshape(1, -1, s.x.shape[1])
-    orig = {p: w.detach().clone() for p, w in adapter.expert_weights(block, expert).items()}
+    view = adapter.experts(block)
+    orig = {p: w.detach().clone() for p, w in view.weights(expert).items()}
     with torch.no_grad():
         y = block(x)
-        adapter.set_expert_weights(block, expert, {**orig, **wq})
+        view.set_weights(expert, wq)
         y_q = block(x)
-        adapter.set_expert_weights(block, expert, orig)
+        view.set_weights(expert, orig)
     return float(((s.g * (y - y_q).reshape(s.g.shape)) ** 2).sum())
 
 
@@ -73,7 +74,7 @@ def _dequantized(cache: dict, layer: int, expert: int, proj: str, t: str, width:
 def test_shortcut_equals_block_rerun(tiny) -> None:
     model, adapter, stats, table, cache = tiny
     layer = next(iter(stats.layers))
-    width = {p: w.shape[1] for p, w in adapter.expert_weights(adapter.moe_block(model, layer), 0).items()}
+    width = {p: w.shape[1] for p, w in adapter.experts(adapter.moe_block(model, layer)).weights(0).items()}
     for expert in (0, 3):
         for j, t in enumerate(table.types):
             wq = {p: _dequantized(cache, layer, expert, p, t, width[p]) for p in PROJS}
@@ -87,7 +88,7 @@ def test_projection_costs_equal_block_rerun(tiny) -> None:
     layer = next(iter(stats.layers))
     table = estimate_costs(model, adapter, stats, stats.imatrix().means(), types=("Q2_K",),
                            granularity="expert-proj", dtype=torch.float64, cache=cache)
-    width = {p: w.shape[1] for p, w in adapter.expert_weights(adapter.moe_block(model, layer), 1).items()}
+    width = {p: w.shape[1] for p, w in adapter.experts(adapter.moe_block(model, layer)).weights(1).items()}
     for p in PROJS:
         want = _block_cost(model, adapter, stats, layer, 1, {p: _dequantized(cache, layer, 1, p, "Q2_K", width[p])})
         got = table.cost[table.units.index((layer, 1, p)), 0]
@@ -108,7 +109,7 @@ def test_costs_fall_with_bits(tiny) -> None:
 
 def test_bits_params_and_problem(tiny) -> None:
     model, adapter, stats, table, _ = tiny
-    w = adapter.expert_weights(adapter.moe_block(model, next(iter(stats.layers))), 0)
+    w = adapter.experts(adapter.moe_block(model, next(iter(stats.layers)))).weights(0)
     params = sum(v.numel() for v in w.values())
     assert (table.params == params).all()
     for j, t in enumerate(table.types):

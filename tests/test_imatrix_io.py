@@ -84,8 +84,8 @@ def test_statistics_as_imatrix(tmp_path: Path) -> None:
     s, block = stats.layers[1], adapter.moe_block(model, 1)
     tok, _ = s.routed(2)
     x = s.x[tok].double()
-    w = {k: v.detach().double() for k, v in adapter.expert_weights(block, 2).items()}
-    h = adapter.expert_act(block)(x @ w["gate"].T) * (x @ w["up"].T)
+    w = {k: v.detach().double() for k, v in adapter.experts(block).weights(2).items()}
+    h = block.experts.act_fn(x @ w["gate"].T) * (x @ w["up"].T)  # qwen3_moe: SwiGLU
     np.testing.assert_allclose(means["blk.1.ffn_gate_exps.weight"][2], (x ** 2).mean(0).numpy(), rtol=1e-5)
     np.testing.assert_allclose(means["blk.1.ffn_up_exps.weight"][2], (x ** 2).mean(0).numpy(), rtol=1e-5)
     np.testing.assert_allclose(means["blk.1.ffn_down_exps.weight"][2], (h ** 2).mean(0).numpy(), rtol=1e-4)

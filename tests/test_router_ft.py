@@ -100,7 +100,7 @@ def test_quantize_experts_gives_ggml_roundtrip_and_touches_nothing_else(tiny) ->
     plan = uniform_plan(list(shape.moe_layers), shape.n_experts, "Q4_K")
     quantize_experts_(model, adapter, plan, None)
     block = adapter.moe_block(model, shape.moe_layers[0])
-    w = adapter.expert_weights(block, 1)
+    w = adapter.experts(block).weights(1)
     fp_gate = before[f"model.layers.{shape.moe_layers[0]}.mlp.experts.gate_up_proj"][1].chunk(2)[0].numpy()
     np.testing.assert_array_equal(w["gate"].detach().numpy(), roundtrip(fp_gate, "Q4_K"))
     for n, p in model.named_parameters():

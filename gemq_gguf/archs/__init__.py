@@ -1,5 +1,7 @@
 """Architecture adapters: import this package to fill the registry."""
-from . import models  # noqa: F401  (registers the adapters)
-from .base import ArchAdapter, MoeShape, adapter_for, register, supported
+from . import families  # noqa: F401  (registers the adapters)
+from .base import ArchAdapter, MoeShape
+from .experts import ExpertsCall, ExpertsView
+from .registry import adapter_for, register, supported
 
-__all__ = ["ArchAdapter", "MoeShape", "adapter_for", "register", "supported"]
+__all__ = ["ArchAdapter", "ExpertsCall", "ExpertsView", "MoeShape", "adapter_for", "register", "supported"]

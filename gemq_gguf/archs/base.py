@@ -1,19 +1,32 @@
-"""The architecture adapter interface and its registry, keyed by Hugging Face class name.
+"""The architecture adapter: where a Hugging Face MoE keeps its decoder layers, MoE blocks, routers and
+experts, found from the model's own module tree rather than written per family.
 
-llama.cpp's own converter (driven by `hf_to_gguf`) handles metadata, vocabulary and tensor naming for
-every architecture it knows. An adapter only answers what GEMQ needs on top of that: which Hugging
-Face modules are the routed experts, routers and shared experts (for calibration and router tuning),
-and how the config describes the MoE (for validation before any heavy work starts).
+llama.cpp's own converter (driven by `convert.hf_to_gguf`) handles metadata, vocabulary and tensor naming
+for every architecture it knows. An adapter answers what GEMQ needs on top of that: which modules are the
+routed experts and routers (calibration, costs, router tuning) and the MoE's shape (validation before any
+heavy work). The default finds everything through transformers 5's experts interface (`experts.py`), so
+a family whose blocks use it needs only a registration (`families.py`); a family that differs overrides
+the one method that differs.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GemqError
+from ..ggml.names import ROUTER, SHEXP_GATE
+from .experts import ExpertsView, is_experts_module
+
+#: config keys that give the number of experts a token uses, in the order families use them
+TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "top_k", "num_selected_experts", "n_activated_experts")
+#: child names of a shared-expert gate (a [1, hidden] linear whose sigmoid scales the shared expert)
+SHEXP_GATE_NAMES = ("shared_expert_gate", "shared_experts_gate")
 
 
 @dataclass(frozen=True)
@@ -26,104 +39,103 @@ class MoeShape:
     top_k: int
     hidden: int
     expert_ffn: int
+    projs: tuple[str, ...] = ("gate", "up", "down")  # ("up", "down") for experts without a gate
+
+
+def meta_model(config: Any) -> nn.Module:
+    """The model's module tree without weights (the meta device): structure and shapes for free."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@lru_cache(maxsize=8)
+def _shape(adapter: ArchAdapter, config_json: str, config_cls: type) -> MoeShape:
+    config = config_cls.from_dict(json.loads(config_json))
+    model = meta_model(config)
+    layers = adapter.decoder_layers(model)
+    blocks = {l: adapter.block_of(m) for l, m in enumerate(layers)}
+    moe = tuple(l for l, b in blocks.items() if b is not None)
+    if not moe:
+        raise GemqError(f"{type(config).__name__} has no routed-expert layers (a dense model).",
+                        "gemq-gguf quantizes Mixture-of-Experts models; use llama-quantize for dense ones.")
+    views = {l: adapter.experts(blocks[l]) for l in moe}
+    kinds = {(v.n_experts, v.hidden, v.ffn, v.projs) for v in views.values()}
+    if len(kinds) != 1:
+        raise GemqError(f"the MoE layers of {type(config).__name__} differ in shape ({sorted(kinds)}).",
+                        "such models are not supported yet; please report the model.")
+    v = views[moe[0]]
+    return MoeShape(n_layers=len(layers), moe_layers=moe, n_experts=v.n_experts, top_k=adapter.top_k(config),
+                    hidden=v.hidden, expert_ffn=v.ffn, projs=v.projs)
 
 
 class ArchAdapter:
-    """Base adapter; subclasses set the class attributes and override what differs."""
+    """Base adapter: the module tree of a transformers-5 MoE; subclasses override what differs."""
 
     hf_classes: ClassVar[tuple[str, ...]] = ()
-    name: ClassVar[str] = ""
-    n_experts_key: ClassVar[str] = "num_experts"
-    expert_ffn_key: ClassVar[str] = "moe_intermediate_size"
-    block_attr: ClassVar[str] = "mlp"
-    has_shared_expert: ClassVar[bool] = False
+    name: ClassVar[str] = ""  # the family, as reports name it
 
     def moe_shape(self, config: Any) -> MoeShape:
-        n_layers = int(config.num_hidden_layers)
-        n_experts = int(getattr(config, self.n_experts_key, 0) or 0)
-        if n_experts <= 1:
-            raise GemqError(f"{type(config).__name__} describes a dense model ({self.n_experts_key} = {n_experts}).",
-                            "gemq-gguf quantizes Mixture-of-Experts models; use llama-quantize for dense ones.")
-        return MoeShape(n_layers=n_layers, moe_layers=tuple(l for l in range(n_layers) if self.is_moe_layer(config, l)),
-                        n_experts=n_experts, top_k=int(config.num_experts_per_tok), hidden=int(config.hidden_size),
-                        expert_ffn=int(getattr(config, self.expert_ffn_key)))
+        """Layers, experts and widths, read from the module tree built on the meta device (no weights)."""
+        return _shape(self, config.to_json_string(use_diff=False), type(config))
 
-    def is_moe_layer(self, config: Any, layer: int) -> bool:
-        return True
+    def top_k(self, config: Any) -> int:
+        for key in TOP_K_KEYS:
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        raise GemqError(f"{type(config).__name__} names no experts-per-token count ({', '.join(TOP_K_KEYS)}).",
+                        "check config.json; this family needs an adapter that says where its top-k is.")
 
-    # -- Hugging Face side (transformers 5: every MoE block has `gate` -> (logits, weights, ids) and
-    # -- `experts` with stacked `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]).
+    # -- the module tree ---------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The model's decoder layers, in order (what layer-streamed calibration walks through)."""
         return model.model.layers
 
-    def block_of(self, layer_module: nn.Module) -> nn.Module:
-        """The MoE block inside one decoder layer module."""
-        return getattr(layer_module, self.block_attr)
+    def block_of(self, layer_module: nn.Module) -> nn.Module | None:
+        """The MoE block inside one decoder layer module (the parent of its experts), None for a dense layer."""
+        for m in layer_module.modules():
+            if any(is_experts_module(c) for c in m.children()):
+                return m
+        return None
 
     def moe_block(self, model: nn.Module, layer: int) -> nn.Module:
-        return self.block_of(self.decoder_layers(model)[layer])
+        block = self.block_of(self.decoder_layers(model)[layer])
+        if block is None:
+            raise ValueError(f"layer {layer} has no MoE block")
+        return block
+
+    def experts_module(self, block: nn.Module) -> nn.Module:
+        """The module the block calls as `experts(hidden_states, top_k_index, top_k_weights)`: hooks on it see
+        the routing exactly as the model computes it."""
+        return next(c for c in block.children() if is_experts_module(c))
+
+    def experts(self, block: nn.Module) -> ExpertsView:
+        return ExpertsView(self.experts_module(block))
 
     def router(self, block: nn.Module) -> nn.Module:
-        return block.gate
+        """The block's router: the child whose weight is [n_experts, hidden]."""
+        v = self.experts(block)
+        for c in block.children():
+            w = getattr(c, "weight", None)
+            if isinstance(w, nn.Parameter) and tuple(w.shape) == (v.n_experts, v.hidden):
+                return c
+        raise ValueError(f"{type(block).__name__} has no [n_experts, hidden] router")
 
-    def route(self, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(expert ids [T, k], routing weights [T, k]) exactly as the model's block computes them."""
-        _, weights, ids = block.gate(x.reshape(-1, x.shape[-1]))
-        return ids, weights
+    # -- routers (tuning) --------------------------------------------------------------------------
+    def router_params(self, block: nn.Module) -> dict[str, nn.Parameter]:
+        """Trainable router tensors keyed by their GGUF name suffix (`ffn_gate_inp`, `ffn_gate_inp_shexp`)."""
+        params = {ROUTER: self.router(block).weight}
+        for name in SHEXP_GATE_NAMES:
+            gate = getattr(block, name, None)
+            if gate is not None:
+                params[SHEXP_GATE] = gate.weight
+        return params
 
     def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Router logits [T, n_experts] (differentiable in the router weight): the routing-match loss
         compares their softmax with full precision's."""
-        w = self.router(block).weight
-        return torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).to(w.dtype), w)
-
-    def expert_weights(self, block: nn.Module, expert: int) -> dict[str, torch.Tensor]:
-        """One expert's matrices in [out, in] orientation, keyed gate / up / down."""
-        gate, up = block.experts.gate_up_proj[expert].chunk(2, dim=0)
-        return {"gate": gate, "up": up, "down": block.experts.down_proj[expert]}
-
-    def set_expert_weights(self, block: nn.Module, expert: int, w: dict[str, torch.Tensor]) -> None:
-        """Replace one expert's matrices in place (router tuning runs against quantized experts)."""
-        with torch.no_grad():
-            n = block.experts.gate_up_proj.shape[1] // 2
-            block.experts.gate_up_proj[expert, :n].copy_(w["gate"])
-            block.experts.gate_up_proj[expert, n:].copy_(w["up"])
-            block.experts.down_proj[expert].copy_(w["down"])
-
-    def expert_act(self, block: nn.Module):
-        return block.experts.act_fn
-
-    def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """The shared-expert contribution to the block output (None when the architecture has none)."""
-        return None
-
-    def router_params(self, block: nn.Module) -> dict[str, nn.Parameter]:
-        """Trainable router tensors keyed by their GGUF name suffix (`ffn_gate_inp`, ...)."""
-        return {"ffn_gate_inp": block.gate.weight}
-
-
-_REGISTRY: dict[str, ArchAdapter] = {}
-
-
-def register(cls: type[ArchAdapter]) -> type[ArchAdapter]:
-    """Class decorator: make an adapter available for each of its Hugging Face class names."""
-    for hf in cls.hf_classes:
-        _REGISTRY[hf] = cls()
-    return cls
-
-
-def supported() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def adapter_for(architectures: list[str] | None) -> ArchAdapter:
-    """The adapter for a config's `architectures` list, or a clear error listing what is supported."""
-    for a in architectures or []:
-        if a in _REGISTRY:
-            return _REGISTRY[a]
-    names = ", ".join(architectures or ["(none)"])
-    if any(not a.endswith("ForCausalLM") for a in architectures or []) and architectures:
-        raise GemqError(f"{names} is not a causal language model.",
-                        f"convert a *ForCausalLM checkpoint; supported: {', '.join(supported())}.")
-    raise GemqError(f"architecture {names} is not supported.", f"use one of: {', '.join(supported())}.")
+        r = self.router(block)
+        bias = getattr(r, "bias", None)
+        return F.linear(x.reshape(-1, x.shape[-1]).to(r.weight.dtype), r.weight,
+                        bias if isinstance(bias, torch.Tensor) else None)

@@ -19,7 +19,6 @@ from ..allocate import Allocation, AllocationProblem, check_budget, solve
 from ..archs import ArchAdapter, MoeShape
 from ..errors import GemqError
 from ..ggml.imatrix import read_imatrix, write_imatrix
-from ..ggml.names import PROJS
 from ..ggml.quant import QuantCache
 from ..ggml.types import canonical
 from ..options import AllocOptions, CalibOptions, OutputOptions, TuneOptions
@@ -35,22 +34,23 @@ log = logging.getLogger("gemq")
 
 def expert_widths(shape: MoeShape) -> Widths:
     """(rows, row width) of each expert projection, in ggml terms."""
-    return {"gate": (shape.expert_ffn, shape.hidden), "up": (shape.expert_ffn, shape.hidden),
-            "down": (shape.hidden, shape.expert_ffn)}
+    return {p: (shape.hidden, shape.expert_ffn) if p == "down" else (shape.expert_ffn, shape.hidden)
+            for p in shape.projs}
 
 
 def size_problem(shape: MoeShape, types: list[str], granularity: str, has_imatrix: bool) -> AllocationProblem:
     """The allocation problem with exact bits and zero costs: budget checks and the uniform baseline need
     no calibration. Types a projection cannot take are not allowed (expert granularity: llama.cpp's fallback)."""
-    units = unit_keys(list(shape.moe_layers), shape.n_experts, granularity)
+    units = unit_keys(list(shape.moe_layers), shape.n_experts, granularity, shape.projs)
     widths = expert_widths(shape)
     bits = np.empty((len(units), len(types)))
     cost = np.zeros_like(bits)
     params = np.zeros(len(units))
     for u, unit in enumerate(units):
-        projs, n = unit_projs(unit), shape.n_experts if unit[1] is None else 1
+        projs, n = unit_projs(unit, shape.projs), shape.n_experts if unit[1] is None else 1
         params[u] = n * sum(widths[p][0] * widths[p][1] for p in projs)
-        bits[u], allowed = unit_bits(widths, projs, types, n, granularity == "expert", dict.fromkeys(PROJS, has_imatrix))
+        bits[u], allowed = unit_bits(widths, projs, types, n, granularity == "expert",
+                                     dict.fromkeys(shape.projs, has_imatrix))
         cost[u, ~allowed] = np.inf
     return AllocationProblem.build(units, types, cost, params, bits=bits)
 

@@ -28,26 +28,26 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..allocate import AllocationProblem, UnitKey
-from ..archs import ArchAdapter
+from ..archs import ArchAdapter, ExpertsView
 from ..errors import GemqError
 from ..ggml.imatrix import expert_imatrix
-from ..ggml.names import PROJS, expert_tensor_name, parse_expert_name
+from ..ggml.names import expert_tensor_name, parse_expert_name
 from ..ggml.quant import QuantCache, dequantize, quantize
 from ..ggml.types import fitting_type, type_info
 from ..options import DEFAULT_TYPES
 from ..plan import ExpertPlan
+from .experts_math import expert_delta, expert_fn, expert_pass
 from .stats import CalibStats, LayerStats
 from .units import Widths, effective_type, unit_bits, unit_keys
 
 DEFAULT_CACHE_LIMIT = 2**30
-Act = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -79,40 +79,6 @@ def weighted_sse(delta: torch.Tensor, gw: torch.Tensor) -> float:
     return float(((gw * delta) ** 2).sum())
 
 
-@dataclass(frozen=True)
-class ExpertPass:
-    """An expert's full-precision forward on its routed tokens, reused by every quantized variant."""
-
-    x: torch.Tensor
-    w: dict[str, torch.Tensor]
-    a: torch.Tensor   # act(x W_gate^T)
-    up: torch.Tensor  # x W_up^T
-    h: torch.Tensor   # a * up, the down projection's input
-
-
-def expert_pass(x: torch.Tensor, w: dict[str, torch.Tensor], act: Act) -> ExpertPass:
-    a, up = act(x @ w["gate"].T), x @ w["up"].T
-    return ExpertPass(x, w, a, up, a * up)
-
-
-def expert_delta(base: ExpertPass, wq: dict[str, torch.Tensor], act: Act) -> torch.Tensor:
-    """E(x) − E_q(x) with the projections in `wq` replaced (the others stay exact).
-
-    Written with weight differences (h − h_q = (a − a_q)·up + a_q·x ΔW_up^T, ...), so the small
-    delta keeps its precision in float32 instead of being a difference of two large outputs.
-    """
-    x, w = base.x, base.w
-    delta = base.h @ (w["down"] - wq["down"]).T if "down" in wq else None
-    if "gate" in wq or "up" in wq:
-        a_q = act(x @ wq["gate"].T) if "gate" in wq else base.a
-        dh = (base.a - a_q) * base.up if "gate" in wq else torch.zeros_like(base.h)
-        if "up" in wq:
-            dh = dh + a_q * (x @ (w["up"] - wq["up"]).T)
-        d = dh @ wq.get("down", w["down"]).T
-        delta = d if delta is None else delta + d
-    return delta
-
-
 # -- quantization jobs -----------------------------------------------------------------------------
 
 @dataclass
@@ -120,6 +86,7 @@ class _LayerJobs:
     """A layer's float expert weights and the pending quantizations of its matrices."""
 
     layer: int
+    view: ExpertsView
     weights: list[dict[str, np.ndarray]]
     eff: dict[str, dict[str, str | None]]            # proj -> candidate -> effective type
     futures: dict[tuple[str, int, str], Future]      # QuantCache key -> quantized bytes
@@ -127,17 +94,17 @@ class _LayerJobs:
     has_imatrix: dict[str, bool]                     # proj -> an imatrix exists (types that need one allowed)
 
 
-def _submit_layer(pool: ThreadPoolExecutor, adapter: ArchAdapter, block: nn.Module, layer: int, n_experts: int,
-                  types: Sequence[str], means: dict[str, np.ndarray] | None, fallback: bool,
-                  cache: QuantCache) -> _LayerJobs:
-    weights = [{p: w.detach().to("cpu", torch.float32).numpy() for p, w in adapter.expert_weights(block, e).items()}
+def _submit_layer(pool: ThreadPoolExecutor, view: ExpertsView, layer: int, types: Sequence[str],
+                  means: dict[str, np.ndarray] | None, fallback: bool, cache: QuantCache) -> _LayerJobs:
+    n_experts, projs = view.n_experts, view.projs
+    weights = [{p: w.detach().to("cpu", torch.float32).numpy() for p, w in view.weights(e).items()}
                for e in range(n_experts)]
-    imat = {p: expert_imatrix(means, layer, p, n_experts) if means else None for p in PROJS}
+    imat = {p: expert_imatrix(means, layer, p, n_experts) if means else None for p in projs}
     eff = {p: {t: effective_type(t, weights[0][p].shape[1], fallback, imat[p] is not None) for t in types}
-           for p in PROJS}
+           for p in projs}
     futures: dict[tuple[str, int, str], Future] = {}
     for e in range(n_experts):
-        for p in PROJS:
+        for p in projs:
             name = expert_tensor_name(layer, p)
             for et in {v for v in eff[p].values() if v is not None}:
                 key = (name, e, et)
@@ -146,7 +113,7 @@ def _submit_layer(pool: ThreadPoolExecutor, adapter: ArchAdapter, block: nn.Modu
                 else:
                     im = None if imat[p] is None else imat[p][e]
                     futures[key] = pool.submit(quantize, weights[e][p], et, im, 1)
-    return _LayerJobs(layer, weights, eff, futures, fallback, {p: imat[p] is not None for p in PROJS})
+    return _LayerJobs(layer, view, weights, eff, futures, fallback, {p: imat[p] is not None for p in projs})
 
 
 def _done(value: np.ndarray) -> Future:
@@ -156,11 +123,11 @@ def _done(value: np.ndarray) -> Future:
 
 
 def _layer_jobs(pool: ThreadPoolExecutor, model: nn.Module, adapter: ArchAdapter, layers: Sequence[int],
-                n_experts: int, types: Sequence[str], means: dict[str, np.ndarray] | None, fallback: bool,
+                types: Sequence[str], means: dict[str, np.ndarray] | None, fallback: bool,
                 cache: QuantCache) -> Iterator[_LayerJobs]:
     """Yield each layer's jobs while the next layer's quantizations are already queued."""
     def submit(l: int) -> _LayerJobs:
-        return _submit_layer(pool, adapter, adapter.moe_block(model, l), l, n_experts, types, means, fallback, cache)
+        return _submit_layer(pool, adapter.experts(adapter.moe_block(model, l)), l, types, means, fallback, cache)
     pending = submit(layers[0]) if layers else None
     for i in range(len(layers)):
         current = pending
@@ -170,14 +137,15 @@ def _layer_jobs(pool: ThreadPoolExecutor, model: nn.Module, adapter: ArchAdapter
 
 # -- per-layer costs -------------------------------------------------------------------------------
 
-def _expert_costs(jobs: _LayerJobs, s: LayerStats, e: int, act: Act, types: Sequence[str], granularity: str,
+def _expert_costs(jobs: _LayerJobs, s: LayerStats, e: int, types: Sequence[str], granularity: str,
                   device: torch.device, dtype: torch.dtype) -> np.ndarray:
-    """Costs of one routed expert: [T] for 'expert', [3, T] (gate, up, down) otherwise."""
+    """Costs of one routed expert: [T] for 'expert', [projections, T] otherwise."""
     tok, rw = s.routed(e)
     x = s.x[tok].to(device, dtype)
     gw = s.g[tok].to(device, dtype) * rw.to(device, dtype)[:, None]
-    w = {p: torch.from_numpy(jobs.weights[e][p]).to(device, dtype) for p in PROJS}
-    base = expert_pass(x, w, act)
+    projs = jobs.view.projs
+    w = {p: torch.from_numpy(jobs.weights[e][p]).to(device, dtype) for p in projs}
+    base = expert_pass(x, w, expert_fn(jobs.view, e, device, dtype))
     deq: dict[tuple[str, str], torch.Tensor] = {}
 
     def wq(p: str, et: str) -> torch.Tensor:
@@ -190,18 +158,18 @@ def _expert_costs(jobs: _LayerJobs, s: LayerStats, e: int, act: Act, types: Sequ
 
     def cost(combo: tuple[tuple[str, str], ...]) -> float:
         if combo not in memo:
-            memo[combo] = weighted_sse(expert_delta(base, {p: wq(p, et) for p, et in combo}, act), gw)
+            memo[combo] = weighted_sse(expert_delta(base, {p: wq(p, et) for p, et in combo}), gw)
         return memo[combo]
 
     if granularity == "expert":
         out = np.full(len(types), np.inf)
         for j, t in enumerate(types):
-            combo = tuple((p, jobs.eff[p][t]) for p in PROJS)
+            combo = tuple((p, jobs.eff[p][t]) for p in projs)
             if all(et is not None for _, et in combo):
                 out[j] = cost(combo)
         return out
-    out = np.full((len(PROJS), len(types)), np.inf)
-    for i, p in enumerate(PROJS):
+    out = np.full((len(projs), len(types)), np.inf)
+    for i, p in enumerate(projs):
         for j, t in enumerate(types):
             et = jobs.eff[p][t]
             if et is not None:
@@ -219,7 +187,7 @@ def _fill_never_routed(c: np.ndarray, routed: np.ndarray) -> np.ndarray:
 
 
 def _widths(jobs: _LayerJobs) -> Widths:
-    return {p: jobs.weights[0][p].shape for p in PROJS}
+    return {p: jobs.weights[0][p].shape for p in jobs.view.projs}
 
 
 def _unit_bits(jobs: _LayerJobs, projs: Sequence[str], types: Sequence[str], n: int = 1) -> np.ndarray:
@@ -238,9 +206,9 @@ def _quant_bytes(adapter: ArchAdapter, model: nn.Module, layers: Sequence[int], 
     """Bytes that caching every quantized matrix would hold (all MoE layers share one shape)."""
     if not layers:
         return 0
-    w = adapter.expert_weights(adapter.moe_block(model, layers[0]), 0)
+    w = adapter.experts(adapter.moe_block(model, layers[0])).weights(0)
     per_expert = 0
-    for p in PROJS:
+    for p in w:
         rows, width = w[p].shape
         ets = {fitting_type(t, width) if fallback else type_info(t).name for t in types}
         per_expert += sum(rows * type_info(et).row_bytes(width) for et in ets if type_info(et).fits(width))
@@ -267,38 +235,38 @@ def estimate_costs(model: nn.Module, adapter: ArchAdapter, stats: CalibStats,
     if missing:
         raise GemqError(f"calibration statistics lack MoE layers {missing}.", "collect stats on the same model.")
     types = [type_info(t).name for t in types]
-    units = unit_keys(layers, shape.n_experts, granularity)
+    units = unit_keys(layers, shape.n_experts, granularity, shape.projs)
     fallback = granularity == "expert"
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     keep = cache is not None and _quant_bytes(adapter, model, layers, shape.n_experts, types, fallback) <= cache_limit
     cache = {} if cache is None else cache
     costs, bits, params, never, notes = [], [], [], [], []
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-        it = _layer_jobs(pool, model, adapter, layers, shape.n_experts, types, imatrix, fallback, cache)
+        it = _layer_jobs(pool, model, adapter, layers, types, imatrix, fallback, cache)
         if progress:
             from tqdm import tqdm
             it = tqdm(it, total=len(layers), desc="GEMQ costs", unit="layer")
         for jobs in it:
             s = stats.layers[jobs.layer]
-            act = adapter.expert_act(adapter.moe_block(model, jobs.layer))
+            projs = shape.projs
             routed = s.counts.numpy() > 0
             never += [(jobs.layer, e) for e in np.flatnonzero(~routed).tolist()]
             per_expert = np.stack([
-                _expert_costs(jobs, s, e, act, types, granularity, device, dtype) if routed[e]
-                else np.zeros((len(types),) if granularity == "expert" else (len(PROJS), len(types)))
+                _expert_costs(jobs, s, e, types, granularity, device, dtype) if routed[e]
+                else np.zeros((len(types),) if granularity == "expert" else (len(projs), len(types)))
                 for e in range(shape.n_experts)])
             if granularity == "tensor":
                 costs.append(per_expert.sum(axis=0))
-                bits += [_unit_bits(jobs, (p,), types, shape.n_experts) for p in PROJS]
-                params += [shape.n_experts * jobs.weights[0][p].size for p in PROJS]
+                bits += [_unit_bits(jobs, (p,), types, shape.n_experts) for p in projs]
+                params += [shape.n_experts * jobs.weights[0][p].size for p in projs]
             elif granularity == "expert":
                 costs.append(_fill_never_routed(per_expert, routed))
-                bits += [_unit_bits(jobs, PROJS, types)] * shape.n_experts
-                params += [sum(jobs.weights[0][p].size for p in PROJS)] * shape.n_experts
+                bits += [_unit_bits(jobs, projs, types)] * shape.n_experts
+                params += [sum(jobs.weights[0][p].size for p in projs)] * shape.n_experts
             else:
                 costs.append(_fill_never_routed(per_expert, routed).reshape(-1, len(types)))
-                bits += [_unit_bits(jobs, (p,), types) for _ in range(shape.n_experts) for p in PROJS]
-                params += [jobs.weights[0][p].size for _ in range(shape.n_experts) for p in PROJS]
+                bits += [_unit_bits(jobs, (p,), types) for _ in range(shape.n_experts) for p in projs]
+                params += [jobs.weights[0][p].size for _ in range(shape.n_experts) for p in projs]
             _keep(cache, jobs, keep)
             notes += _layer_notes(jobs, types, fallback)
     if never:
@@ -317,7 +285,7 @@ def estimate_costs(model: nn.Module, adapter: ArchAdapter, stats: CalibStats,
 
 def _layer_notes(jobs: _LayerJobs, types: Sequence[str], fallback: bool) -> list[str]:
     notes = []
-    for p in PROJS:
+    for p in jobs.view.projs:
         width = jobs.weights[0][p].shape[1]
         for t in types:
             et = jobs.eff[p][t]

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..archs import ArchAdapter
+from ..archs import ArchAdapter, ExpertsCall, ExpertsView
 
 BlockHook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]
 
@@ -48,3 +48,29 @@ def moe_block_hooks(model: nn.Module, adapter: ArchAdapter, make_hook: Callable[
 def block_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     """The hidden states a MoE block was called with."""
     return args[0] if args else kwargs["hidden_states"]
+
+
+#: called with each experts call and its output, during the forward
+ExpertsHook = Callable[[ExpertsCall, torch.Tensor], None]
+
+
+@contextlib.contextmanager
+def experts_hooks(model: nn.Module, adapter: ArchAdapter,
+                  make_hook: Callable[[int, ExpertsView], ExpertsHook]) -> Iterator[None]:
+    """`make_hook(layer, view)` on every MoE block's experts module: it sees the experts' input and the
+    routing exactly as the model computes them (whatever the family's scoring), and their output."""
+    shape = adapter.moe_shape(model.config)
+    handles = []
+    for l in shape.moe_layers:
+        block = adapter.moe_block(model, l)
+        module, hook = adapter.experts_module(block), make_hook(l, adapter.experts(block))
+        calls: list[ExpertsCall] = []
+        handles.append(module.register_forward_pre_hook(
+            lambda m, args, kwargs, calls=calls: calls.append(ExpertsCall.from_hook(args, kwargs)), with_kwargs=True))
+        handles.append(module.register_forward_hook(
+            lambda m, args, out, calls=calls, hook=hook: hook(calls.pop(), out[0] if isinstance(out, tuple) else out)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

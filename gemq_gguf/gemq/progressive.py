@@ -25,7 +25,7 @@ from torch import nn
 from ..allocate import Allocation, AllocationProblem, solve
 from ..archs import ArchAdapter
 from ..errors import GemqError
-from ..ggml.names import PROJS, expert_tensor_name
+from ..ggml.names import expert_tensor_name
 from ..ggml.quant import QuantCache, widen_bf16
 from ..options import AllocOptions, CalibOptions, TuneOptions
 from ..plan import plan_from_allocation
@@ -48,11 +48,10 @@ def restore_experts_(model: nn.Module, adapter: ArchAdapter, float_gguf: Path) -
     tensors = {t.name: t for t in GGUFReader(float_gguf).tensors}
     shape = adapter.moe_shape(model.config)
     for l in shape.moe_layers:
-        block = adapter.moe_block(model, l)
-        data = {p: _float(tensors[expert_tensor_name(l, p)]) for p in PROJS}
+        view = adapter.experts(adapter.moe_block(model, l))
+        data = {p: _float(tensors[expert_tensor_name(l, p)]) for p in view.projs}
         for e in range(shape.n_experts):
-            adapter.set_expert_weights(block, e, {p: torch.from_numpy(np.array(data[p][e], dtype=np.float32))
-                                                  for p in PROJS})
+            view.set_weights(e, {p: torch.from_numpy(np.array(data[p][e], dtype=np.float32)) for p in view.projs})
 
 
 def _float(t: Any) -> np.ndarray:

@@ -42,15 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..archs import ArchAdapter
+from ..archs import ArchAdapter, ExpertsCall, ExpertsView
 from ..errors import GemqError
 from ..ggml.imatrix import expert_imatrix
-from ..ggml.names import PROJS, expert_tensor_name, router_tensor_name
+from ..ggml.names import expert_tensor_name, router_tensor_name
 from ..ggml.quant import QuantCache, dequantize, roundtrip
 from ..ggml.types import fitting_type
 from ..options import LOSSES, SELECT, TuneOptions
 from ..plan import ExpertPlan
-from .hooks import block_input, frozen, moe_block_hooks
+from .hooks import block_input, experts_hooks, frozen, moe_block_hooks
 
 ROUTE_WEIGHT = 1.0
 ROUTE_TEMPERATURE = 0.5  # in units of the per-token std of the full-precision router logits
@@ -76,12 +76,11 @@ def quantize_experts_(model: nn.Module, adapter: ArchAdapter, plan: ExpertPlan,
     """
     shape = adapter.moe_shape(model.config)
     for l in shape.moe_layers:
-        block = adapter.moe_block(model, l)
+        view = adapter.experts(adapter.moe_block(model, l))
         for e in range(shape.n_experts):
-            w = adapter.expert_weights(block, e)
-            adapter.set_expert_weights(block, e, {
-                p: torch.from_numpy(_roundtrip(w[p], l, e, p, plan[(l, p)][e], imatrix, cache, shape.n_experts))
-                for p in PROJS})
+            w = view.weights(e)
+            view.set_weights(e, {p: torch.from_numpy(_roundtrip(w[p], l, e, p, plan[(l, p)][e], imatrix, cache,
+                                                                shape.n_experts)) for p in view.projs})
 
 
 def _roundtrip(w: torch.Tensor, layer: int, expert: int, proj: str, planned: str,
@@ -109,28 +108,32 @@ class Routes:
 @contextlib.contextmanager
 def record_routing(model: nn.Module, adapter: ArchAdapter, *, logits: bool = False,
                    grad: bool = False) -> Iterator[Routes]:
-    """Hook every MoE block and record its routing per forward, in call order.
+    """Hook every MoE block and record its routing per forward, in call order: the expert ids as the
+    model's experts call receives them, and router logits of the block's input.
 
     `grad=True` keeps the router logits on the device and in the autograd graph (for the routing-match
     loss) and skips the ids."""
     shape = adapter.moe_shape(model.config)
     out = Routes({l: [] for l in shape.moe_layers}, {l: [] for l in shape.moe_layers})
 
-    def hook(layer: int) -> Callable[..., None]:
+    def logits_hook(layer: int) -> Callable[..., None]:
         def f(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             x = block_input(args, kwargs)
             if grad:
                 out.logits[layer].append(adapter.router_logits(block, x).float())
                 return
             with torch.no_grad():
-                flat = x.detach().reshape(-1, x.shape[-1])
-                ids, _ = adapter.route(block, flat)
-                out.ids[layer].append(ids.cpu())
-                if logits:
-                    z = adapter.router_logits(block, flat).float()
-                    out.logits[layer].append((z - z.mean(-1, keepdim=True)).half().cpu())
+                z = adapter.router_logits(block, x.detach()).float()
+                out.logits[layer].append((z - z.mean(-1, keepdim=True)).half().cpu())
         return f
-    with moe_block_hooks(model, adapter, hook):
+
+    def ids_hook(layer: int, view: ExpertsView) -> Callable[[ExpertsCall, torch.Tensor], None]:
+        return lambda call, output: out.ids[layer].append(call.ids.detach().cpu())
+    with contextlib.ExitStack() as stack:
+        if grad or logits:
+            stack.enter_context(moe_block_hooks(model, adapter, logits_hook))
+        if not grad:
+            stack.enter_context(experts_hooks(model, adapter, ids_hook))
         yield out
 
 

@@ -29,18 +29,18 @@ import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..archs import ArchAdapter
+from ..archs import ArchAdapter, ExpertsCall, ExpertsView
 from ..ggml.imatrix import Imatrix
 from ..ggml.names import expert_tensor_name
 from ..options import FISHER_LABELS
-from .hooks import block_input, frozen, moe_block_hooks
+from .experts_math import expert_hidden
+from .hooks import ExpertsHook, experts_hooks, frozen
 
 DEFAULT_RAM_LIMIT = 2 * 2**30
 
@@ -50,12 +50,12 @@ class LayerStats:
     """One MoE layer's calibration record (tokens in calibration order)."""
 
     layer: int
-    x: torch.Tensor          # [T, H] block input, store dtype
-    g: torch.Tensor          # [T, H] dLoss / d block output, store dtype
+    x: torch.Tensor          # [T, H] input of the routed experts, store dtype
+    g: torch.Tensor          # [T, H] dLoss / d (routed experts' output), store dtype
     ids: torch.Tensor        # [T, k] int64 selected experts
     weights: torch.Tensor    # [T, k] float32 routing weights
     in_sum2: torch.Tensor    # [E, H] float64: Σ x² over tokens routed to each expert
-    down_sum2: torch.Tensor  # [E, I] float64: Σ (act(gate x)·up x)² over the same tokens
+    down_sum2: torch.Tensor  # [E, I] float64: Σ glu(gate x, up x)² over the same tokens (down's input)
     counts: torch.Tensor     # [E] int64: tokens routed to each expert
 
     def routed(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +73,7 @@ class CalibStats:
     n_seq: int
     seq_len: int
     loss: float
+    projs: tuple[str, ...] = ("gate", "up", "down")
     datasets: list[str] = field(default_factory=list)
     work_dir: Path | None = None
 
@@ -82,7 +83,8 @@ class CalibStats:
         counts: dict[str, np.ndarray] = {}
         for l, s in self.layers.items():
             c = s.counts.numpy().astype(np.float32)
-            for proj, src in (("gate", s.in_sum2), ("up", s.in_sum2), ("down", s.down_sum2)):
+            for proj in self.projs:
+                src = s.down_sum2 if proj == "down" else s.in_sum2
                 name = expert_tensor_name(l, proj)
                 sums[name] = src.numpy().astype(np.float32)
                 counts[name] = c
@@ -100,39 +102,33 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, path: Path | None) -> to
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
-def _accumulate_imatrix(adapter: ArchAdapter, block: nn.Module, x: torch.Tensor, ids: torch.Tensor,
-                        s: LayerStats) -> None:
-    act = adapter.expert_act(block)
+def _accumulate_imatrix(view: ExpertsView, x: torch.Tensor, ids: torch.Tensor, s: LayerStats) -> None:
     for e in ids.unique().tolist():
         tok = (ids == e).any(dim=1)
         xe = x[tok]
-        w = adapter.expert_weights(block, e)
-        h = act(xe @ w["gate"].T) * (xe @ w["up"].T)
+        h = expert_hidden(view, xe, view.weights(e), e)
         s.in_sum2[e] += (xe.double() ** 2).sum(0).cpu()
         s.down_sum2[e] += (h.double() ** 2).sum(0).cpu()
         s.counts[e] += int(tok.sum())
 
 
 class _Recorder:
-    """Forward hooks on the MoE blocks; `offset` locates the current batch in the token buffers."""
+    """Hooks on every MoE block's experts call; `offset` locates the current batch in the token buffers."""
 
     def __init__(self, adapter: ArchAdapter, stats: dict[int, LayerStats]) -> None:
         self.adapter, self.stats = adapter, stats
         self.offset = 0
 
-    def hook(self, layer: int) -> Callable[..., None]:
-        def hook(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def hook(self, layer: int, view: ExpertsView) -> ExpertsHook:
+        def hook(call: ExpertsCall, out: torch.Tensor) -> None:
             s, start = self.stats[layer], self.offset
-            out = output[0] if isinstance(output, tuple) else output
-            x_in = block_input(args, kwargs)
-            x = x_in.detach().reshape(-1, x_in.shape[-1])
+            x = call.x.detach().reshape(-1, call.x.shape[-1])
             end = start + x.shape[0]
             with torch.no_grad():
-                ids, weights = self.adapter.route(block, x)
                 s.x[start:end] = x.to(s.x.dtype).cpu()
-                s.ids[start:end] = ids.cpu()
-                s.weights[start:end] = weights.float().cpu()
-                _accumulate_imatrix(self.adapter, block, x, ids, s)
+                s.ids[start:end] = call.ids.cpu()
+                s.weights[start:end] = call.weights.float().cpu()
+                _accumulate_imatrix(view, x, call.ids, s)
 
             def grad_hook(grad: torch.Tensor) -> None:
                 s.g[start:end] = grad.detach().reshape(-1, grad.shape[-1]).to(s.g.dtype).cpu()
@@ -196,7 +192,7 @@ def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, 
     total = 0.0
     gen: torch.Generator | None = None  # made on the logits' device: draws happen where the logits are
     try:
-        with frozen(model), moe_block_hooks(model, adapter, recorder.hook):
+        with frozen(model), experts_hooks(model, adapter, recorder.hook):
             starts = range(0, n_seq, batch_size)
             if progress:
                 from tqdm import tqdm
@@ -212,8 +208,8 @@ def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, 
                 total += float(loss.detach())
     finally:
         embed_hook.remove()
-    result = CalibStats(layers=stats, n_seq=n_seq, seq_len=seq_len, loss=total / n_seq, datasets=list(datasets or []),
-                        work_dir=work_dir if spill else None)
+    result = CalibStats(layers=stats, n_seq=n_seq, seq_len=seq_len, loss=total / n_seq, projs=shape.projs,
+                        datasets=list(datasets or []), work_dir=work_dir if spill else None)
     if spill:  # the memmap files go when the statistics do
         weakref.finalize(result, shutil.rmtree, work_dir, ignore_errors=True)
     return result

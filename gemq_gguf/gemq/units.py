@@ -17,20 +17,21 @@ from ..options import GRANULARITIES
 Widths = dict[str, tuple[int, int]]
 
 
-def unit_keys(layers: Sequence[int], n_experts: int, granularity: str) -> list[UnitKey]:
+def unit_keys(layers: Sequence[int], n_experts: int, granularity: str,
+              projs: tuple[str, ...] = PROJS) -> list[UnitKey]:
     """Units in a fixed order: layer-major, then expert, then projection."""
     if granularity == "expert":
         return [(l, e, None) for l in layers for e in range(n_experts)]
     if granularity == "expert-proj":
-        return [(l, e, p) for l in layers for e in range(n_experts) for p in PROJS]
+        return [(l, e, p) for l in layers for e in range(n_experts) for p in projs]
     if granularity == "tensor":
-        return [(l, None, p) for l in layers for p in PROJS]
+        return [(l, None, p) for l in layers for p in projs]
     raise GemqError(f"unknown granularity '{granularity}'.", f"use one of: {', '.join(GRANULARITIES)}.")
 
 
-def unit_projs(unit: UnitKey) -> tuple[str, ...]:
-    """The projections a unit covers (all three for a whole expert)."""
-    return PROJS if unit[2] is None else (unit[2],)
+def unit_projs(unit: UnitKey, projs: tuple[str, ...] = PROJS) -> tuple[str, ...]:
+    """The projections a unit covers (every one of the expert's for a whole expert)."""
+    return projs if unit[2] is None else (unit[2],)
 
 
 def effective_type(t: str, width: int, fallback: bool, has_imatrix: bool) -> str | None:
