@@ -19,10 +19,10 @@ from gemq_gguf.allocate import (
     solve_lp_round,
     solve_milp,
     solve_uniform,
-    synthetic_problem,
     violations,
 )
 from gemq_gguf.errors import GemqError
+from synthetic import synthetic_problem
 
 TYPES3 = ["Q2_K", "Q4_K", "Q6_K"]
 
