@@ -21,14 +21,17 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))  # synthetic_problem is a test fixture; the benchmark reuses it
+
+from synthetic import synthetic_problem  # noqa: E402
 
 from gemq_gguf.allocate import (  # noqa: E402
     AllocationProblem,
     solve_gemq,
     solve_lp_round,
     solve_milp,
-    synthetic_problem,
     violations,
 )
 

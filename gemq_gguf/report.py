@@ -16,7 +16,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from gemq_gguf.allocate import GGML_BPW, Allocation, granularity
+from gemq_gguf.allocate import Allocation, bpw_of, granularity
+from gemq_gguf.errors import GemqError
 
 PROJ_ORDER = {"gate": 0, "up": 1, "gate_up": 2, "down": 3}
 HEATMAP_DPI = 100
@@ -54,14 +55,14 @@ def type_order(alloc: Allocation) -> list[int]:
 
 
 def type_bpws(alloc: Allocation) -> np.ndarray:
-    """bpw per type: stored in the allocation, else the ggml table, else measured from the units."""
+    """bpw per type: stored in the allocation, else ggml's own, else measured from the units."""
     if alloc.type_bpw is not None:
         return np.asarray(alloc.type_bpw, dtype=np.float64)
     out = np.empty(len(alloc.types))
     for i, t in enumerate(alloc.types):
-        if t.upper() in GGML_BPW:
-            out[i] = GGML_BPW[t.upper()]
-        else:
+        try:
+            out[i] = bpw_of([t])[0]
+        except GemqError:
             m = alloc.type_index == i
             out[i] = alloc.unit_bits[m].sum() / alloc.unit_params[m].sum() if m.any() else np.inf
     return out

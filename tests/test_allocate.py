@@ -19,10 +19,10 @@ from gemq_gguf.allocate import (
     solve_lp_round,
     solve_milp,
     solve_uniform,
-    synthetic_problem,
     violations,
 )
 from gemq_gguf.errors import GemqError
+from synthetic import synthetic_problem
 
 TYPES3 = ["Q2_K", "Q4_K", "Q6_K"]
 
@@ -255,3 +255,9 @@ def test_tensor_granularity_from_expert_proj_costs() -> None:
     assert e.n_units == 12 and len(e.groups) == 3
     # finer units can only do better at the same budget
     assert solve_gemq(p, 3.3, max_types=None, mip_rel_gap=1e-9).total_cost <= a.total_cost * (1 + 1e-9)
+
+
+def test_every_strategy_the_cli_offers_has_a_solver() -> None:
+    from gemq_gguf.allocate import SOLVERS
+    from gemq_gguf.options import STRATEGIES
+    assert set(SOLVERS) == set(STRATEGIES)

@@ -9,13 +9,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from gemq_gguf.allocate import (
-    DEFAULT_TYPES,
-    AllocationProblem,
-    bpw_of,
-    solve,
-    synthetic_problem,
-)
+from gemq_gguf.allocate import AllocationProblem, bpw_of, solve
+from gemq_gguf.options import DEFAULT_TYPES
 from gemq_gguf.report import (
     allocation_table,
     heatmap_panels,
@@ -27,6 +22,7 @@ from gemq_gguf.report import (
     report_dict,
     write_json,
 )
+from synthetic import synthetic_problem
 
 
 @pytest.fixture(scope="module")
