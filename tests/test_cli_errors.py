@@ -29,14 +29,17 @@ def _variant(model: Path, tmp: Path, config_edit=None, drop: tuple[str, ...] = (
 
 
 def _fails(capsys, tmp: Path, args: list[str], needle: str) -> None:
+    """Exit code 2, one line of cause and one of fix, and no file or folder left that was not there before."""
     out = tmp / "out.gguf"
     if "-o" not in args:
         args = [*args, "-o", str(out)]
+    before = set(tmp.rglob("*"))
     assert convert_main(args) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "fix:" in err and "Traceback" not in err, err
+    assert [l.split(":")[0].strip() for l in err.splitlines() if l.startswith(("error:", "  fix:"))] == ["error", "fix"], err
     assert needle.lower() in err.lower(), err
-    assert not any(p.suffix in (".gguf", ".tmp") for p in tmp.rglob("*") if "variant" not in p.parts), list(tmp.rglob("*"))
+    assert set(tmp.rglob("*")) == before, set(tmp.rglob("*")) - before
 
 
 def test_missing_model_dir(capsys, tmp_path) -> None:

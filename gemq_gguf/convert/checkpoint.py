@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
 from ..archs import ArchAdapter, MoeShape, adapter_for
+from ..archs.base import meta_model
 from ..errors import GemqError
 from .hf_to_gguf import check_tokenizer
+from .weights_check import check_safetensors, check_shapes
 
 
-def load_config(model_dir: Path) -> Any:
+def load_config(model_dir: Path, trust_remote_code: bool = False) -> Any:
     """The transformers config, with a clear error for a missing or unreadable folder."""
     if not model_dir.is_dir():
         raise GemqError(f"model folder {model_dir} does not exist or is not a folder.",
@@ -21,33 +22,10 @@ def load_config(model_dir: Path) -> Any:
                         "pass the folder that holds config.json and the *.safetensors files.")
     from transformers import AutoConfig
     try:
-        return AutoConfig.from_pretrained(model_dir)
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise GemqError(f"{model_dir}/config.json cannot be read by transformers ({str(e).splitlines()[0]}).",
                         "check the file, or upgrade transformers if the model type is newer.") from None
-
-
-def check_safetensors(model_dir: Path) -> list[Path]:
-    """Every shard's header must parse and its data must be complete (catches truncated downloads)."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise GemqError(f"{model_dir} has no *.safetensors weights.",
-                        "save the model with safe_serialization=True (pytorch_model.bin is not read).")
-    for f in files:
-        size = f.stat().st_size
-        try:
-            with f.open("rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                if n <= 0 or 8 + n > size:
-                    raise ValueError("header length beyond the end of the file")
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError, struct.error) as e:
-            raise GemqError(f"{f} is corrupt ({e}).", "download or save the checkpoint again.") from None
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise GemqError(f"{f} is truncated: {size} bytes, its header needs {8 + n + end}.",
-                            "download or save the checkpoint again.")
-    return files
 
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -62,14 +40,32 @@ def check_moe(config: Any) -> None:
                         "gemq-gguf quantizes Mixture-of-Experts models; use llama-quantize for dense ones.")
 
 
-def inspect_checkpoint(model_dir: Path) -> tuple[Any, ArchAdapter, MoeShape]:
+def check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
+    """A checkpoint that ships Python code (`auto_map`) runs it when its tokenizer or model is loaded
+    (llama.cpp's converter loads tokenizers with trust_remote_code=True): only when the user says so."""
+    if trust_remote_code:
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        path = model_dir / name
+        try:
+            data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, ValueError):
+            continue  # load_config / the tokenizer check report unreadable files
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise GemqError(f"{path} asks to run the checkpoint's own Python code (auto_map), which is off by "
+                            "default.", "pass --trust-remote-code if you trust this checkpoint's code.")
+
+
+def inspect_checkpoint(model_dir: Path, trust_remote_code: bool = False) -> tuple[Any, ArchAdapter, MoeShape]:
     """Config, adapter and MoE shape of a checkpoint, after every cheap validity check."""
-    config = load_config(model_dir)
+    check_remote_code(model_dir, trust_remote_code)
+    config = load_config(model_dir, trust_remote_code)
     check_moe(config)
     adapter = adapter_for(getattr(config, "architectures", None))
     shape = adapter.moe_shape(config)
     check_tokenizer(model_dir)
-    check_safetensors(model_dir)
+    stored = check_safetensors(model_dir)
+    check_shapes({k: tuple(v.shape) for k, v in meta_model(config).state_dict().items()}, stored, shape)
     return config, adapter, shape
 
 
