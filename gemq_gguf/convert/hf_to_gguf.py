@@ -93,7 +93,7 @@ def check_finite(name: str, data: np.ndarray, raw_dtype: Any = None) -> None:
     from gguf import GGMLQuantizationType
     if raw_dtype == GGMLQuantizationType.BF16:
         bad = int(np.count_nonzero((data.view(np.uint16) & 0x7F80) == 0x7F80))  # exponent all ones
-    elif raw_dtype is None and data.dtype in (np.float32, np.float16, np.float64):
+    elif raw_dtype in (None, GGMLQuantizationType.F32, GGMLQuantizationType.F16) and data.dtype.kind == "f":
         bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     else:
         return
