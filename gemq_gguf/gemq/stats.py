@@ -219,7 +219,8 @@ def load_for_calibration(path: str | Path, dtype: torch.dtype | None = None) -> 
     """The HF model on the best device, spread over GPUs when `accelerate` is installed.
 
     Default dtype keeps every weight's exact value (so quantized bytes cached during cost estimation
-    equal the writer's): bf16 on GPU for bf16 checkpoints, float32 otherwise.
+    equal the writer's): bf16 on GPU for bf16 checkpoints, float32 otherwise. Only safetensors are
+    read (no pickled .bin, whatever the folder holds), and no checkpoint code runs (trust_remote_code off).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     cuda = torch.cuda.is_available()
@@ -227,8 +228,8 @@ def load_for_calibration(path: str | Path, dtype: torch.dtype | None = None) -> 
         stored = getattr(AutoConfig.from_pretrained(path), "dtype", None)
         dtype = torch.bfloat16 if cuda and stored in (torch.bfloat16, "bfloat16") else torch.float32
     if cuda and torch.cuda.device_count() > 1 and importlib.util.find_spec("accelerate"):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto").eval()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto", use_safetensors=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)  # never a pickle
     return model.to("cuda" if cuda else "cpu").eval()
 
 
