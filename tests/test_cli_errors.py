@@ -247,3 +247,15 @@ def test_disk_full_while_writing(capsys, tmp_path, model, monkeypatch) -> None:
     monkeypatch.setattr(GGUFWriter, "write_tensor_data", write_then_fill)
     _fails(capsys, tmp_path, [str(model), "--uniform", "Q4_K"], "no space left")
     assert calls
+
+
+def test_check_finite_reads_bf16_bits() -> None:
+    import numpy as np
+    from gguf import GGMLQuantizationType
+
+    from gemq_gguf.convert.hf_to_gguf import check_finite
+    from gemq_gguf.errors import GemqError
+    bits = (np.array([1.0, np.nan, np.inf, -np.inf, -3.0], np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    with pytest.raises(GemqError, match="holds 3 NaN/Inf"):
+        check_finite("w", bits, GGMLQuantizationType.BF16)
+    check_finite("w", bits[[0, 4]], GGMLQuantizationType.BF16)
