@@ -5,6 +5,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -112,12 +113,19 @@ def convert(req: ConvertRequest) -> dict[str, Any]:
     except BaseException as e:
         for p in created:
             p.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if isinstance(e, OSError) and _disk_full(e):
             where = e.filename or out.work_dir or out.path.expanduser().resolve().parent
-            raise GemqError(f"no space left on the disk while writing ({where}): {e.strerror}.",
+            raise GemqError(f"no space left on the disk while writing ({where}): {e.strerror or e}.",
                             "free disk space, or pass -o / --work-dir on a disk with room for the float GGUF "
                             "and the output.") from None
         raise
+
+
+def _disk_full(e: OSError) -> bool:
+    """ENOSPC (or quota, or file size limit), or numpy's `tofile` short write, which carries no errno."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    return e.errno is None and re.fullmatch(r"\d+ requested and \d+ written", str(e)) is not None
 
 
 def _convert(req: ConvertRequest) -> dict[str, Any]:

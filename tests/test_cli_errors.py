@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -259,3 +260,25 @@ def test_check_finite_reads_bf16_bits() -> None:
     with pytest.raises(GemqError, match="holds 3 NaN/Inf"):
         check_finite("w", bits, GGMLQuantizationType.BF16)
     check_finite("w", bits[[0, 4]], GGMLQuantizationType.BF16)
+
+
+@pytest.fixture()
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs (root only; skipped where mounting is not allowed)."""
+    import subprocess
+    d = tmp_path / "tiny-disk"
+    d.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield d
+    subprocess.run(["umount", str(d)], check=True)
+
+
+def test_real_full_disk(capsys, tmp_path, model, tiny_disk) -> None:
+    """The output (1.8 MiB) does not fit: numpy's short write, which has no errno, is reported as a full disk."""
+    work = tmp_path / "work"
+    work.mkdir()
+    _fails(capsys, tmp_path, [str(model), "--uniform", "Q4_K", "--work-dir", str(work), "-o", str(tiny_disk / "o.gguf")],
+           "no space left")
+    assert list(tiny_disk.iterdir()) == []
