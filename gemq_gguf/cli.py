@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --budget: also write the calibration's importance matrix (llama-quantize --imatrix reads it)")
     t.add_argument("--dry-run", action="store_true", help="stop after the allocation; write the report only")
     t.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a checkpoint that ships its own Python code (auto_map) to run it; off by default")
+                   help="let a checkpoint's own Python code (auto_map) run where transformers has no class for it; "
+                        "off by default")
     t.add_argument("-v", "--verbose", action="store_true")
     return p
 

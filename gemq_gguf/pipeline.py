@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .archs import ArchAdapter, MoeShape
-from .convert.checkpoint import float_outtype, inspect_checkpoint
+from .convert.checkpoint import float_outtype, inspect_checkpoint, remote_code_policy
 from .convert.hf_to_gguf import hf_to_float_gguf
 from .convert.summary import print_summary
 from .convert.writer import write_gguf
@@ -130,6 +130,11 @@ def _disk_full(e: OSError) -> bool:
 
 def _convert(req: ConvertRequest) -> dict[str, Any]:
     src = open_source(req.model, req.trust_remote_code)
+    with remote_code_policy(src.model_dir, req.trust_remote_code):
+        return _run(req, src)
+
+
+def _run(req: ConvertRequest, src: Source) -> dict[str, Any]:
     types = _check_request(req, src)
     policy = TensorPolicy.from_args(req.policy.tensor_types, req.policy.non_expert)
     out = req.output

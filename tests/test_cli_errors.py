@@ -173,13 +173,30 @@ def test_tokenizer_without_merges(capsys, tmp_path, model) -> None:
     _fails(capsys, tmp_path, [str(d), "--uniform", "Q4_K"], "without merges")
 
 
-@pytest.mark.parametrize("file", ["config.json", "tokenizer_config.json"])
-def test_remote_code_needs_the_flag(capsys, tmp_path, model, file) -> None:
-    from gemq_gguf.convert.checkpoint import check_remote_code
-    d = _variant(model, tmp_path)
-    _edit_json(d / file, lambda c: c.update(auto_map={"AutoConfig": "custom.Config", "AutoTokenizer": ["custom.Tok", None]}))
+def _evil_module(d: Path, module: str) -> Path:
+    """A checkpoint code file that leaves a marker when it is imported (it must never be)."""
+    marker = d.parent / f"{module}-ran"
+    (d / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    return marker
+
+
+def test_custom_model_type_needs_the_flag(capsys, tmp_path, model) -> None:
+    d = _variant(model, tmp_path, lambda c: c.update(model_type="evilmoe", auto_map={"AutoConfig": "configuration_evil.C"}))
+    marker = _evil_module(d, "configuration_evil")
     _fails(capsys, tmp_path, [str(d), "--uniform", "Q4_K"], "--trust-remote-code")
-    check_remote_code(d, trust_remote_code=True)  # the flag lets it through
+    assert not marker.exists()
+
+
+def test_tokenizer_code_never_runs_unasked(capsys, tmp_path, model) -> None:
+    """llama.cpp's converter loads tokenizers with trust_remote_code=True; without the flag no checkpoint code
+    runs: transformers' own tokenizer class is used where it has one."""
+    d = _variant(model, tmp_path)
+    marker = _evil_module(d, "tokenization_evil")
+    _edit_json(d / "tokenizer_config.json", lambda t: t.update(
+        tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}))
+    out = tmp_path / "out.gguf"
+    assert convert_main([str(d), "--uniform", "Q4_K", "-o", str(out)]) == 0, capsys.readouterr().err
+    assert out.exists() and not marker.exists()
 
 
 def test_pickle_checkpoint_is_refused_unread(capsys, tmp_path, model, monkeypatch) -> None:

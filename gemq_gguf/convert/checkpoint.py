@@ -1,9 +1,10 @@
 """Checks on a Hugging Face checkpoint folder, done before any heavy work so bad input fails fast."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..archs import ArchAdapter, MoeShape, adapter_for
 from ..archs.base import meta_model
@@ -21,11 +22,24 @@ def load_config(model_dir: Path, trust_remote_code: bool = False) -> Any:
         raise GemqError(f"{model_dir} has no config.json, so it is not a Hugging Face checkpoint.",
                         "pass the folder that holds config.json and the *.safetensors files.")
     from transformers import AutoConfig
+    errors = (OSError, ValueError, KeyError, json.JSONDecodeError)
     try:
-        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise GemqError(f"{model_dir}/config.json cannot be read by transformers ({str(e).splitlines()[0]}).",
-                        "check the file, or upgrade transformers if the model type is newer.") from None
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)  # transformers' own class first
+    except errors as e:
+        remote = _needs_remote_code(model_dir, e)
+        if remote is None:
+            raise _unreadable(model_dir, e) from None
+        if not trust_remote_code:
+            raise remote from None
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    except errors as e:
+        raise _unreadable(model_dir, e) from None
+
+
+def _unreadable(model_dir: Path, e: Exception) -> GemqError:
+    return GemqError(f"{model_dir}/config.json cannot be read by transformers ({str(e).splitlines()[0]}).",
+                     "check the file, or upgrade transformers if the model type is newer.")
 
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -40,25 +54,43 @@ def check_moe(config: Any) -> None:
                         "gemq-gguf quantizes Mixture-of-Experts models; use llama-quantize for dense ones.")
 
 
-def check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
-    """A checkpoint that ships Python code (`auto_map`) runs it when its tokenizer or model is loaded
-    (llama.cpp's converter loads tokenizers with trust_remote_code=True): only when the user says so."""
-    if trust_remote_code:
-        return
-    for name in ("config.json", "tokenizer_config.json"):
-        path = model_dir / name
-        try:
-            data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        except (OSError, ValueError):
-            continue  # load_config / the tokenizer check report unreadable files
-        if isinstance(data, dict) and data.get("auto_map"):
-            raise GemqError(f"{path} asks to run the checkpoint's own Python code (auto_map), which is off by "
-                            "default.", "pass --trust-remote-code if you trust this checkpoint's code.")
+REMOTE_CODE_FIX = "pass --trust-remote-code if you trust the checkpoint's code (it is off by default)."
+
+
+def _needs_remote_code(model_dir: Path, e: Exception) -> GemqError | None:
+    """transformers' refusal to run a checkpoint's own code (auto_map), as our one-line error."""
+    if "trust_remote_code" not in str(e):
+        return None
+    return GemqError(f"{model_dir} needs its own Python code (auto_map) to load, which does not run by default.",
+                     REMOTE_CODE_FIX)
+
+
+@contextlib.contextmanager
+def remote_code_policy(model_dir: Path, allowed: bool) -> Iterator[None]:
+    """Every tokenizer loaded in the block gets trust_remote_code=`allowed`, whoever asks: llama.cpp's
+    converter passes True for many architectures, which would run a checkpoint's tokenizer code unasked.
+    (Models and configs are always loaded with it off: the adapters need transformers' own classes.)"""
+    from transformers import AutoTokenizer
+    original = AutoTokenizer.__dict__["from_pretrained"]
+
+    def from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
+        kwargs["trust_remote_code"] = allowed
+        return original.__func__(cls, *args, **kwargs)
+
+    AutoTokenizer.from_pretrained = classmethod(from_pretrained)
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        err = _needs_remote_code(model_dir, e)
+        if err is None:
+            raise
+        raise err from None
+    finally:
+        AutoTokenizer.from_pretrained = original
 
 
 def inspect_checkpoint(model_dir: Path, trust_remote_code: bool = False) -> tuple[Any, ArchAdapter, MoeShape]:
     """Config, adapter and MoE shape of a checkpoint, after every cheap validity check."""
-    check_remote_code(model_dir, trust_remote_code)
     config = load_config(model_dir, trust_remote_code)
     check_moe(config)
     adapter = adapter_for(getattr(config, "architectures", None))
