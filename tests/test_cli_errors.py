@@ -299,3 +299,15 @@ def test_real_full_disk(capsys, tmp_path, model, tiny_disk) -> None:
     _fails(capsys, tmp_path, [str(model), "--uniform", "Q4_K", "--work-dir", str(work), "-o", str(tiny_disk / "o.gguf")],
            "no space left")
     assert list(tiny_disk.iterdir()) == []
+
+
+def test_spilled_statistics_on_a_full_disk_fail_cleanly(tiny_disk) -> None:
+    """x/g spill files reserve their blocks up front: ENOSPC (one-line error), never a SIGBUS mid-calibration."""
+    import errno
+
+    import torch
+
+    from gemq_gguf.gemq.stats import _buffer
+    with pytest.raises(OSError) as e:
+        _buffer((1024, 1024), torch.float32, tiny_disk / "x0.bin")
+    assert e.value.errno == errno.ENOSPC

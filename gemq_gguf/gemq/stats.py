@@ -24,6 +24,7 @@ Peak memory would be one layer's weights plus boundary activations; compute is o
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import tempfile
 import weakref
@@ -97,7 +98,9 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, path: Path | None) -> to
     if path is None:
         return torch.zeros(shape, dtype=dtype)
     np_dtype = np.uint16 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
-    arr = np.memmap(path, dtype=np_dtype, mode="w+", shape=shape)
+    with path.open("wb") as fh:  # reserve the blocks now: a full disk is an ENOSPC here, not a SIGBUS later
+        os.posix_fallocate(fh.fileno(), 0, int(np.prod(shape)) * np.dtype(np_dtype).itemsize)
+    arr = np.memmap(path, dtype=np_dtype, mode="r+", shape=shape)
     t = torch.from_numpy(arr)
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
