@@ -11,8 +11,10 @@ from tiny_models import make_tiny_model
 from gemq_gguf.gemq.budget import Calibration, calib_tokens
 from gemq_gguf.gemq.costs import estimate_costs
 from gemq_gguf.gemq.stats import collect_stats, load_for_calibration
-from gemq_gguf.options import DEFAULT_TYPES, CalibOptions
+from gemq_gguf.options import CalibOptions
 from gemq_gguf.pipeline import open_source
+
+TYPES = ("Q2_K", "Q4_K", "Q6_K")
 
 
 @pytest.fixture()
@@ -34,10 +36,11 @@ def test_bench_tensor_rows_count_never_routed_experts_like_the_cli(tmp_path, mon
     stats.layers[layer].counts[2] = 0  # as if calibration never chose expert 2
     c = Calibration(model, tokens, stats, stats.imatrix().means())
     monkeypatch.setattr(common, "calibrate", lambda *a, **k: c)
+    monkeypatch.setattr(common, "DEFAULT_TYPES", TYPES)  # fewer candidates: a faster test of the same path
 
     bench = common.Bench(src, tmp_path / "unused.gguf", tmp_path, None)
     bench.prepare_costs(calib.tokens)
-    cli = estimate_costs(model, src.adapter, stats, c.imatrix, types=DEFAULT_TYPES, granularity="tensor").problem()
+    cli = estimate_costs(model, src.adapter, stats, c.imatrix, types=TYPES, granularity="tensor").problem()
     got = bench.problems["tensor"]
     assert got.units == cli.units
     np.testing.assert_array_equal(got.cost, cli.cost)
