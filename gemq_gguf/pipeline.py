@@ -1,6 +1,7 @@
 """The conversion, step by step: checkpoint -> float GGUF -> expert types -> typed GGUF -> report."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -112,7 +113,8 @@ def convert(req: ConvertRequest) -> dict[str, Any]:
         return _convert(req)
     except BaseException as e:
         for p in created:
-            p.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # best effort: e.g. a read-only disk refuses even a no-op unlink
+                p.unlink(missing_ok=True)
         if isinstance(e, OSError) and _disk_full(e):
             where = e.filename or out.work_dir or out.path.expanduser().resolve().parent
             raise GemqError(f"no space left on the disk while writing ({where}): {e.strerror or e}.",
@@ -180,5 +182,6 @@ def _write_report(out: OutputOptions, report: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(report, indent=1, default=str))
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     log.info("report: %s", path)

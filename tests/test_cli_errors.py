@@ -311,3 +311,18 @@ def test_spilled_statistics_on_a_full_disk_fail_cleanly(tiny_disk) -> None:
     with pytest.raises(OSError) as e:
         _buffer((1024, 1024), torch.float32, tiny_disk / "x0.bin")
     assert e.value.errno == errno.ENOSPC
+
+
+def test_output_on_a_read_only_disk(capsys, tmp_path, model) -> None:
+    """(as root, permissions never refuse a write: a read-only mount does)"""
+    import subprocess
+    d = tmp_path / "ro"
+    d.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        _fails(capsys, tmp_path, [str(model), "--uniform", "Q4_K", "-o", str(d / "o.gguf")], "cannot write")
+        _fails(capsys, tmp_path, [str(model), "--uniform", "Q4_K", "--work-dir", str(d)], "work dir")
+    finally:
+        subprocess.run(["umount", str(d)], check=True)

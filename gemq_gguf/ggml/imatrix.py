@@ -12,6 +12,7 @@ llama-quantize uses in_sum2 / counts per matrix and all-ones where a count is 0;
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,8 @@ def write_imatrix(path: Path | str, imatrix: Imatrix) -> None:
         _write(tmp, imatrix)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _write(path: Path, imatrix: Imatrix) -> None:
