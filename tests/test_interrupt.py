@@ -42,18 +42,20 @@ def _wait_for(pattern: str, where: Path, proc: subprocess.Popen, timeout: float 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,when", [(signal.SIGINT, ".gemq-*/*.gguf"),   # stage 1's float GGUF exists
-                                      (signal.SIGTERM, "out.gguf.tmp")],   # while the output is written
-                         ids=["sigint-after-stage-1", "sigterm-while-writing"])
-def test_interrupted_conversion_leaves_nothing(tmp_path, model, sig, when) -> None:
+@pytest.mark.parametrize("sig,when,experts", [
+    (signal.SIGINT, ".gemq-*/*.gguf", ["--uniform", "Q4_K"]),   # stage 1's float GGUF exists
+    (signal.SIGTERM, "out.gguf.tmp", ["--uniform", "Q4_K"]),    # while the output is written
+    (signal.SIGINT, "out.png", ["--budget", "3.0", "--types", "Q2_K,Q4_K", "--calib-tokens", "128", "--seq-len", "64"]),  # allocated
+], ids=["sigint-after-stage-1", "sigterm-while-writing", "sigint-after-the-allocation"])
+def test_interrupted_conversion_leaves_nothing(tmp_path, model, sig, when, experts) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(model), "--uniform", "Q4_K", "-o", str(out_dir / "out.gguf")],
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(model), *experts, "-o", str(out_dir / "out.gguf")],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(when, out_dir, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "rerun the same command" in err and "Traceback" not in err, err
-    assert list(out_dir.iterdir()) == []
+    assert list(out_dir.iterdir()) == []  # no GGUF, no temporary file or folder, no report or heatmap
