@@ -131,12 +131,14 @@ def _disk_full(e: OSError) -> bool:
 
 
 def _convert(req: ConvertRequest) -> dict[str, Any]:
+    """Open the checkpoint, then run every step under the user's remote-code choice."""
     src = open_source(req.model, req.trust_remote_code)
     with remote_code_policy(src.model_dir, req.trust_remote_code):
         return _run(req, src)
 
 
 def _run(req: ConvertRequest, src: Source) -> dict[str, Any]:
+    """The steps: request checks, stage 1 in a work dir that always goes, expert types, write, report."""
     types = _check_request(req, src)
     policy = TensorPolicy.from_args(req.policy.tensor_types, req.policy.non_expert)
     out = req.output
