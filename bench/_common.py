@@ -6,7 +6,6 @@ the reference, the calibration, the imatrix and the non-expert policy are built 
 from __future__ import annotations
 
 import json
-import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,18 +13,22 @@ from typing import Any
 
 from gguf import GGUFReader
 
-from gemq_gguf.allocate import Allocation, AllocationProblem, to_tensor_granularity
+import numpy as np
+
+from gemq_gguf.allocate import Allocation, AllocationProblem
 from gemq_gguf.convert.hf_to_gguf import hf_to_float_gguf
 from gemq_gguf.convert.writer import write_gguf
 from gemq_gguf.data import eval_texts
 from gemq_gguf.evaluate import evaluate_gguf
-from gemq_gguf.gemq.budget import calibrate
-from gemq_gguf.gemq.costs import estimate_costs
+from gemq_gguf.gemq.budget import calibrate, cost_table
 from gemq_gguf.ggml.names import EXPERT_RE
 from gemq_gguf.options import DEFAULT_TYPES, CalibOptions, TuneOptions
 from gemq_gguf.pipeline import Source, open_source
 from gemq_gguf.plan import ExpertPlan, PlanOrigin, plan_from_allocation
 from gemq_gguf.policy import TensorPolicy
+
+
+BENCH_GRANULARITIES = ("expert", "tensor")
 
 
 @dataclass
@@ -53,24 +56,23 @@ class Bench:
         return cls(src, ref, out_dir, eval_chunks)
 
     def prepare_costs(self, calib_tokens: int, fisher: str = "sampled") -> None:
-        """Calibrate once; costs at expert granularity and, coarsened from expert-proj, tensor granularity.
+        """Calibrate once; the cost problems at expert and tensor granularity, each by the CLI's own
+        `cost_table` (so a row measures what `convert.py --granularity G` ships).
 
-        The imatrix and cost tables are kept in OUT_DIR/costs-*.pkl, so the benchmarks share one
-        calibration (the expert bytes are quantized again when a file is written)."""
+        The imatrix and problems are kept in OUT_DIR/costs-*.npz (no pickle), so the benchmarks share
+        one calibration (the expert bytes are quantized again when a file is written)."""
         t0 = time.perf_counter()
         self.calib = CalibOptions(tokens=calib_tokens, fisher=fisher)
-        saved = self.out_dir / f"costs-{self.src.model_dir.name}-{calib_tokens}-{fisher}.pkl"
+        saved = self.out_dir / f"costs-{self.src.model_dir.name}-{calib_tokens}-{fisher}.npz"
         if saved.exists():
-            self.imatrix, self.problems = pickle.loads(saved.read_bytes())
+            self.imatrix, self.problems = load_costs(saved)
             return
         c = calibrate(self.src.model_dir, self.src.adapter, self.calib, self.out_dir)
         self.imatrix = c.imatrix
-        tables = {g: estimate_costs(c.model, self.src.adapter, c.stats, self.imatrix, types=DEFAULT_TYPES, granularity=g,
-                                    cache=self.cache, progress=True) for g in ("expert", "expert-proj")}
-        self.problems = {"expert": tables["expert"].problem(),
-                         "tensor": to_tensor_granularity(tables["expert-proj"].problem())[0]}
+        self.problems = {g: cost_table(c, self.src.adapter, list(DEFAULT_TYPES), g, self.cache).problem()
+                         for g in BENCH_GRANULARITIES}
         self.prep_seconds = time.perf_counter() - t0
-        saved.write_bytes(pickle.dumps((self.imatrix, self.problems)))
+        save_costs(saved, self.imatrix, self.problems)
 
     def plan_of(self, alloc: Allocation) -> ExpertPlan:
         return plan_from_allocation(alloc, list(self.src.shape.moe_layers), self.src.shape.n_experts)
@@ -110,3 +112,25 @@ def file_facts(path: Path) -> dict[str, float]:
 
 def save_rows(out_dir: Path, name: str, rows: list[dict], extra: dict | None = None) -> None:
     (out_dir / f"{name}.json").write_text(json.dumps({"rows": rows, **(extra or {})}, indent=1, default=str))
+
+
+def save_costs(path: Path, imatrix: dict[str, np.ndarray], problems: dict[str, AllocationProblem]) -> None:
+    """imatrix and cost problems as plain arrays plus a JSON index (loads with allow_pickle=False)."""
+    arrays = {f"imatrix:{k}": v for k, v in imatrix.items()}
+    index = {}
+    for g, p in problems.items():
+        arrays.update({f"{g}:cost": p.cost, f"{g}:params": p.params, f"{g}:bits": p.bit_matrix})
+        index[g] = {"units": [list(u) for u in p.units], "types": list(p.types)}
+    arrays["index"] = np.array(json.dumps(index))
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load_costs(path: Path) -> tuple[dict[str, np.ndarray], dict[str, AllocationProblem]]:
+    with np.load(path, allow_pickle=False) as z:
+        index = json.loads(str(z["index"]))
+        imatrix = {k.split(":", 1)[1]: z[k] for k in z.files if k.startswith("imatrix:")}
+        problems = {g: AllocationProblem.build([tuple(u) for u in v["units"]], v["types"], z[f"{g}:cost"],
+                                               z[f"{g}:params"], bits=z[f"{g}:bits"]) for g, v in index.items()}
+    return imatrix, problems

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
+from types import FrameType
 
 from rich.logging import RichHandler
 
@@ -85,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-imatrix", type=Path, metavar="FILE",
                    help="with --budget: also write the calibration's importance matrix (llama-quantize --imatrix reads it)")
     t.add_argument("--dry-run", action="store_true", help="stop after the allocation; write the report only")
+    t.add_argument("--trust-remote-code", action="store_true",
+                   help="let a checkpoint's own Python code (auto_map) run where transformers has no class for it; "
+                        "off by default")
     t.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -116,21 +122,32 @@ def request_from_args(ns: argparse.Namespace) -> ConvertRequest:
         policy=PolicyOptions(tensor_types=tuple(ns.tensor_type), non_expert=ns.non_expert),
         calib=CalibOptions(texts=tuple(ns.calib), tokens=ns.calib_tokens, seq_len=ns.seq_len, seed=ns.seed,
                            fisher=ns.fisher, imatrix=ns.imatrix),
-        tune=tune, verbose=ns.verbose)
+        tune=tune, verbose=ns.verbose, trust_remote_code=ns.trust_remote_code)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM takes Ctrl-C's path: the same cleanup, the same message."""
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(show_path=False, show_time=False)])
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         convert(request_from_args(ns))
     except GemqError as e:
         print(f"error: {e.problem}\n  fix: {e.fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; no output written", file=sys.stderr)
+        print("interrupted: nothing was written and the temporary files are removed. To resume, rerun the same "
+              "command.", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

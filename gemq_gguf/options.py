@@ -110,3 +110,4 @@ class ConvertRequest:
     calib: CalibOptions = field(default_factory=CalibOptions)
     tune: TuneOptions | None = None
     verbose: bool = False
+    trust_remote_code: bool = False  # let a checkpoint's own Python code (auto_map) run

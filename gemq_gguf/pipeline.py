@@ -1,9 +1,12 @@
 """The conversion, step by step: checkpoint -> float GGUF -> expert types -> typed GGUF -> report."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -11,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from .archs import ArchAdapter, MoeShape
-from .convert.checkpoint import float_outtype, inspect_checkpoint
+from .convert.checkpoint import float_outtype, inspect_checkpoint, remote_code_policy
 from .convert.hf_to_gguf import hf_to_float_gguf
 from .convert.summary import print_summary
 from .convert.writer import write_gguf
 from .errors import GemqError
 from .ggml.imatrix import read_imatrix
+from .ggml.types import canonical
 from .options import AllocOptions, ConvertRequest, OutputOptions, PlanFile, UniformTypes
 from .plan import ExpertTypes, PlanOrigin, load_plan, plan_units, uniform_plan
 from .policy import TensorPolicy
@@ -32,12 +36,15 @@ def resolve_model(model: str) -> Path:
     return Path(model).expanduser()
 
 
-def check_output(out: Path) -> None:
+def check_output(out: Path, work_dir: Path | None = None) -> None:
     parent = out.expanduser().resolve().parent
     if out.is_dir():
         raise GemqError(f"output {out} is a folder.", "pass a file name, e.g. -o model-gemq-3.0.gguf.")
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise GemqError(f"cannot write to {parent}.", "choose an output path in a writable folder.")
+    if work_dir is not None and not (work_dir.is_dir() and os.access(work_dir, os.W_OK | os.X_OK)):
+        raise GemqError(f"cannot write to the work dir {work_dir} (missing, or not writable).",
+                        "create it, or pass a writable --work-dir (the float GGUF needs about the checkpoint's size).")
 
 
 @dataclass(frozen=True)
@@ -50,15 +57,21 @@ class Source:
     shape: MoeShape
 
 
-def open_source(model: str) -> Source:
+def open_source(model: str, trust_remote_code: bool = False) -> Source:
     """Resolve and validate the checkpoint (every cheap check before any heavy work)."""
     model_dir = resolve_model(model)
-    return Source(model_dir, *inspect_checkpoint(model_dir))
+    return Source(model_dir, *inspect_checkpoint(model_dir, trust_remote_code))
 
 
 def _check_request(req: ConvertRequest, src: Source) -> list[str]:
     """Everything about the request that can fail before stage 1; returns the candidate types of `--budget`."""
-    check_output(req.output.path)
+    check_output(req.output.path, req.output.work_dir)
+    if req.calib.imatrix is not None:
+        read_imatrix(req.calib.imatrix)  # a malformed file fails now, not after stage 1
+    if isinstance(req.experts, PlanFile):
+        load_plan(req.experts.path, list(src.shape.moe_layers), src.shape.n_experts)
+    if isinstance(req.experts, UniformTypes):
+        canonical(req.experts.type)
     if not isinstance(req.experts, AllocOptions):
         if req.tune is not None:
             raise GemqError("--finetune-routers and --progressive work with --budget (they need the calibration).",
@@ -88,8 +101,44 @@ def expert_types(req: ConvertRequest, src: Source, float_gguf: Path, types: list
 
 
 def convert(req: ConvertRequest) -> dict[str, Any]:
-    """Run the whole conversion; returns the JSON report (also written next to the output)."""
-    src = open_source(req.model)
+    """Run the whole conversion; returns the JSON report (also written next to the output).
+
+    On any failure or interruption nothing this run started is left: the work dir goes, and the side
+    outputs it created (GGUF, report, heatmap, saved imatrix) are removed; the GGUF only ever appears
+    complete (the writer renames it into place)."""
+    out = req.output
+    created = [p for p in (out.path, out.report_path, out.heatmap_path, out.save_imatrix)
+               if p is not None and not p.exists()]
+    try:
+        return _convert(req)
+    except BaseException as e:
+        for p in created:
+            with contextlib.suppress(OSError):  # best effort: e.g. a read-only disk refuses even a no-op unlink
+                p.unlink(missing_ok=True)
+        if isinstance(e, OSError) and _disk_full(e):
+            where = e.filename or out.work_dir or out.path.expanduser().resolve().parent
+            raise GemqError(f"no space left on the disk while writing ({where}): {e.strerror or e}.",
+                            "free disk space, or pass -o / --work-dir on a disk with room for the float GGUF "
+                            "and the output.") from None
+        raise
+
+
+def _disk_full(e: OSError) -> bool:
+    """ENOSPC (or quota, or file size limit), or numpy's `tofile` short write, which carries no errno."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    return e.errno is None and re.fullmatch(r"\d+ requested and \d+ written", str(e)) is not None
+
+
+def _convert(req: ConvertRequest) -> dict[str, Any]:
+    """Open the checkpoint, then run every step under the user's remote-code choice."""
+    src = open_source(req.model, req.trust_remote_code)
+    with remote_code_policy(src.model_dir, req.trust_remote_code):
+        return _run(req, src)
+
+
+def _run(req: ConvertRequest, src: Source) -> dict[str, Any]:
+    """The steps: request checks, stage 1 in a work dir that always goes, expert types, write, report."""
     types = _check_request(req, src)
     policy = TensorPolicy.from_args(req.policy.tensor_types, req.policy.non_expert)
     out = req.output
@@ -131,6 +180,10 @@ def convert(req: ConvertRequest) -> dict[str, Any]:
 def _write_report(out: OutputOptions, report: dict[str, Any]) -> None:
     path = out.report_path
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(report, indent=1, default=str))
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     log.info("report: %s", path)

@@ -55,26 +55,44 @@ def uniform_plan(layers: list[int], n_experts: int, type_name: str, projs: tuple
     return {(l, p): [t] * n_experts for l in layers for p in projs}
 
 
+def _unit(i: int, u: Any) -> tuple[int, int | None, str | None, str]:
+    """(layer, expert, proj, type) of unit #i, with JSON types checked (no silent int('3') or True)."""
+    fix = "write units like {\"layer\": 0, \"expert\": 3, \"proj\": null, \"type\": \"Q4_K\"}."
+    if not isinstance(u, dict) or "layer" not in u or "type" not in u:
+        raise GemqError(f"plan unit #{i} ({u}) is not {{layer, expert, proj, type}}.", fix)
+    layer, expert, proj, t = u["layer"], u.get("expert"), u.get("proj"), u["type"]
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    for key, value, ok in (("layer", layer, is_int(layer)), ("expert", expert, expert is None or is_int(expert)),
+                           ("proj", proj, proj is None or isinstance(proj, str)), ("type", t, isinstance(t, str))):
+        if not ok:
+            want = {"layer": "an integer", "expert": "an integer or null", "proj": "a string or null",
+                    "type": "a string"}[key]
+            raise GemqError(f"plan unit #{i}: '{key}' is {json.dumps(value)}, not {want}.", fix)
+    return layer, expert, proj, t
+
+
 def plan_from_units(units: list[dict], layers: list[int], n_experts: int, projs: tuple[str, ...] = PROJS) -> ExpertPlan:
-    """Resolve a `units` list against the model; every expert matrix must end up with a type."""
+    """Resolve a `units` list against the model; every expert matrix must end up with a type.
+    A later unit may refine an earlier, wider one; the same (layer, expert, proj) twice is an error."""
     plan: dict[tuple[int, str], list[str | None]] = {(l, p): [None] * n_experts for l in layers for p in projs}
+    seen: dict[tuple[int, int | None, str | None], int] = {}
     for i, u in enumerate(units):
-        try:
-            layer, expert, proj, t = int(u["layer"]), u.get("expert"), u.get("proj"), str(u["type"])
-        except (KeyError, TypeError, ValueError):
-            raise GemqError(f"plan unit #{i} ({u}) is not {{layer, expert, proj, type}}.",
-                            "write units like {\"layer\": 0, \"expert\": 3, \"proj\": null, \"type\": \"Q4_K\"}.") from None
+        layer, expert, proj, t = _unit(i, u)
+        if (layer, expert, proj) in seen:
+            raise GemqError(f"plan units #{seen[layer, expert, proj]} and #{i} both set layer {layer}, expert "
+                            f"{expert}, proj {proj}.", "keep one unit per (layer, expert, proj).")
+        seen[layer, expert, proj] = i
         t = canonical(t)
         if layer not in layers:
             raise GemqError(f"plan unit #{i} names layer {layer}, which has no routed experts.",
                             f"MoE layers are {layers[0]}..{layers[-1]}" + (f" ({len(layers)} layers)." if layers else "."))
-        if expert is not None and not 0 <= int(expert) < n_experts:
+        if expert is not None and not 0 <= expert < n_experts:
             raise GemqError(f"plan unit #{i} names expert {expert}, but layers have {n_experts} experts.",
                             f"use expert ids 0..{n_experts - 1}.")
         if proj is not None and proj not in projs:
             raise GemqError(f"plan unit #{i} names projection '{proj}'.", f"use one of {', '.join(projs)} or null.")
         for p in (projs if proj is None else (proj,)):
-            for e in (range(n_experts) if expert is None else (int(expert),)):
+            for e in (range(n_experts) if expert is None else (expert,)):
                 plan[(layer, p)][e] = t
     missing = [(l, p, e) for (l, p), ts in plan.items() for e, t in enumerate(ts) if t is None]
     if missing:
@@ -86,7 +104,8 @@ def plan_from_units(units: list[dict], layers: list[int], n_experts: int, projs:
 
 def plan_from_allocation(alloc: Allocation, layers: list[int], n_experts: int) -> ExpertPlan:
     """The writer's form of a solved allocation (one type per unit)."""
-    return plan_from_units([{"layer": l, "expert": e, "proj": p, "type": t} for (l, e, p), t in alloc.plan().items()],
+    return plan_from_units([{"layer": int(l), "expert": None if e is None else int(e), "proj": p, "type": t}
+                            for (l, e, p), t in alloc.plan().items()],
                            layers, n_experts)
 
 

@@ -58,6 +58,14 @@ def test_plan_defaults_then_single_experts() -> None:
     ([{"layer": 0, "expert": None, "proj": None, "type": "Q9_K"}], "unknown ggml type"),
     ([{"layer": 0, "expert": 0, "proj": None, "type": "Q4_K"}], "no type"),
     ([{"expert": 0}], "not {layer"),
+    (["Q4_K"], "not {layer"),
+    ([{"layer": "0", "expert": None, "proj": None, "type": "Q4_K"}], "'layer' is \"0\", not an integer"),
+    ([{"layer": True, "expert": None, "proj": None, "type": "Q4_K"}], "'layer' is true"),
+    ([{"layer": 0, "expert": 1.5, "proj": None, "type": "Q4_K"}], "'expert' is 1.5"),
+    ([{"layer": 0, "expert": None, "proj": 1, "type": "Q4_K"}], "'proj' is 1"),
+    ([{"layer": 0, "expert": None, "proj": None, "type": 4}], "'type' is 4"),
+    ([{"layer": 0, "expert": 1, "proj": "down", "type": "Q4_K"}, {"layer": 0, "expert": None, "proj": None, "type": "Q2_K"},
+      {"layer": 0, "expert": 1, "proj": "down", "type": "Q6_K"}], "units #0 and #2 both set"),
 ])
 def test_plan_errors(units: list, needle: str) -> None:
     with pytest.raises(GemqError, match=needle):

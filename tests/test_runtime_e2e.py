@@ -8,7 +8,7 @@ tensors are re-written with gguf-py (`rewrite_experts` below):
   * *_deq    - reference: F32 file whose experts are the dequantized weights of that file
 Everything but the routed experts stays F32, so a file and its *_deq reference differ only by the
 expert quantization that llama.cpp does on activations (Q8_K); the F32 path of llama.cpp matches HF to
-~3e-6 with an F32 KV cache (DESIGN.md §4), so *_deq is the "HF reference with the same dequantized
+~3e-6 with an F32 KV cache, so *_deq is the "HF reference with the same dequantized
 weights".
 """
 from __future__ import annotations

@@ -1,17 +1,19 @@
 """Checks on a Hugging Face checkpoint folder, done before any heavy work so bad input fails fast."""
 from __future__ import annotations
 
+import contextlib
 import json
-import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..archs import ArchAdapter, MoeShape, adapter_for
+from ..archs.base import meta_model
 from ..errors import GemqError
 from .hf_to_gguf import check_tokenizer
+from .weights_check import check_safetensors, check_shapes
 
 
-def load_config(model_dir: Path) -> Any:
+def load_config(model_dir: Path, trust_remote_code: bool = False) -> Any:
     """The transformers config, with a clear error for a missing or unreadable folder."""
     if not model_dir.is_dir():
         raise GemqError(f"model folder {model_dir} does not exist or is not a folder.",
@@ -20,34 +22,24 @@ def load_config(model_dir: Path) -> Any:
         raise GemqError(f"{model_dir} has no config.json, so it is not a Hugging Face checkpoint.",
                         "pass the folder that holds config.json and the *.safetensors files.")
     from transformers import AutoConfig
+    errors = (OSError, ValueError, KeyError, json.JSONDecodeError)
     try:
-        return AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise GemqError(f"{model_dir}/config.json cannot be read by transformers ({str(e).splitlines()[0]}).",
-                        "check the file, or upgrade transformers if the model type is newer.") from None
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)  # transformers' own class first
+    except errors as e:
+        remote = _needs_remote_code(model_dir, e)
+        if remote is None:
+            raise _unreadable(model_dir, e) from None
+        if not trust_remote_code:
+            raise remote from None
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    except errors as e:
+        raise _unreadable(model_dir, e) from None
 
 
-def check_safetensors(model_dir: Path) -> list[Path]:
-    """Every shard's header must parse and its data must be complete (catches truncated downloads)."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise GemqError(f"{model_dir} has no *.safetensors weights.",
-                        "save the model with safe_serialization=True (pytorch_model.bin is not read).")
-    for f in files:
-        size = f.stat().st_size
-        try:
-            with f.open("rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                if n <= 0 or 8 + n > size:
-                    raise ValueError("header length beyond the end of the file")
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError, struct.error) as e:
-            raise GemqError(f"{f} is corrupt ({e}).", "download or save the checkpoint again.") from None
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise GemqError(f"{f} is truncated: {size} bytes, its header needs {8 + n + end}.",
-                            "download or save the checkpoint again.")
-    return files
+def _unreadable(model_dir: Path, e: Exception) -> GemqError:
+    return GemqError(f"{model_dir}/config.json cannot be read by transformers ({str(e).splitlines()[0]}).",
+                     "check the file, or upgrade transformers if the model type is newer.")
 
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -62,14 +54,50 @@ def check_moe(config: Any) -> None:
                         "gemq-gguf quantizes Mixture-of-Experts models; use llama-quantize for dense ones.")
 
 
-def inspect_checkpoint(model_dir: Path) -> tuple[Any, ArchAdapter, MoeShape]:
+REMOTE_CODE_FIX = "pass --trust-remote-code if you trust the checkpoint's code (it is off by default)."
+
+
+def _needs_remote_code(model_dir: Path, e: Exception) -> GemqError | None:
+    """transformers' refusal to run a checkpoint's own code (auto_map), as our one-line error."""
+    if "trust_remote_code" not in str(e):
+        return None
+    return GemqError(f"{model_dir} needs its own Python code (auto_map) to load, which does not run by default.",
+                     REMOTE_CODE_FIX)
+
+
+@contextlib.contextmanager
+def remote_code_policy(model_dir: Path, allowed: bool) -> Iterator[None]:
+    """Every tokenizer loaded in the block gets trust_remote_code=`allowed`, whoever asks: llama.cpp's
+    converter passes True for many architectures, which would run a checkpoint's tokenizer code unasked.
+    (Models and configs are always loaded with it off: the adapters need transformers' own classes.)"""
+    from transformers import AutoTokenizer
+    original = AutoTokenizer.__dict__["from_pretrained"]
+
+    def from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
+        kwargs["trust_remote_code"] = allowed
+        return original.__func__(cls, *args, **kwargs)
+
+    AutoTokenizer.from_pretrained = classmethod(from_pretrained)
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        err = _needs_remote_code(model_dir, e)
+        if err is None:
+            raise
+        raise err from None
+    finally:
+        AutoTokenizer.from_pretrained = original
+
+
+def inspect_checkpoint(model_dir: Path, trust_remote_code: bool = False) -> tuple[Any, ArchAdapter, MoeShape]:
     """Config, adapter and MoE shape of a checkpoint, after every cheap validity check."""
-    config = load_config(model_dir)
+    config = load_config(model_dir, trust_remote_code)
     check_moe(config)
     adapter = adapter_for(getattr(config, "architectures", None))
     shape = adapter.moe_shape(config)
     check_tokenizer(model_dir)
-    check_safetensors(model_dir)
+    stored = check_safetensors(model_dir)
+    check_shapes({k: tuple(v.shape) for k, v in meta_model(config).state_dict().items()}, stored, shape)
     return config, adapter, shape
 
 

@@ -8,6 +8,9 @@ by tensor. The converter is lazy (it streams tensors from safetensors), so memor
 One fallback is added: the converter identifies BPE pre-tokenizers by hashing the tokenization of a
 test string and refuses unknown ones. For a tokenizer whose pre-tokenizer is plain GPT-2 byte-level
 BPE we set `tokenizer.ggml.pre = "gpt-2"`, which tokenizes identically in llama.cpp.
+
+One check is added: every tensor is checked for NaN/Inf as the converter writes it (the weights
+are in memory then anyway), so a damaged checkpoint fails in stage 1 with the tensor's name.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import logging
 import sys
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..errors import GemqError
 from ..runtime import converter_dir
@@ -66,12 +71,74 @@ def _add_fallback(model: Any, model_dir: Path) -> None:
     model.get_vocab_base_pre = get_vocab_base_pre
 
 
+class _CheckedTensor:
+    """A tensor the converter's GGUFWriter holds until it writes: made eager, checked for NaN/Inf and
+    written, so the check costs one pass over bytes already in memory (the weights are read once)."""
+
+    def __init__(self, name: str, tensor: Any, raw_dtype: Any) -> None:
+        self.name, self.tensor, self.raw_dtype = name, tensor, raw_dtype
+        self.nbytes = tensor.nbytes
+
+    def tofile(self, fout: Any) -> None:
+        from gguf import LazyNumpyTensor
+        t = self.tensor
+        data = LazyNumpyTensor.to_eager(t) if isinstance(t, LazyNumpyTensor) else t
+        if isinstance(data, np.ndarray):
+            check_finite(self.name, data, self.raw_dtype)
+        data.tofile(fout)
+
+
+def check_finite(name: str, data: np.ndarray, raw_dtype: Any = None) -> None:
+    """No NaN or Inf in a float tensor (F32/F16 arrays, or BF16 bits stored as uint16)."""
+    from gguf import GGMLQuantizationType
+    if raw_dtype == GGMLQuantizationType.BF16:
+        bad = int(np.count_nonzero((data.view(np.uint16) & 0x7F80) == 0x7F80))  # exponent all ones
+    elif raw_dtype in (None, GGMLQuantizationType.F32, GGMLQuantizationType.F16) and data.dtype.kind == "f":
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    else:
+        return
+    if bad:
+        raise GemqError(f"the checkpoint's weight {name} (GGUF name) holds {bad} NaN/Inf values.",
+                        "the checkpoint is damaged: download it again, or fix the run that saved it.")
+
+
+def _check_finite_on_write(model: Any) -> None:
+    """Wrap the converter's writer so every tensor is checked as it is written (instance patch)."""
+    writer = model.gguf_writer
+    original = writer.add_tensor
+
+    def add_tensor(name: str, tensor: Any, raw_shape: Any = None, raw_dtype: Any = None, **kw: Any) -> None:
+        original(name, tensor, raw_shape=raw_shape, raw_dtype=raw_dtype, **kw)
+        info = writer.tensors[-1].get(name)
+        if info is not None and info.tensor is not None:
+            info.tensor = _CheckedTensor(name, info.tensor, raw_dtype)
+
+    writer.add_tensor = add_tensor
+
+
 def check_tokenizer(model_dir: Path) -> None:
     """The converter needs the tokenizer files; say so before any heavy work starts."""
     names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
     if not any((model_dir / n).exists() for n in names):
         raise GemqError(f"{model_dir} has no tokenizer (none of {', '.join(names)}).",
                         "copy the tokenizer files of the original model into the checkpoint folder.")
+    _check_merges(model_dir)
+
+
+def _check_merges(model_dir: Path) -> None:
+    """A BPE tokenizer without merges converts, but llama.cpp cannot tokenize with it."""
+    fix = "copy the complete tokenizer files (tokenizer.json with its merges) of the original model."
+    path = model_dir / "tokenizer.json"
+    if path.exists():
+        try:
+            model = json.loads(path.read_text(encoding="utf-8")).get("model") or {}
+        except (OSError, ValueError, AttributeError) as e:
+            raise GemqError(f"{path} cannot be read ({e}).", fix) from None
+        if model.get("type") == "BPE" and not model.get("merges"):
+            raise GemqError(f"{path} is a BPE tokenizer without merges.", fix)
+    elif (model_dir / "vocab.json").exists() and not (model_dir / "tokenizer.model").exists() \
+            and not (model_dir / "merges.txt").exists():
+        raise GemqError(f"{model_dir} has vocab.json but no merges.txt (a BPE tokenizer needs its merges).", fix)
 
 
 def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verbose: bool = False) -> Path:
@@ -96,5 +163,6 @@ def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verb
     with torch.inference_mode(), sink:
         model = cls(model_dir, ftype, out_path, eager=False)
         _add_fallback(model, model_dir)
+        _check_finite_on_write(model)
         model.write()
     return out_path

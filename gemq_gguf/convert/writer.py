@@ -11,6 +11,7 @@ file appears under its final name only when complete.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -272,7 +273,8 @@ def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
         writer.close()
         os.replace(tmp, dst)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # keep the original error
+            tmp.unlink(missing_ok=True)
         raise
     return WriteSummary(path=str(dst), file_bytes=dst.stat().st_size, total_params=sum(o.n_params for o in outs),
                         tensor_bytes=sum(o.nbytes for o in outs if o.type_name != "I32"),

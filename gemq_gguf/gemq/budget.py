@@ -25,7 +25,7 @@ from ..options import AllocOptions, CalibOptions, OutputOptions, TuneOptions
 from ..plan import ExpertTypes, PlanOrigin, plan_from_allocation
 from ..report import plot_heatmap, print_allocation, report_dict
 from .calib import calibration_tokens
-from .costs import estimate_costs, prune_cache
+from .costs import CostTable, estimate_costs, prune_cache
 from .stats import CalibStats, collect_stats, load_for_calibration
 from .units import Widths, unit_bits, unit_keys, unit_projs
 
@@ -97,6 +97,14 @@ def calibrate(model_dir: Path, adapter: ArchAdapter, calib: CalibOptions, work_d
     return Calibration(model, tokens, stats, imatrix)
 
 
+def cost_table(c: Calibration, adapter: ArchAdapter, types: list[str], granularity: str,
+               cache: QuantCache) -> CostTable:
+    """The GEMQ cost table `--budget` solves; the benchmarks call this too, so what they measure is
+    what ships (e.g. never-routed experts: counted as in `estimate_costs`, at every granularity)."""
+    return estimate_costs(c.model, adapter, c.stats, c.imatrix, types=types, granularity=granularity, cache=cache,
+                          progress=True)
+
+
 def allocate_experts(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, float_gguf: Path, opts: AllocOptions,
                      types: list[str], calib: CalibOptions, tune: TuneOptions | None,
                      output: OutputOptions) -> ExpertTypes:
@@ -112,8 +120,7 @@ def allocate_experts(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, flo
     if opts.strategy == "uniform":
         problem = size_problem(shape, types, opts.granularity, has_imatrix=True)
     else:
-        table = estimate_costs(c.model, adapter, c.stats, c.imatrix, types=types, granularity=opts.granularity,
-                               cache=cache, progress=True)
+        table = cost_table(c, adapter, types, opts.granularity, cache)
         problem = table.problem()
         report.update(never_routed_experts=[f"L{l}.E{e}" for l, e in table.never_routed], cost_notes=table.notes,
                       cost_seconds=table.seconds)

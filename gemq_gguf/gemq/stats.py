@@ -24,6 +24,7 @@ Peak memory would be one layer's weights plus boundary activations; compute is o
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import tempfile
 import weakref
@@ -97,7 +98,9 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, path: Path | None) -> to
     if path is None:
         return torch.zeros(shape, dtype=dtype)
     np_dtype = np.uint16 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
-    arr = np.memmap(path, dtype=np_dtype, mode="w+", shape=shape)
+    with path.open("wb") as fh:  # reserve the blocks now: a full disk is an ENOSPC here, not a SIGBUS later
+        os.posix_fallocate(fh.fileno(), 0, int(np.prod(shape)) * np.dtype(np_dtype).itemsize)
+    arr = np.memmap(path, dtype=np_dtype, mode="r+", shape=shape)
     t = torch.from_numpy(arr)
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
@@ -219,7 +222,8 @@ def load_for_calibration(path: str | Path, dtype: torch.dtype | None = None) -> 
     """The HF model on the best device, spread over GPUs when `accelerate` is installed.
 
     Default dtype keeps every weight's exact value (so quantized bytes cached during cost estimation
-    equal the writer's): bf16 on GPU for bf16 checkpoints, float32 otherwise.
+    equal the writer's): bf16 on GPU for bf16 checkpoints, float32 otherwise. Only safetensors are
+    read (no pickled .bin, whatever the folder holds), and no checkpoint code runs (trust_remote_code off).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     cuda = torch.cuda.is_available()
@@ -227,8 +231,8 @@ def load_for_calibration(path: str | Path, dtype: torch.dtype | None = None) -> 
         stored = getattr(AutoConfig.from_pretrained(path), "dtype", None)
         dtype = torch.bfloat16 if cuda and stored in (torch.bfloat16, "bfloat16") else torch.float32
     if cuda and torch.cuda.device_count() > 1 and importlib.util.find_spec("accelerate"):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto").eval()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto", use_safetensors=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)  # never a pickle
     return model.to("cuda" if cuda else "cpu").eval()
 
 

@@ -12,6 +12,8 @@ llama-quantize uses in_sum2 / counts per matrix and all-ones where a count is 0;
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +77,18 @@ def expert_imatrix(means: dict[str, np.ndarray], layer: int, proj: str, n_expert
 
 
 def write_imatrix(path: Path | str, imatrix: Imatrix) -> None:
-    """Write a GGUF imatrix file that llama-quantize and llama-imatrix --in-file accept."""
+    """Write a GGUF imatrix file that llama-quantize and llama-imatrix --in-file accept (complete or not at all)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        _write(tmp, imatrix)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def _write(path: Path, imatrix: Imatrix) -> None:
     w = GGUFWriter(str(path), arch="")
     w.kv_data[0].pop("general.architecture", None)  # llama-imatrix writes no architecture key
     w.add_string(KV_TYPE, "imatrix")
@@ -101,9 +114,14 @@ def read_imatrix(path: Path | str) -> Imatrix:
     path = Path(path)
     if not path.is_file():
         raise GemqError(f"imatrix file {path} does not exist.", "pass a file written by llama-imatrix or gemq-gguf.")
+    regen = "compute it again with llama-imatrix (or --save-imatrix), and check the copy is complete."
     try:
         reader = GGUFReader(path)
-    except (ValueError, OSError):
+    except (ValueError, OSError, IndexError) as e:
+        with path.open("rb") as fh:
+            gguf_magic = fh.read(4) == b"GGUF"
+        if gguf_magic:
+            raise GemqError(f"{path} is a GGUF file that cannot be read: truncated or damaged ({e}).", regen) from None
         raise GemqError(f"{path} is not a GGUF imatrix (the old .dat format is not read).",
                         f"convert it: llama-imatrix --in-file {path.name} -o imatrix.gguf.") from None
     tensors = {t.name: t for t in reader.tensors}
@@ -118,8 +136,13 @@ def read_imatrix(path: Path | str) -> Imatrix:
         if t.tensor_type != GGMLQuantizationType.F32 or c.tensor_type != GGMLQuantizationType.F32:
             raise GemqError(f"{path}: sums and counts of {name} must be F32.", "regenerate the imatrix.")
         n_mat = int(c.n_elements)
+        if n_mat == 0 or int(t.n_elements) % n_mat:
+            raise GemqError(f"{path}: {name} has {int(t.n_elements)} sums for {n_mat} matrices.", regen)
         sums[name] = np.array(t.data, dtype=np.float32).reshape(n_mat, -1)
         counts[name] = np.array(c.data, dtype=np.float32).reshape(n_mat)
+        if not (np.isfinite(sums[name]).all() and np.isfinite(counts[name]).all()) or (sums[name] < 0).any() \
+                or (counts[name] < 0).any():
+            raise GemqError(f"{path}: {name} holds NaN, Inf or negative values.", regen)
     if not sums:
         raise GemqError(f"{path} holds no imatrix entries.", "pass a file written by llama-imatrix or gemq-gguf.")
     datasets = _field(reader, KV_DATASETS)
