@@ -20,7 +20,6 @@ from gemq_gguf.convert.writer import write_gguf
 from gemq_gguf.data import eval_texts
 from gemq_gguf.evaluate import evaluate_gguf
 from gemq_gguf.gemq.budget import calibrate
-from gemq_gguf.gemq.costs import estimate_costs
 from gemq_gguf.ggml.names import EXPERT_RE
 from gemq_gguf.options import DEFAULT_TYPES, CalibOptions, TuneOptions
 from gemq_gguf.pipeline import Source, open_source
@@ -65,8 +64,8 @@ class Bench:
             return
         c = calibrate(self.src.model_dir, self.src.adapter, self.calib, self.out_dir)
         self.imatrix = c.imatrix
-        tables = {g: estimate_costs(c.model, self.src.adapter, c.stats, self.imatrix, types=DEFAULT_TYPES, granularity=g,
-                                    cache=self.cache, progress=True) for g in ("expert", "expert-proj")}
+        tables = {g: c.costs(self.src.adapter, types=DEFAULT_TYPES, granularity=g, cache=self.cache, progress=True)
+                  for g in ("expert", "expert-proj")}
         self.problems = {"expert": tables["expert"].problem(),
                          "tensor": to_tensor_granularity(tables["expert-proj"].problem())[0]}
         self.prep_seconds = time.perf_counter() - t0

@@ -86,6 +86,7 @@ class LayerSource:
         self._mapping = get_model_conversion_mapping(self.model)
         self._handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]  # memory-mapped
         self._parts = self._group_keys()
+        self._held: list[int] = []
 
     # -- which checkpoint keys feed which part --------------------------------------------------------
     def _group_keys(self) -> dict[Part, list[tuple[Any, str]]]:
@@ -125,6 +126,21 @@ class LayerSource:
             yield self.module(part)
         finally:
             self._drop(part)
+
+    def hold(self, layer: int, window: int = 2) -> nn.Module:
+        """Layer `layer` materialised until `release`, with at most `window` layers held (the oldest is
+        dropped): for readers that walk the layers in order, e.g. cost estimation one layer ahead."""
+        if layer not in self._held:
+            self._load(layer)
+            self._held.append(layer)
+            while len(self._held) > window:
+                self._drop(self._held.pop(0))
+        return self.layers[layer]
+
+    def release(self) -> None:
+        """Drop every layer `hold` materialised."""
+        while self._held:
+            self._drop(self._held.pop())
 
     def _owned(self, part: Part) -> list[tuple[nn.Module, str]]:
         """(module, parameter name) of what `part` holds (for "head": every parameter outside the layers

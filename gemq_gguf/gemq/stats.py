@@ -14,12 +14,8 @@ memory at one batch's activations.
 Memory trade-off: the whole model is held on the device (or spread over GPUs by `accelerate`'s
 device_map when it is installed), and x and g cost 2 · n_moe_layers · T · H values (bf16 by default:
 32k tokens × 2048 hidden × 24 layers ≈ 6 GiB). Past `ram_limit` bytes they go to np.memmap files in a
-work directory, so RAM holds only the model and one batch. A layer-sequential version (not
-implemented) would remove the "whole model in memory" term: forward one decoder layer at a time over
-all batches, storing the residual stream at layer boundaries on disk; then backward from the LM head,
-one layer at a time, loading that layer's weights from safetensors, recomputing its forward from the
-stored boundary input and back-propagating the boundary gradient, recording g at each MoE block.
-Peak memory would be one layer's weights plus boundary activations; compute is one extra forward.
+work directory, so RAM holds only the model and one batch. `streaming.stream_stats` gives the same
+statistics holding one decoder layer's weights at a time (`--calib-memory`).
 """
 from __future__ import annotations
 
@@ -92,7 +88,7 @@ class CalibStats:
                        chunk_count=self.n_seq)
 
 
-def _buffer(shape: tuple[int, ...], dtype: torch.dtype, path: Path | None) -> torch.Tensor:
+def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, path: Path | None) -> torch.Tensor:
     """A zeroed CPU tensor, in RAM or backed by a memmap file (bf16 stored as uint16 bits)."""
     if path is None:
         return torch.zeros(shape, dtype=dtype)
@@ -205,8 +201,8 @@ def new_layer_stats(shape: MoeShape, n_tok: int, store_dtype: torch.dtype, ram_l
     spill_dir = spill_directory(work_dir, "gemq-stats-") if spill else None
     stats = {l: LayerStats(
         layer=l,
-        x=_buffer((n_tok, shape.hidden), store_dtype, spill_dir / f"x{l}.bin" if spill_dir else None),
-        g=_buffer((n_tok, shape.hidden), store_dtype, spill_dir / f"g{l}.bin" if spill_dir else None),
+        x=host_buffer((n_tok, shape.hidden), store_dtype, spill_dir / f"x{l}.bin" if spill_dir else None),
+        g=host_buffer((n_tok, shape.hidden), store_dtype, spill_dir / f"g{l}.bin" if spill_dir else None),
         ids=torch.zeros((n_tok, shape.top_k), dtype=torch.int64),
         weights=torch.zeros((n_tok, shape.top_k), dtype=torch.float32),
         in_sum2=torch.zeros((shape.n_experts, shape.hidden), dtype=torch.float64),
@@ -234,20 +230,21 @@ def finish_stats(stats: dict[int, LayerStats], tokens: torch.Tensor, loss: float
 
 
 def load_for_calibration(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """The HF model on the best device, spread over GPUs when `accelerate` is installed.
-
-    Default dtype keeps every weight's exact value (so quantized bytes cached during cost estimation
-    equal the writer's): bf16 on GPU for bf16 checkpoints, float32 otherwise.
-    """
+    """The HF model on the best device, spread over GPUs when `accelerate` is installed (dtype: `calibration_dtype`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     cuda = torch.cuda.is_available()
-    if dtype is None:
-        stored = getattr(AutoConfig.from_pretrained(path), "dtype", None)
-        dtype = torch.bfloat16 if cuda and stored in (torch.bfloat16, "bfloat16") else torch.float32
+    dtype = dtype or calibration_dtype(AutoConfig.from_pretrained(path))
     if cuda and torch.cuda.device_count() > 1 and importlib.util.find_spec("accelerate"):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto").eval()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.to("cuda" if cuda else "cpu").eval()
+
+
+def calibration_dtype(config: object) -> torch.dtype:
+    """The dtype calibration computes in: it keeps every weight's exact value (so quantized bytes cached
+    during cost estimation equal the writer's): bf16 on GPU for bf16 checkpoints, float32 otherwise."""
+    stored = getattr(config, "dtype", None)
+    return torch.bfloat16 if torch.cuda.is_available() and stored in (torch.bfloat16, "bfloat16") else torch.float32
 
 
 def stats_bytes(n_moe_layers: int, n_tokens: int, hidden: int, store_dtype: torch.dtype = torch.bfloat16) -> int:

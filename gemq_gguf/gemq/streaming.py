@@ -25,6 +25,8 @@ boundary gradients. On a GPU, each layer runs on the GPU while the boundary stat
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import shutil
 import weakref
 from pathlib import Path
@@ -34,14 +36,14 @@ import torch
 from torch import nn
 
 from ..archs import ArchAdapter
-from ..options import FISHER_LABELS
+from ..options import CALIB_MEMORY, FISHER_LABELS
 from .hooks import experts_hooks
-from .layer_source import LayerSource
-from .stats import (DEFAULT_RAM_LIMIT, CalibStats, StatsRecorder, _buffer, finish_stats, gradient_targets,
-                    new_layer_stats, sequence_loss, spill_directory)
+from .layer_source import LayerSource, safetensors_files
+from .stats import (DEFAULT_RAM_LIMIT, CalibStats, StatsRecorder, host_buffer, calibration_dtype, finish_stats,
+                    gradient_targets, new_layer_stats, sequence_loss, spill_directory)
 
 #: bytes of boundary hidden states kept in RAM before they go to memmap files
-DEFAULT_BOUNDARY_LIMIT = 4 * 2**30
+DEFAULT_BOUNDARY_LIMIT = 2 * 2**30
 
 LayerKwargs = list[dict[str, Any]]  # per decoder layer: what the model's forward passes besides hidden states
 
@@ -92,7 +94,7 @@ class _Boundaries:
                  work_dir: Path | None) -> None:
         size = (n + 1) * n_tok * hidden * torch.empty(0, dtype=dtype).element_size()
         self.dir = spill_directory(work_dir, "gemq-boundaries-") if size > limit else None
-        self.h = [_buffer((n_tok, hidden), dtype, self.dir / f"h{i}.bin" if self.dir else None) for i in range(n + 1)]
+        self.h = [host_buffer((n_tok, hidden), dtype, self.dir / f"h{i}.bin" if self.dir else None) for i in range(n + 1)]
         if self.dir is not None:
             weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
 
@@ -135,13 +137,13 @@ def stream_stats(source: LayerSource, adapter: ArchAdapter, tokens: torch.Tensor
                                                for i in range(n_layers)])
     steps.update()
 
-    def run(i: int, layer: nn.Module, s: int, x: torch.Tensor) -> torch.Tensor:
+    def run(i: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return _layer_output(layer(x, **kwargs[x.shape[0]][i]))
 
     for i in range(n_layers):  # forward, layer by layer
         with source.loaded(i) as layer, torch.no_grad():
             for s in starts:
-                bounds.h[i + 1][rows[s]] = run(i, layer, s, batch_view(bounds.h[i], s)).reshape(
+                bounds.h[i + 1][rows[s]] = run(i, layer, batch_view(bounds.h[i], s)).reshape(
                     -1, bounds.h[i].shape[-1]).cpu()
         steps.update()
 
@@ -172,7 +174,7 @@ def stream_stats(source: LayerSource, adapter: ArchAdapter, tokens: torch.Tensor
                 for s in starts:
                     recorder.offset = s * seq_len
                     x = batch_view(bounds.h[i], s).requires_grad_(True)
-                    out = run(i, layer, s, x)
+                    out = run(i, layer, x)
                     out.backward(batch_view(grad, s).to(out.dtype))
                     if below is not None:
                         below[rows[s]] = x.grad.reshape(-1, x.shape[-1]).cpu()
@@ -180,6 +182,68 @@ def stream_stats(source: LayerSource, adapter: ArchAdapter, tokens: torch.Tensor
             steps.update()
     steps.close()
     return finish_stats(stats, tokens, total / n_seq, shape, datasets, spill_dir)
+
+
+def model_bytes(model_dir: Path, dtype: torch.dtype) -> int:
+    """Bytes the checkpoint's weights take at `dtype` (from the shards' headers; nothing is read)."""
+    from safetensors import safe_open
+    size = torch.empty(0, dtype=dtype).element_size()
+    n = 0
+    for f in safetensors_files(model_dir):
+        with safe_open(str(f), framework="pt") as h:
+            n += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())
+    return n * size
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes where the model would go: the GPU's free memory, or the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/meminfo") as f:
+            return int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def use_streaming(model_dir: Path, memory: str) -> bool:
+    """`--calib-memory`: `stream`, `full`, or `auto`: stream a safetensors checkpoint whose weights would
+    take more than half the free memory (the whole-model pass also needs its activations, the statistics
+    and the cost estimation's buffers; below that the whole model is faster: no recomputation, one read)."""
+    if memory not in CALIB_MEMORY:
+        raise ValueError(f"memory must be one of {CALIB_MEMORY}, not {memory!r}")
+    if memory != "auto":
+        return memory == "stream"
+    if not safetensors_files(model_dir):
+        return False
+    dtype, device = _target(model_dir)
+    return model_bytes(model_dir, dtype) > available_memory(device) // 2
+
+
+def open_layer_source(model_dir: Path, adapter: ArchAdapter) -> LayerSource:
+    """The checkpoint as a layer source on the calibration device and dtype (one GPU when there is one)."""
+    return LayerSource(model_dir, adapter, *_target(model_dir))
+
+
+def _target(model_dir: Path) -> tuple[torch.dtype, torch.device]:
+    from transformers import AutoConfig
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return calibration_dtype(AutoConfig.from_pretrained(model_dir)), device
+
+
+class LayerWindowAdapter:
+    """`adapter`, with `moe_block` materialising the layer it is asked for from `source` (two layers held
+    at most): cost estimation walks the MoE layers in order, one ahead, so it runs on the skeleton
+    holding two layers' weights. Call `source.release()` afterwards."""
+
+    def __init__(self, adapter: ArchAdapter, source: LayerSource) -> None:
+        self.adapter, self.source = adapter, source
+
+    def moe_block(self, model: nn.Module, layer: int) -> nn.Module:
+        self.source.hold(layer)
+        return self.adapter.moe_block(model, layer)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.adapter, name)
 
 
 class _NoBar:
