@@ -65,7 +65,6 @@ class LayerSource:
 
     def __init__(self, model_dir: Path, adapter: ArchAdapter, dtype: torch.dtype,
                  device: torch.device | str = "cpu", experts_implementation: str | None = None) -> None:
-        from safetensors import safe_open
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.conversion_mapping import get_model_conversion_mapping
         files = safetensors_files(Path(model_dir))
@@ -84,12 +83,13 @@ class LayerSource:
                     m._buffers[name] = b.to(self.device)
         self.layers = adapter.decoder_layers(self.model)
         self._mapping = get_model_conversion_mapping(self.model)
-        self._handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]  # memory-mapped
+        self._files = files
         self._parts = self._group_keys()
         self._held: list[int] = []
 
     # -- which checkpoint keys feed which part --------------------------------------------------------
-    def _group_keys(self) -> dict[Part, list[tuple[Any, str]]]:
+    def _group_keys(self) -> dict[Part, list[tuple[Path, str]]]:
+        from safetensors import safe_open
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
         renamings = [t for t in self._mapping if isinstance(t, WeightRenaming)]
         converters = [t for t in self._mapping if isinstance(t, WeightConverter)]
@@ -97,19 +97,21 @@ class LayerSource:
         prefix = _module_name(self.model, self.layers) + "."
         embed = _module_name(self.model, self.model.get_input_embeddings()) + "."
         tied = bool(getattr(self.model, "all_tied_weights_keys", None))
-        parts: dict[Part, list[tuple[Any, str]]] = {}
-        for handle in self._handles:
-            for key in handle.keys():
+        parts: dict[Part, list[tuple[Path, str]]] = {}
+        for path in self._files:
+            with safe_open(str(path), framework="pt") as handle:
+                keys = list(handle.keys())
+            for key in keys:
                 target, _ = rename_source_key(key, renamings, converters, self.model.base_model_prefix, meta_sd)
                 if target.startswith(prefix):
                     part: Part = int(target[len(prefix):].split(".", 1)[0])
                 elif target.startswith(embed):
                     part = "embed"
                     if tied:
-                        parts.setdefault("head", []).append((handle, key))
+                        parts.setdefault("head", []).append((path, key))
                 else:
                     part = "head"
-                parts.setdefault(part, []).append((handle, key))
+                parts.setdefault(part, []).append((path, key))
         return parts
 
     def module(self, part: Part) -> nn.Module:
@@ -155,10 +157,28 @@ class LayerSource:
                 for n in m._parameters if m._parameters[n] is not None]
 
     def _load(self, part: Part) -> None:
+        """Read the part's tensors with the shards memory-mapped only meanwhile (an open mapping keeps
+        the pages it touched in the process's resident memory)."""
+        from safetensors import safe_open
+        keys = self._parts.get(part, [])
+        with contextlib.ExitStack() as stack:
+            handles = {f: stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+                       for f in dict.fromkeys(f for f, _ in keys)}
+            self._convert({key: handles[f].get_slice(key) for f, key in keys})
+        if part == "head" and getattr(self.model, "all_tied_weights_keys", None):
+            self.model.tie_weights(recompute_mapping=False)
+        missing = [n for m, n in self._owned(part) if m._parameters[n].device.type == "meta"]
+        if missing:
+            raise GemqError(f"the checkpoint has no weights for {missing[:3]} (part {part!r} of the model).",
+                            "check that the checkpoint is complete, or use --calib-memory full.")
+        for m, n in self._owned(part):
+            m._parameters[n].requires_grad_(False)
+
+    def _convert(self, state: dict[str, Any]) -> None:
+        """transformers' own loading (renamings, expert fusing, dtype) of `state` into the skeleton."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
         from transformers.utils import logging as hf_logging
-        state = {key: handle.get_slice(key) for handle, key in self._parts.get(part, [])}
         config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype,
                                      dtype_plan=self.model._get_dtype_plan(self.dtype), weight_mapping=self._mapping)
         bar = hf_logging.is_progress_bar_enabled()
@@ -168,14 +188,6 @@ class LayerSource:
         finally:
             if bar:
                 hf_logging.enable_progress_bar()
-        if part == "head" and getattr(self.model, "all_tied_weights_keys", None):
-            self.model.tie_weights(recompute_mapping=False)
-        missing = [n for m, n in self._owned(part) if m._parameters[n].device.type == "meta"]
-        if missing:
-            raise GemqError(f"the checkpoint has no weights for {missing[:3]} (part {part!r} of the model).",
-                            "check that the checkpoint is complete, or use --calib-memory full.")
-        for m, n in self._owned(part):
-            m._parameters[n].requires_grad_(False)
 
     def _drop(self, part: Part) -> None:
         for m, n in self._owned(part):
