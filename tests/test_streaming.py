@@ -5,6 +5,7 @@ the MoE outputs, routing, imatrix sums and the loss are compared for exact equal
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from gemq_gguf.archs import adapter_for
 from gemq_gguf.errors import GemqError
 from gemq_gguf.gemq.layer_source import LayerSource
 from gemq_gguf.gemq.stats import CalibStats, collect_stats
-from gemq_gguf.gemq.streaming import stream_stats
+from gemq_gguf.gemq import streaming
+from gemq_gguf.gemq.streaming import model_bytes, stream_stats, use_streaming
 
 FIELDS = ("x", "g", "ids", "weights", "in_sum2", "down_sum2", "counts")
 
@@ -84,3 +86,32 @@ def test_needs_safetensors(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(GemqError, match="safetensors"):
         LayerSource(tmp_path, None, torch.float32)  # type: ignore[arg-type]
+
+
+def test_auto_streams_only_what_does_not_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = make_tiny_model("mixtral", tmp_path / "m")
+    size = model_bytes(path, torch.float32)
+    assert size > 0
+    assert use_streaming(path, "stream") and not use_streaming(path, "full")
+    monkeypatch.setattr(streaming, "available_memory", lambda device: 2 * size + 2)
+    assert not use_streaming(path, "auto")
+    monkeypatch.setattr(streaming, "available_memory", lambda device: 2 * size - 2)
+    assert use_streaming(path, "auto")
+    (path / "model.safetensors").unlink()
+    assert not use_streaming(path, "auto")  # not safetensors: the whole model
+
+
+@pytest.mark.slow
+def test_budget_file_identical_streamed(tmp_path: Path) -> None:
+    """`--calib-memory stream` writes the same bytes and the same allocation as the whole-model pass
+    (costs computed on the skeleton, two layers' weights at a time)."""
+    from gemq_gguf.cli import main as convert_main
+    path = make_tiny_model("deepseek_v2", tmp_path / "hf")
+    outs = {}
+    for memory in ("full", "stream"):
+        outs[memory] = tmp_path / f"{memory}.gguf"
+        assert convert_main([str(path), "--budget", "3.0", "-o", str(outs[memory]), "--calib-tokens", "1024",
+                             "--seq-len", "128", "--calib-memory", memory]) == 0
+    assert outs["full"].read_bytes() == outs["stream"].read_bytes()
+    reports = {m: json.loads(o.with_suffix(".json").read_text())["allocation"] for m, o in outs.items()}
+    assert reports["full"]["units"] == reports["stream"]["units"]
