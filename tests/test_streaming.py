@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_tiny_model
+from tiny_models import ARCHS, make_tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from gemq_gguf.archs import adapter_for
 from gemq_gguf.errors import GemqError
 from gemq_gguf.gemq.layer_source import LayerSource
-from gemq_gguf.gemq.stats import CalibStats, collect_stats
 from gemq_gguf.gemq import streaming
+from gemq_gguf.gemq.stats import CalibStats, collect_stats
 from gemq_gguf.gemq.streaming import model_bytes, stream_stats, use_streaming
 
 FIELDS = ("x", "g", "ids", "weights", "in_sum2", "down_sum2", "counts")
@@ -56,10 +56,10 @@ def _assert_equal(full: CalibStats, streamed: CalibStats) -> None:
     assert full.layers[max(full.layers)].g.abs().sum() > 0
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "mixtral"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_streamed_equals_whole_model(tmp_path: Path, arch: str) -> None:
-    """Sampled Fisher targets (drawn in the same order), an uneven last batch; deepseek_v2 has a dense
-    first layer and shared experts."""
+    """Every registered family; sampled Fisher targets (drawn in the same order), an uneven last batch;
+    deepseek_v2 has a dense first layer and shared experts, qwen2_moe a gated shared expert."""
     path = make_tiny_model(arch, tmp_path / arch)
     tokens = _tokens()
     kw = dict(batch_size=2, labels="sampled", seed=3)
