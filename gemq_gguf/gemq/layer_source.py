@@ -14,6 +14,7 @@ layers but the embeddings: final norm, LM head; with tied embeddings the embeddi
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -193,3 +194,21 @@ class LayerSource:
         for m, n in self._owned(part):
             p = m._parameters[n]
             m._parameters[n] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc keeps it otherwise: the layers' weights and
+    activations, freed in pieces, would make the process's resident memory grow layer after layer)."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc: Any = None
