@@ -115,3 +115,23 @@ def test_budget_file_identical_streamed(tmp_path: Path) -> None:
     assert outs["full"].read_bytes() == outs["stream"].read_bytes()
     reports = {m: json.loads(o.with_suffix(".json").read_text())["allocation"] for m, o in outs.items()}
     assert reports["full"]["units"] == reports["stream"]["units"]
+
+
+def test_costs_on_the_skeleton(tmp_path: Path) -> None:
+    """Cost estimation on the streamed skeleton, two layers' weights held at a time, equals it on the
+    whole model."""
+    from gemq_gguf.gemq.costs import estimate_costs
+    from gemq_gguf.gemq.streaming import LayerWindowAdapter
+    path = make_tiny_model("qwen2_moe", tmp_path / "m", num_hidden_layers=3)
+    tokens = _tokens(2, 32)
+    streamed, source = _streamed(path, tokens)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, experts_implementation="eager").eval()
+    adapter = adapter_for(model.config.architectures)
+    kw = dict(types=("Q3_K", "Q6_K"), granularity="expert-proj", dtype=torch.float64)
+    full = estimate_costs(model, adapter, streamed, streamed.imatrix().means(), **kw)
+    windowed = LayerWindowAdapter(adapter, source)
+    table = estimate_costs(source.model, windowed, streamed, streamed.imatrix().means(), **kw)  # type: ignore[arg-type]
+    assert len(source._held) == 2
+    source.release()
+    assert all(p.device.type == "meta" for p in source.model.parameters())
+    assert (full.cost > 0).all() and torch.equal(torch.from_numpy(full.cost), torch.from_numpy(table.cost))
