@@ -47,13 +47,12 @@ def _parameters_on_meta() -> Iterator[None]:
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's shards (from the index when there is one); empty when it is not safetensors."""
+    """The checkpoint's shards (those the index names when there is one); empty when it is not safetensors."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [model_dir / n for n in names]
-    single = model_dir / "model.safetensors"
-    return [single] if single.is_file() else []
+    return sorted(model_dir.glob("*.safetensors"))
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
@@ -74,6 +73,9 @@ class LayerSource:
                             "use --calib-memory full, or convert the checkpoint to safetensors.")
         self.device, self.dtype = torch.device(device), dtype
         config = AutoConfig.from_pretrained(model_dir)
+        if getattr(config, "quantization_config", None):
+            raise GemqError(f"{model_dir} is a quantized checkpoint (quantization_config); layer streaming reads "
+                            "plain float weights.", "use --calib-memory full, or a float (bf16/f32) checkpoint.")
         with _parameters_on_meta():
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, **(
                 {"experts_implementation": experts_implementation} if experts_implementation else {}))

@@ -206,14 +206,16 @@ def available_memory(device: torch.device) -> int:
 
 
 def use_streaming(model_dir: Path, memory: str) -> bool:
-    """`--calib-memory`: `stream`, `full`, or `auto`: stream a safetensors checkpoint whose weights would
-    take more than half the free memory (the whole-model pass also needs its activations, the statistics
-    and the cost estimation's buffers; below that the whole model is faster: no recomputation, one read)."""
+    """`--calib-memory`: `stream`, `full`, or `auto`: stream a float safetensors checkpoint whose weights
+    would take more than half the free memory (the whole-model pass also needs its activations, the
+    statistics and the cost estimation's buffers; below that the whole model is faster: no
+    recomputation, one read of each weight)."""
     if memory not in CALIB_MEMORY:
         raise ValueError(f"memory must be one of {CALIB_MEMORY}, not {memory!r}")
     if memory != "auto":
         return memory == "stream"
-    if not safetensors_files(model_dir):
+    from transformers import AutoConfig
+    if not safetensors_files(model_dir) or getattr(AutoConfig.from_pretrained(model_dir), "quantization_config", None):
         return False
     dtype, device = _target(model_dir)
     return model_bytes(model_dir, dtype) > available_memory(device) // 2
