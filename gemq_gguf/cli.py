@@ -13,6 +13,7 @@ from rich.logging import RichHandler
 
 from .errors import GemqError
 from .options import (
+    CALIB_MEMORY,
     DEFAULT_TYPES,
     FISHER_LABELS,
     GRANULARITIES,
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient targets: sampled (default) = draws from the model's own predictions (true Fisher = "
                         "Hessian of the KLD); data = the calibration text's next tokens (empirical Fisher, the paper's)")
     c.add_argument("--imatrix", type=Path, help="llama.cpp imatrix GGUF to quantize with instead of our own statistics")
+    c.add_argument("--calib-memory", choices=CALIB_MEMORY, default=CalibOptions.memory,
+                   help="stream = hold one decoder layer's weights at a time (read from the safetensors shards; "
+                        "same statistics, one extra forward); full = load the whole model; auto (default) = stream "
+                        "when the model would not fit comfortably in memory")
     r = p.add_argument_group("router tuning")
     r.add_argument("--finetune-routers", action="store_true", help="train the routers against the quantized experts")
     r.add_argument("--ft-loss", choices=LOSSES, default=TuneOptions.loss,
@@ -121,7 +126,7 @@ def request_from_args(ns: argparse.Namespace) -> ConvertRequest:
         experts=_expert_typing(ns),
         policy=PolicyOptions(tensor_types=tuple(ns.tensor_type), non_expert=ns.non_expert),
         calib=CalibOptions(texts=tuple(ns.calib), tokens=ns.calib_tokens, seq_len=ns.seq_len, seed=ns.seed,
-                           fisher=ns.fisher, imatrix=ns.imatrix),
+                           fisher=ns.fisher, imatrix=ns.imatrix, memory=ns.calib_memory),
         tune=tune, verbose=ns.verbose, trust_remote_code=ns.trust_remote_code)
 
 

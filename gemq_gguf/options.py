@@ -15,6 +15,9 @@ GRANULARITIES: tuple[str, ...] = ("expert", "expert-proj", "tensor")
 #: gradient targets: draws from the model's own predictions (true Fisher), or the text's next tokens
 FISHER_LABELS: tuple[str, ...] = ("sampled", "data")
 #: router-tuning losses (gemq.router_ft) and which epoch's routers ship
+#: how calibration holds the model: `auto` streams a safetensors checkpoint too big for memory
+#: (gemq.streaming, one decoder layer at a time), `stream` always does, `full` loads the whole model
+CALIB_MEMORY: tuple[str, ...] = ("auto", "stream", "full")
 LOSSES: tuple[str, ...] = ("kd", "ce", "route", "kd+route", "ce+route")
 SELECT: tuple[str, ...] = ("best", "last")
 
@@ -29,6 +32,7 @@ class CalibOptions:
     seed: int = 0
     fisher: str = FISHER_LABELS[0]       # "sampled": measured better than "data" (docs/allocation.md)
     imatrix: Path | None = None          # a llama.cpp imatrix to quantize with instead of ours
+    memory: str = CALIB_MEMORY[0]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from gemq_gguf.archs import adapter_for
 from gemq_gguf.gemq.calib import calibration_tokens
 from gemq_gguf.gemq.costs import _fill_never_routed, estimate_costs, prune_cache
-from gemq_gguf.gemq.stats import _targets, collect_stats
+from gemq_gguf.gemq.stats import gradient_targets, collect_stats
 from gemq_gguf.ggml.names import PROJS, expert_tensor_name
 from gemq_gguf.ggml.quant import dequantize
 from gemq_gguf.ggml.types import type_info
@@ -169,7 +169,7 @@ def test_gradient_is_the_loss_gradient(tmp_path: Path, labels: str) -> None:
     v = torch.randn(stats.layers[layer].g.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        targets = torch.cat([_targets(model(input_ids=tokens[i:i + 1], use_cache=False).logits, tokens[i:i + 1],
+        targets = torch.cat([gradient_targets(model(input_ids=tokens[i:i + 1], use_cache=False).logits, tokens[i:i + 1],
                                       labels, gen) for i in range(len(tokens))])
     if labels == "sampled":
         assert not torch.equal(targets, tokens[:, 1:])

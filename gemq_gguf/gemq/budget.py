@@ -27,6 +27,8 @@ from ..report import plot_heatmap, print_allocation, report_dict
 from .calib import calibration_tokens
 from .costs import CostTable, estimate_costs, prune_cache
 from .stats import CalibStats, collect_stats, load_for_calibration
+from .layer_source import LayerSource
+from .streaming import LayerWindowAdapter, open_layer_source, stream_stats, use_streaming
 from .units import Widths, unit_bits, unit_keys, unit_projs
 
 log = logging.getLogger("gemq")
@@ -79,30 +81,55 @@ def calib_tokens(model_dir: Path, calib: CalibOptions) -> torch.Tensor:
 class Calibration:
     """The calibrated model and what one forward + backward pass over the calibration text gave."""
 
-    model: nn.Module
+    model: nn.Module                # the whole model, or the streamed skeleton (parameters on meta)
     tokens: torch.Tensor
     stats: CalibStats
     imatrix: dict[str, np.ndarray]  # per-matrix means by GGUF name: ours, or the user's --imatrix
+    source: LayerSource | None = None  # set when calibration was layer-streamed
+
+    def costs(self, adapter: ArchAdapter, **kwargs: Any) -> CostTable:
+        """The cost table; when streamed, each layer's weights are read while its costs are computed."""
+        if self.source is None:
+            return estimate_costs(self.model, adapter, self.stats, self.imatrix, **kwargs)
+        try:
+            return estimate_costs(self.model, LayerWindowAdapter(adapter, self.source), self.stats,  # type: ignore[arg-type]
+                                  self.imatrix, **kwargs)
+        finally:
+            self.source.release()
+
+    def whole_model(self, model_dir: Path) -> nn.Module:
+        """The model with all its weights (router tuning trains through it): loaded now when streamed."""
+        if self.source is not None:
+            log.info("router tuning: loading the whole model (calibration was layer-streamed)")
+            self.model, self.source = load_for_calibration(model_dir), None
+        return self.model
 
 
 def calibrate(model_dir: Path, adapter: ArchAdapter, calib: CalibOptions, work_dir: Path) -> Calibration:
-    """Load the model, tokenize the calibration text once, and gather the statistics."""
+    """Tokenize the calibration text once and gather the statistics: with the whole model loaded, or
+    layer-streamed from the safetensors shards (`--calib-memory`, streaming.use_streaming)."""
     tokens = calib_tokens(model_dir, calib)
     log.info("calibration: %d sequences x %d tokens", *tokens.shape)
-    model = load_for_calibration(model_dir)
-    stats = collect_stats(model, adapter, tokens, progress=True, work_dir=work_dir,
-                          datasets=list(calib.texts) or ["gemq-gguf built-in mix"], labels=calib.fisher,
-                          seed=calib.seed)
+    kwargs = dict(progress=True, work_dir=work_dir, datasets=list(calib.texts) or ["gemq-gguf built-in mix"],
+                  labels=calib.fisher, seed=calib.seed)
+    source = None
+    if use_streaming(model_dir, calib.memory):
+        log.info("calibration: layer-streamed (one decoder layer's weights at a time)")
+        source = open_layer_source(model_dir, adapter)
+        model = source.model
+        stats = stream_stats(source, adapter, tokens, **kwargs)
+    else:
+        model = load_for_calibration(model_dir)
+        stats = collect_stats(model, adapter, tokens, **kwargs)
     imatrix = (read_imatrix(calib.imatrix) if calib.imatrix else stats.imatrix()).means()
-    return Calibration(model, tokens, stats, imatrix)
+    return Calibration(model, tokens, stats, imatrix, source)
 
 
 def cost_table(c: Calibration, adapter: ArchAdapter, types: list[str], granularity: str,
                cache: QuantCache) -> CostTable:
     """The GEMQ cost table `--budget` solves; the benchmarks call this too, so what they measure is
     what ships (e.g. never-routed experts: counted as in `estimate_costs`, at every granularity)."""
-    return estimate_costs(c.model, adapter, c.stats, c.imatrix, types=types, granularity=granularity, cache=cache,
-                          progress=True)
+    return c.costs(adapter, types=types, granularity=granularity, cache=cache, progress=True)
 
 
 def allocate_experts(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, float_gguf: Path, opts: AllocOptions,
@@ -125,7 +152,8 @@ def allocate_experts(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, flo
         report.update(never_routed_experts=[f"L{l}.E{e}" for l, e in table.never_routed], cost_notes=table.notes,
                       cost_seconds=table.seconds)
     del c.stats
-    alloc, routers, tuning_report = _solve_and_tune(c, adapter, shape, float_gguf, problem, cache, opts, calib, tune)
+    alloc, routers, tuning_report = _solve_and_tune(c, model_dir, adapter, shape, float_gguf, problem, cache, opts,
+                                                    calib, tune)
     plan = plan_from_allocation(alloc, list(shape.moe_layers), shape.n_experts)
     prune_cache(cache, plan)
     print_allocation(alloc, report)
@@ -140,14 +168,14 @@ def allocate_experts(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, flo
                        quant_cache=cache, routers=routers)
 
 
-def _solve_and_tune(c: Calibration, adapter: ArchAdapter, shape: MoeShape, float_gguf: Path, problem: AllocationProblem,
+def _solve_and_tune(c: Calibration, model_dir: Path, adapter: ArchAdapter, shape: MoeShape, float_gguf: Path, problem: AllocationProblem,
                     cache: QuantCache, opts: AllocOptions, calib: CalibOptions,
                     tune: TuneOptions | None) -> tuple[Allocation, dict[str, np.ndarray] | None, dict[str, Any]]:
     """The allocation at the budget, and with router tuning (once, or progressively) the tuned routers
     and their report sections (router_ft.py, progressive.py)."""
     if tune is not None and tune.progressive:
         from .progressive import progressive_allocation
-        res = progressive_allocation(c.model, adapter, float_gguf, c.tokens, c.imatrix, problem, cache, opts, tune,
+        res = progressive_allocation(c.whole_model(model_dir), adapter, float_gguf, c.tokens, c.imatrix, problem, cache, opts, tune,
                                      calib)
         return res.allocation, res.tuning.routers, {"router_tuning": res.tuning.report, "progressive": res.steps}
     alloc = solve(opts.strategy, problem, opts.budget, max_types=opts.max_types)
@@ -155,5 +183,5 @@ def _solve_and_tune(c: Calibration, adapter: ArchAdapter, shape: MoeShape, float
         return alloc, None, {}
     from .router_ft import tune_for_plan
     plan = plan_from_allocation(alloc, list(shape.moe_layers), shape.n_experts)
-    tuning = tune_for_plan(c.model, adapter, c.tokens, plan, c.imatrix, cache, tune, seed=calib.seed)
+    tuning = tune_for_plan(c.whole_model(model_dir), adapter, c.tokens, plan, c.imatrix, cache, tune, seed=calib.seed)
     return alloc, tuning.routers, {"router_tuning": tuning.report}

@@ -14,12 +14,8 @@ memory at one batch's activations.
 Memory trade-off: the whole model is held on the device (or spread over GPUs by `accelerate`'s
 device_map when it is installed), and x and g cost 2 · n_moe_layers · T · H values (bf16 by default:
 32k tokens × 2048 hidden × 24 layers ≈ 6 GiB). Past `ram_limit` bytes they go to np.memmap files in a
-work directory, so RAM holds only the model and one batch. A layer-sequential version (not
-implemented) would remove the "whole model in memory" term: forward one decoder layer at a time over
-all batches, storing the residual stream at layer boundaries on disk; then backward from the LM head,
-one layer at a time, loading that layer's weights from safetensors, recomputing its forward from the
-stored boundary input and back-propagating the boundary gradient, recording g at each MoE block.
-Peak memory would be one layer's weights plus boundary activations; compute is one extra forward.
+work directory, so RAM holds only the model and one batch. `streaming.stream_stats` gives the same
+statistics holding one decoder layer's weights at a time (`--calib-memory`).
 """
 from __future__ import annotations
 
@@ -36,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..archs import ArchAdapter, ExpertsCall, ExpertsView
+from ..archs import ArchAdapter, ExpertsCall, ExpertsView, MoeShape
 from ..ggml.imatrix import Imatrix
 from ..ggml.names import expert_tensor_name
 from ..options import FISHER_LABELS
@@ -93,7 +89,7 @@ class CalibStats:
                        chunk_count=self.n_seq)
 
 
-def _buffer(shape: tuple[int, ...], dtype: torch.dtype, path: Path | None) -> torch.Tensor:
+def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, path: Path | None) -> torch.Tensor:
     """A zeroed CPU tensor, in RAM or backed by a memmap file (bf16 stored as uint16 bits)."""
     if path is None:
         return torch.zeros(shape, dtype=dtype)
@@ -115,7 +111,7 @@ def _accumulate_imatrix(view: ExpertsView, x: torch.Tensor, ids: torch.Tensor, s
         s.counts[e] += int(tok.sum())
 
 
-class _Recorder:
+class StatsRecorder:
     """Hooks on every MoE block's experts call; `offset` locates the current batch in the token buffers."""
 
     def __init__(self, adapter: ArchAdapter, stats: dict[int, LayerStats]) -> None:
@@ -141,14 +137,14 @@ class _Recorder:
 
 
 
-def _sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Σ over sequences of the mean next-token cross-entropy against `targets` [B, L-1] (batch-size
     independent gradients)."""
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
     return ce / targets.shape[1]
 
 
-def _targets(logits: torch.Tensor, tokens: torch.Tensor, labels: str, gen: torch.Generator) -> torch.Tensor:
+def gradient_targets(logits: torch.Tensor, tokens: torch.Tensor, labels: str, gen: torch.Generator) -> torch.Tensor:
     """Next-token targets for the gradient: the text's own tokens (`data`: empirical Fisher) or one draw
     from the model's predictive distribution per position (`sampled`: an unbiased estimate of the true
     Fisher, which is the Hessian of the KL divergence to the unquantized model, the metric we ship by)."""
@@ -172,26 +168,12 @@ def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, 
         raise ValueError(f"labels must be one of {FISHER_LABELS}, not {labels!r}")
     shape = adapter.moe_shape(model.config)
     n_seq, seq_len = tokens.shape
-    n_tok = n_seq * seq_len
-    spill = stats_bytes(len(shape.moe_layers), n_tok, shape.hidden, store_dtype) > ram_limit
-    if spill:
-        if work_dir is not None:
-            Path(work_dir).mkdir(parents=True, exist_ok=True)
-        work_dir = Path(tempfile.mkdtemp(prefix="gemq-stats-", dir=work_dir))
-    stats = {l: LayerStats(
-        layer=l,
-        x=_buffer((n_tok, shape.hidden), store_dtype, work_dir / f"x{l}.bin" if spill else None),
-        g=_buffer((n_tok, shape.hidden), store_dtype, work_dir / f"g{l}.bin" if spill else None),
-        ids=torch.zeros((n_tok, shape.top_k), dtype=torch.int64),
-        weights=torch.zeros((n_tok, shape.top_k), dtype=torch.float32),
-        in_sum2=torch.zeros((shape.n_experts, shape.hidden), dtype=torch.float64),
-        down_sum2=torch.zeros((shape.n_experts, shape.expert_ffn), dtype=torch.float64),
-        counts=torch.zeros(shape.n_experts, dtype=torch.int64)) for l in shape.moe_layers}
+    stats, spill_dir = new_layer_stats(shape, n_seq * seq_len, store_dtype, ram_limit, work_dir)
 
     device = model.get_input_embeddings().weight.device
     # the embedding output requires grad, so backward reaches the MoE blocks' outputs with every weight frozen
     embed_hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-    recorder = _Recorder(adapter, stats)
+    recorder = StatsRecorder(adapter, stats)
     total = 0.0
     gen: torch.Generator | None = None  # made on the logits' device: draws happen where the logits are
     try:
@@ -206,15 +188,47 @@ def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, 
                 logits = model(input_ids=batch, use_cache=False).logits
                 if gen is None:
                     gen = torch.Generator(device=logits.device).manual_seed(seed)
-                loss = _sequence_loss(logits, _targets(logits, batch, labels, gen))
+                loss = sequence_loss(logits, gradient_targets(logits, batch, labels, gen))
                 loss.backward()
                 total += float(loss.detach())
     finally:
         embed_hook.remove()
-    result = CalibStats(layers=stats, n_seq=n_seq, seq_len=seq_len, loss=total / n_seq, projs=shape.projs,
-                        datasets=list(datasets or []), work_dir=work_dir if spill else None)
-    if spill:  # the memmap files go when the statistics do
-        weakref.finalize(result, shutil.rmtree, work_dir, ignore_errors=True)
+    return finish_stats(stats, tokens, total / n_seq, shape, datasets, spill_dir)
+
+
+def new_layer_stats(shape: MoeShape, n_tok: int, store_dtype: torch.dtype, ram_limit: int,
+                    work_dir: Path | None) -> tuple[dict[int, LayerStats], Path | None]:
+    """Zeroed records of every MoE layer; x and g in memmap files in a fresh directory under `work_dir`
+    (returned, else None) when they would not fit `ram_limit` bytes."""
+    spill = stats_bytes(len(shape.moe_layers), n_tok, shape.hidden, store_dtype) > ram_limit
+    spill_dir = spill_directory(work_dir, "gemq-stats-") if spill else None
+    stats = {l: LayerStats(
+        layer=l,
+        x=host_buffer((n_tok, shape.hidden), store_dtype, spill_dir / f"x{l}.bin" if spill_dir else None),
+        g=host_buffer((n_tok, shape.hidden), store_dtype, spill_dir / f"g{l}.bin" if spill_dir else None),
+        ids=torch.zeros((n_tok, shape.top_k), dtype=torch.int64),
+        weights=torch.zeros((n_tok, shape.top_k), dtype=torch.float32),
+        in_sum2=torch.zeros((shape.n_experts, shape.hidden), dtype=torch.float64),
+        down_sum2=torch.zeros((shape.n_experts, shape.expert_ffn), dtype=torch.float64),
+        counts=torch.zeros(shape.n_experts, dtype=torch.int64)) for l in shape.moe_layers}
+    return stats, spill_dir
+
+
+def spill_directory(work_dir: Path | None, prefix: str) -> Path:
+    """A fresh directory under `work_dir` (the system temp dir when None)."""
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=work_dir))
+
+
+def finish_stats(stats: dict[int, LayerStats], tokens: torch.Tensor, loss: float, shape: MoeShape,
+                 datasets: list[str] | None, spill_dir: Path | None) -> CalibStats:
+    """The statistics record; memmap files (if any) are deleted when it goes."""
+    n_seq, seq_len = tokens.shape
+    result = CalibStats(layers=stats, n_seq=n_seq, seq_len=seq_len, loss=loss, projs=shape.projs,
+                        datasets=list(datasets or []), work_dir=spill_dir)
+    if spill_dir is not None:
+        weakref.finalize(result, shutil.rmtree, spill_dir, ignore_errors=True)
     return result
 
 
@@ -222,18 +236,23 @@ def load_for_calibration(path: str | Path, dtype: torch.dtype | None = None) -> 
     """The HF model on the best device, spread over GPUs when `accelerate` is installed.
 
     Default dtype keeps every weight's exact value (so quantized bytes cached during cost estimation
-    equal the writer's): bf16 on GPU for bf16 checkpoints, float32 otherwise. Only safetensors are
-    read (no pickled .bin, whatever the folder holds), and no checkpoint code runs (trust_remote_code off).
+    equal the writer's): bf16 on GPU for bf16 checkpoints, float32 otherwise (`calibration_dtype`).
+    Only safetensors are read (no pickled .bin, whatever the folder holds), and no checkpoint code runs.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     cuda = torch.cuda.is_available()
-    if dtype is None:
-        stored = getattr(AutoConfig.from_pretrained(path), "dtype", None)
-        dtype = torch.bfloat16 if cuda and stored in (torch.bfloat16, "bfloat16") else torch.float32
+    dtype = dtype or calibration_dtype(AutoConfig.from_pretrained(path))
     if cuda and torch.cuda.device_count() > 1 and importlib.util.find_spec("accelerate"):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto", use_safetensors=True).eval()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)  # never a pickle
     return model.to("cuda" if cuda else "cpu").eval()
+
+
+def calibration_dtype(config: object) -> torch.dtype:
+    """The dtype calibration computes in: it keeps every weight's exact value (so quantized bytes cached
+    during cost estimation equal the writer's): bf16 on GPU for bf16 checkpoints, float32 otherwise."""
+    stored = getattr(config, "dtype", None)
+    return torch.bfloat16 if torch.cuda.is_available() and stored in (torch.bfloat16, "bfloat16") else torch.float32
 
 
 def stats_bytes(n_moe_layers: int, n_tokens: int, hidden: int, store_dtype: torch.dtype = torch.bfloat16) -> int:

@@ -1,0 +1,137 @@
+"""Layer-streamed statistics equal the whole-model pass (issue 15's acceptance), in float64.
+
+The streamed pass runs the same layer computations on the same values, so block inputs, gradients at
+the MoE outputs, routing, imatrix sums and the loss are compared for exact equality.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import ARCHS, make_tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from gemq_gguf.archs import adapter_for
+from gemq_gguf.errors import GemqError
+from gemq_gguf.gemq.layer_source import LayerSource
+from gemq_gguf.gemq import streaming
+from gemq_gguf.gemq.stats import CalibStats, collect_stats
+from gemq_gguf.gemq.streaming import model_bytes, stream_stats, use_streaming
+
+FIELDS = ("x", "g", "ids", "weights", "in_sum2", "down_sum2", "counts")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tokens(n_seq: int = 5, seq_len: int = 24) -> torch.Tensor:
+    return torch.randint(0, 384, (n_seq, seq_len), generator=torch.Generator().manual_seed(1))
+
+
+def _full(path: Path, tokens: torch.Tensor, **kw) -> CalibStats:
+    # eager experts: transformers' grouped_mm kernels take no float64
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, experts_implementation="eager").eval()
+    return collect_stats(model, adapter_for(model.config.architectures), tokens, store_dtype=torch.float64, **kw)
+
+
+def _streamed(path: Path, tokens: torch.Tensor, **kw) -> tuple[CalibStats, LayerSource]:
+    adapter = adapter_for(AutoConfig.from_pretrained(path).architectures)
+    source = LayerSource(path, adapter, torch.float64, experts_implementation="eager")
+    return stream_stats(source, adapter, tokens, store_dtype=torch.float64, **kw), source
+
+
+def _assert_equal(full: CalibStats, streamed: CalibStats) -> None:
+    assert streamed.loss == full.loss
+    assert streamed.layers.keys() == full.layers.keys()
+    for l, a in full.layers.items():
+        for f in FIELDS:
+            assert torch.equal(getattr(a, f), getattr(streamed.layers[l], f)), (l, f)
+    assert full.layers[max(full.layers)].g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_equals_whole_model(tmp_path: Path, arch: str) -> None:
+    """Every registered family; sampled Fisher targets (drawn in the same order), an uneven last batch;
+    deepseek_v2 has a dense first layer and shared experts, qwen2_moe a gated shared expert."""
+    path = make_tiny_model(arch, tmp_path / arch)
+    tokens = _tokens()
+    kw = dict(batch_size=2, labels="sampled", seed=3)
+    streamed, source = _streamed(path, tokens, **kw)
+    _assert_equal(_full(path, tokens, **kw), streamed)
+    assert all(p.device.type == "meta" for p in source.model.parameters())  # every part dropped again
+
+
+def test_spilled_sharded_tied(tmp_path: Path) -> None:
+    """Boundary states and statistics in memmap files, a checkpoint in several shards, tied embeddings."""
+    path = tmp_path / "m"
+    make_tiny_model("qwen3_moe", path, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.save_pretrained(path, max_shard_size="1MB")
+    assert (path / "model.safetensors.index.json").is_file()
+    tokens = _tokens(4, 16)
+    kw = dict(batch_size=3, labels="data")
+    streamed, _ = _streamed(path, tokens, ram_limit=0, boundary_limit=0, work_dir=tmp_path / "work", **kw)
+    assert streamed.work_dir is not None and streamed.work_dir.parent == tmp_path / "work"
+    _assert_equal(_full(path, tokens, **kw), streamed)
+
+
+def test_needs_safetensors(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(GemqError, match="safetensors"):
+        LayerSource(tmp_path, None, torch.float32)  # type: ignore[arg-type]
+
+
+def test_auto_streams_only_what_does_not_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = make_tiny_model("mixtral", tmp_path / "m")
+    size = model_bytes(path, torch.float32)
+    assert size > 0
+    assert use_streaming(path, "stream") and not use_streaming(path, "full")
+    monkeypatch.setattr(streaming, "available_memory", lambda device: 2 * size + 2)
+    assert not use_streaming(path, "auto")
+    monkeypatch.setattr(streaming, "available_memory", lambda device: 2 * size - 2)
+    assert use_streaming(path, "auto")
+    (path / "model.safetensors").unlink()
+    assert not use_streaming(path, "auto")  # not safetensors: the whole model
+
+
+@pytest.mark.slow
+def test_budget_file_identical_streamed(tmp_path: Path) -> None:
+    """`--calib-memory stream` writes the same bytes and the same allocation as the whole-model pass
+    (costs computed on the skeleton, two layers' weights at a time)."""
+    from gemq_gguf.cli import main as convert_main
+    path = make_tiny_model("deepseek_v2", tmp_path / "hf")
+    outs = {}
+    for memory in ("full", "stream"):
+        outs[memory] = tmp_path / f"{memory}.gguf"
+        assert convert_main([str(path), "--budget", "3.0", "-o", str(outs[memory]), "--calib-tokens", "1024",
+                             "--seq-len", "128", "--calib-memory", memory]) == 0
+    assert outs["full"].read_bytes() == outs["stream"].read_bytes()
+    reports = {m: json.loads(o.with_suffix(".json").read_text())["allocation"] for m, o in outs.items()}
+    assert reports["full"]["units"] == reports["stream"]["units"]
+
+
+def test_costs_on_the_skeleton(tmp_path: Path) -> None:
+    """Cost estimation on the streamed skeleton, two layers' weights held at a time, equals it on the
+    whole model."""
+    from gemq_gguf.gemq.costs import estimate_costs
+    from gemq_gguf.gemq.streaming import LayerWindowAdapter
+    path = make_tiny_model("qwen2_moe", tmp_path / "m", num_hidden_layers=3)
+    tokens = _tokens(2, 32)
+    streamed, source = _streamed(path, tokens)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, experts_implementation="eager").eval()
+    adapter = adapter_for(model.config.architectures)
+    kw = dict(types=("Q3_K", "Q6_K"), granularity="expert-proj", dtype=torch.float64)
+    full = estimate_costs(model, adapter, streamed, streamed.imatrix().means(), **kw)
+    windowed = LayerWindowAdapter(adapter, source)
+    table = estimate_costs(source.model, windowed, streamed, streamed.imatrix().means(), **kw)  # type: ignore[arg-type]
+    assert len(source._held) == 2
+    source.release()
+    assert all(p.device.type == "meta" for p in source.model.parameters())
+    assert (full.cost > 0).all() and torch.equal(torch.from_numpy(full.cost), torch.from_numpy(table.cost))
