@@ -307,9 +307,9 @@ def test_spilled_statistics_on_a_full_disk_fail_cleanly(tiny_disk) -> None:
 
     import torch
 
-    from gemq_gguf.gemq.stats import _buffer
+    from gemq_gguf.gemq.stats import host_buffer
     with pytest.raises(OSError) as e:
-        _buffer((1024, 1024), torch.float32, tiny_disk / "x0.bin")
+        host_buffer((1024, 1024), torch.float32, tiny_disk / "x0.bin")
     assert e.value.errno == errno.ENOSPC
 
 
