@@ -25,6 +25,7 @@ from .options import (
     PolicyOptions,
     TuneOptions,
     UniformTypes,
+    VerifyOptions,
 )
 from .pipeline import convert
 
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-imatrix", type=Path, metavar="FILE",
                    help="with --budget: also write the calibration's importance matrix (llama-quantize --imatrix reads it)")
     t.add_argument("--dry-run", action="store_true", help="stop after the allocation; write the report only")
+    t.add_argument("--no-verify", action="store_true",
+                   help="skip the last step: running the written file in llama.cpp against the unquantized model "
+                        f"({VerifyOptions.chunks} x {VerifyOptions.ctx} calibration tokens)")
     t.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -116,7 +120,7 @@ def request_from_args(ns: argparse.Namespace) -> ConvertRequest:
         policy=PolicyOptions(tensor_types=tuple(ns.tensor_type), non_expert=ns.non_expert),
         calib=CalibOptions(texts=tuple(ns.calib), tokens=ns.calib_tokens, seq_len=ns.seq_len, seed=ns.seed,
                            fisher=ns.fisher, imatrix=ns.imatrix),
-        tune=tune, verbose=ns.verbose)
+        tune=tune, verify=None if ns.no_verify else VerifyOptions(), verbose=ns.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,6 +92,17 @@ class OutputOptions:
 
 
 @dataclass(frozen=True)
+class VerifyOptions:
+    """The check after writing (gemq_gguf.verify): how much calibration text, and when a file is broken."""
+
+    chunks: int = 4                      # chunks of `ctx` tokens, the second half of each scored as
+    ctx: int = 256                       # llama-perplexity scores them: 1024 tokens run, 508 scored
+    #: mean KLD above which the file is refused: ~5x the demo's worst real quantization (all IQ2_XXS,
+    #: docs/RESULTS.md), ~1/4 of an unrelated model's KLD (log vocab - entropy, about 8 nats)
+    max_kld: float = 2.0
+
+
+@dataclass(frozen=True)
 class PolicyOptions:
     """Types of the tensors that are not routed experts (`--tensor-type`, `--non-expert`)."""
 
@@ -109,4 +120,5 @@ class ConvertRequest:
     policy: PolicyOptions = field(default_factory=PolicyOptions)
     calib: CalibOptions = field(default_factory=CalibOptions)
     tune: TuneOptions | None = None
+    verify: VerifyOptions | None = field(default_factory=VerifyOptions)  # None: --no-verify
     verbose: bool = False

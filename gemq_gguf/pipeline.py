@@ -11,15 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from .archs import ArchAdapter, MoeShape
-from .convert.checkpoint import float_outtype, inspect_checkpoint
+from .convert.checkpoint import float_outtype, inspect_checkpoint, tied_embeddings
 from .convert.hf_to_gguf import hf_to_float_gguf
 from .convert.summary import print_summary
 from .convert.writer import write_gguf
 from .errors import GemqError
 from .ggml.imatrix import read_imatrix
-from .options import AllocOptions, ConvertRequest, OutputOptions, PlanFile, UniformTypes
+from .options import AllocOptions, CalibOptions, ConvertRequest, OutputOptions, PlanFile, UniformTypes, VerifyOptions
 from .plan import ExpertTypes, PlanOrigin, load_plan, plan_units, uniform_plan
 from .policy import TensorPolicy
+from .provenance import provenance
+from .verify import Verification, verification_text, verify_file
 
 log = logging.getLogger("gemq")
 
@@ -101,12 +103,14 @@ def convert(req: ConvertRequest) -> dict[str, Any]:
     try:
         float_gguf = work / f"{src.model_dir.name}.{outtype}.gguf"
         log.info("step 1/3: Hugging Face -> %s GGUF (llama.cpp's converter)", outtype)
-        hf_to_float_gguf(src.model_dir, float_gguf, outtype, verbose=req.verbose)
+        hf_to_float_gguf(src.model_dir, float_gguf, outtype, verbose=req.verbose,
+                         tied_output=src.adapter.needs_output_tensor and tied_embeddings(src.config))
         log.info("step 2/3: expert types")
         typed = expert_types(req, src, float_gguf, types)
         o = typed.origin
         report: dict[str, Any] = {"model": str(src.model_dir), "architecture": src.adapter.name,
-                                  "moe": src.shape.__dict__, "strategy": o.strategy, "granularity": o.granularity}
+                                  "moe": src.shape.__dict__, "strategy": o.strategy, "granularity": o.granularity,
+                                  "reproduce": provenance(req, src.model_dir)}
         if o.budget is not None:
             report.update(budget=o.budget, candidate_types=list(o.candidate_types))
         report.update(typed.report)
@@ -116,7 +120,9 @@ def convert(req: ConvertRequest) -> dict[str, Any]:
                                  routers=typed.routers, origin=o, strict_plan=isinstance(req.experts, PlanFile),
                                  quant_cache=typed.quant_cache)
             report["file"] = summary.to_dict()
-            print_summary(summary)
+            verified = _verify(out.path, float_gguf, req.calib, req.verify, work) if req.verify else None
+            print_summary(summary, verified.line() if verified else "not verified (--no-verify)")
+            report["verification"] = verified.to_dict() if verified else None
         report["units"] = plan_units(typed.plan)
         if out.keep_intermediate and not out.dry_run:
             kept = out.path.with_suffix(f".{outtype}.gguf")
@@ -126,6 +132,18 @@ def convert(req: ConvertRequest) -> dict[str, Any]:
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _verify(path: Path, float_gguf: Path, calib: CalibOptions, opts: VerifyOptions, work: Path) -> Verification:
+    """Run the written file against the float GGUF on calibration text; a broken file is deleted."""
+    from .gemq.calib import load_sources
+    log.info("verify: %s against the unquantized model in llama.cpp", path)
+    text = verification_text([(s.text, s.weight) for s in load_sources(calib.texts or None)], opts)
+    try:
+        return verify_file(path, float_gguf, text, opts, work / "verify")
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def _write_report(out: OutputOptions, report: dict[str, Any]) -> None:
