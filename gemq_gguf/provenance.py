@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
+import platform
 import struct
 import subprocess
 from dataclasses import asdict
@@ -76,6 +78,23 @@ def calibration_identity(texts: tuple[str, ...]) -> list[dict[str, Any]]:
             for s in load_sources(texts or None)]
 
 
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(l.split(":", 1)[1].strip() for l in lines if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def environment() -> dict[str, Any]:
+    """What the bytes may depend on beyond the inputs: the CPU's instruction set (MKL picks its code path
+    by it), torch's threads (no effect under MKL_CBWR's strict mode, recorded to show it), the OS."""
+    import torch
+    return {"machine": platform.machine(), "cpu": _cpu_model(), "system": platform.platform(),
+            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+            "MKL_CBWR": os.environ.get("MKL_CBWR")}
+
+
 def provenance(req: ConvertRequest, model_dir: Path) -> dict[str, Any]:
     """Everything besides the input files that the report needs to reproduce this run."""
     files = {"imatrix": req.calib.imatrix, "plan": getattr(req.experts, "path", None)}
@@ -84,6 +103,7 @@ def provenance(req: ConvertRequest, model_dir: Path) -> dict[str, Any]:
         "code": code_version(),
         "llama_cpp": build_info(),
         "libraries": {d: _version(d) for d in _LIBRARIES},
+        "environment": environment(),
         "checkpoint": checkpoint_identity(model_dir),
         "calibration_texts": calibration_identity(req.calib.texts),
         "input_files": {k: {"path": str(p), "sha256": sha256_file(p)} for k, p in files.items()
