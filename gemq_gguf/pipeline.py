@@ -120,7 +120,7 @@ def convert(req: ConvertRequest) -> dict[str, Any]:
                                  routers=typed.routers, origin=o, strict_plan=isinstance(req.experts, PlanFile),
                                  quant_cache=typed.quant_cache)
             report["file"] = summary.to_dict()
-            verified = _verify(out.path, float_gguf, req.calib, req.verify, work) if req.verify else None
+            verified = _verify(out, float_gguf, req.calib, req.verify, work) if req.verify else None
             print_summary(summary, verified.line() if verified else "not verified (--no-verify)")
             report["verification"] = verified.to_dict() if verified else None
         report["units"] = plan_units(typed.plan)
@@ -134,15 +134,17 @@ def convert(req: ConvertRequest) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _verify(path: Path, float_gguf: Path, calib: CalibOptions, opts: VerifyOptions, work: Path) -> Verification:
-    """Run the written file against the float GGUF on calibration text; a broken file is deleted."""
+def _verify(out: OutputOptions, float_gguf: Path, calib: CalibOptions, opts: VerifyOptions, work: Path) -> Verification:
+    """Run the written file against the float GGUF on calibration text; a broken file (and its heatmap)
+    is deleted."""
     from .gemq.calib import load_sources
-    log.info("verify: %s against the unquantized model in llama.cpp", path)
+    log.info("verify: %s against the unquantized model in llama.cpp", out.path)
     text = verification_text([(s.text, s.weight) for s in load_sources(calib.texts or None)], opts)
     try:
-        return verify_file(path, float_gguf, text, opts, work / "verify")
+        return verify_file(out.path, float_gguf, text, opts, work / "verify")
     except BaseException:
-        path.unlink(missing_ok=True)
+        out.path.unlink(missing_ok=True)
+        out.heatmap_path.unlink(missing_ok=True)
         raise
 
 

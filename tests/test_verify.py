@@ -1,4 +1,6 @@
-"""The verification step, tied embeddings, and what the report records to reproduce a run."""
+"""The verification step, tied embeddings, and what the report records to reproduce a run.
+
+Tests that score a converted file several times (~10 s each on 2 busy cores) are marked slow."""
 from __future__ import annotations
 
 import json
@@ -44,6 +46,7 @@ def _copy_with(src: Path, dst: Path, tensor: str, change) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_report_has_the_verification(converted) -> None:
     _, _, report = converted
     v = report["verification"]
@@ -51,6 +54,7 @@ def test_report_has_the_verification(converted) -> None:
     assert 0 < v["kld_mean"] < 0.05 and v["same_top_p"] > 0.8
 
 
+@pytest.mark.slow
 def test_verification_equals_evaluate_on_the_same_text(converted, tmp_path) -> None:
     """What the conversion reports is what `python -m gemq_gguf.evaluate` prints on the same text."""
     out, ref, report = converted
@@ -65,6 +69,7 @@ def test_verification_equals_evaluate_on_the_same_text(converted, tmp_path) -> N
     assert total["same_top_p"] == report["verification"]["same_top_p"]
 
 
+@pytest.mark.slow
 def test_non_finite_logits_fail(converted, tmp_path) -> None:
     _, ref, _ = converted
     broken = _copy_with(ref, tmp_path / "nan.gguf", "output_norm.weight", lambda w: np.full_like(w, np.nan))
@@ -73,6 +78,7 @@ def test_non_finite_logits_fail(converted, tmp_path) -> None:
                     VerifyOptions(), tmp_path / "cache")
 
 
+@pytest.mark.slow
 def test_a_file_far_from_the_model_fails(converted, tmp_path) -> None:
     """A wrong output matrix (rows shuffled: each token gets another token's logit) is refused."""
     _, ref, _ = converted
@@ -119,6 +125,7 @@ def test_tied_embeddings_load_and_match_hf(arch, tmp_path) -> None:
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 1e-3
 
 
+@pytest.mark.slow
 def test_report_records_how_to_reproduce(converted, mixtral) -> None:
     _, _, report = converted
     r = report["reproduce"]
