@@ -51,6 +51,11 @@ class Source:
     adapter: ArchAdapter
     shape: MoeShape
 
+    @property
+    def tied_output(self) -> bool:
+        """Stage 1 must write the tied embedding as output.weight too (the family's loader needs it)."""
+        return self.adapter.needs_output_tensor and tied_embeddings(self.config)
+
 
 def open_source(model: str) -> Source:
     """Resolve and validate the checkpoint (every cheap check before any heavy work)."""
@@ -99,13 +104,14 @@ def convert(req: ConvertRequest) -> dict[str, Any]:
              len(src.shape.moe_layers), src.shape.n_experts, src.shape.top_k)
 
     outtype = float_outtype(src.config)
+    n = 4 if req.verify else 3
     work = Path(tempfile.mkdtemp(prefix=".gemq-", dir=out.work_dir or out.path.expanduser().resolve().parent))
     try:
         float_gguf = work / f"{src.model_dir.name}.{outtype}.gguf"
-        log.info("step 1/3: Hugging Face -> %s GGUF (llama.cpp's converter)", outtype)
+        log.info("step 1/%d: Hugging Face -> %s GGUF (llama.cpp's converter)", n, outtype)
         hf_to_float_gguf(src.model_dir, float_gguf, outtype, verbose=req.verbose,
-                         tied_output=src.adapter.needs_output_tensor and tied_embeddings(src.config))
-        log.info("step 2/3: expert types")
+                         tied_output=src.tied_output)
+        log.info("step 2/%d: expert types", n)
         typed = expert_types(req, src, float_gguf, types)
         o = typed.origin
         report: dict[str, Any] = {"model": str(src.model_dir), "architecture": src.adapter.name,
@@ -115,7 +121,7 @@ def convert(req: ConvertRequest) -> dict[str, Any]:
             report.update(budget=o.budget, candidate_types=list(o.candidate_types))
         report.update(typed.report)
         if not out.dry_run:
-            log.info("step 3/3: quantize and write %s", out.path)
+            log.info("step 3/%d: quantize and write %s", n, out.path)
             summary = write_gguf(float_gguf, out.path, typed.plan, policy, imatrix=typed.imatrix,
                                  routers=typed.routers, origin=o, strict_plan=isinstance(req.experts, PlanFile),
                                  quant_cache=typed.quant_cache)
@@ -138,7 +144,7 @@ def _verify(out: OutputOptions, float_gguf: Path, calib: CalibOptions, opts: Ver
     """Run the written file against the float GGUF on calibration text; a broken file (and its heatmap)
     is deleted."""
     from .gemq.calib import load_sources
-    log.info("verify: %s against the unquantized model in llama.cpp", out.path)
+    log.info("step 4/4: run %s in llama.cpp against the unquantized model", out.path)
     text = verification_text([(s.text, s.weight) for s in load_sources(calib.texts or None)], opts)
     try:
         return verify_file(out.path, float_gguf, text, opts, work / "verify")

@@ -39,7 +39,6 @@ class Verification:
     ctx: int
     n_chunks: int
     text_sha256: str
-    reference: str
 
     @property
     def finite(self) -> bool:
@@ -90,7 +89,7 @@ def verify_file(path: Path, reference: Path, text: str, opts: VerifyOptions, cac
     s: EvalStats = result.total
     v = Verification(kld_mean=s.kld_mean, kld_max=s.kld_max, same_top_p=s.same_top_p, ppl=s.ppl, ppl_base=s.ppl_base,
                      n_tokens=s.n_tokens, ctx=opts.ctx, n_chunks=s.n_chunks,
-                     text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), reference=str(reference))
+                     text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest())
     if not v.finite:
         raise GemqError(f"verification failed: {path.name} gives non-finite logits in llama.cpp "
                         f"(mean KLD {v.kld_mean}, PPL {v.ppl}).",
