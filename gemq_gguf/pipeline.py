@@ -1,4 +1,4 @@
-"""The conversion, step by step: checkpoint -> float GGUF -> expert types -> typed GGUF -> report."""
+"""The conversion, step by step: checkpoint -> float GGUF -> expert types -> typed GGUF -> check -> report."""
 from __future__ import annotations
 
 import json
