@@ -138,3 +138,9 @@ def test_report_records_how_to_reproduce(converted, mixtral) -> None:
     assert r["checkpoint"]["files"]["config.json"] == hashlib.sha256((mixtral / "config.json").read_bytes()).hexdigest()
     assert [s["name"] for s in r["checkpoint"]["shards"]] == ["model.safetensors"]
     assert [c["name"] for c in r["calibration_texts"]] == [s.name for s in load_sources()]
+
+
+def test_verification_text_follows_the_weights() -> None:
+    opts = VerifyOptions(chunks=4, ctx=8)
+    text = verification_text([("a" * 1000, 1.0), ("b" * 1000, 3.0), ("c" * 1000, 0.01)], opts)
+    assert text.count("a") and text.count("b") == 3 * text.count("a") and "c" not in text
