@@ -97,9 +97,9 @@ class VerifyOptions:
 
     chunks: int = 4                      # chunks of `ctx` tokens, the second half of each scored as
     ctx: int = 256                       # llama-perplexity scores them: 1024 tokens run, 508 scored
-    #: mean KLD above which the file is refused: ~5x the demo's worst real quantization (all IQ2_XXS,
-    #: docs/RESULTS.md), ~1/4 of an unrelated model's KLD (log vocab - entropy, about 8 nats)
-    max_kld: float = 2.0
+    #: mean KLD above which the file is refused, measured on the demo (docs/RESULTS.md): the lowest budget
+    #: (every expert IQ2_XXS) gives 1.80, a broken file (embedding rows shuffled) 11.07
+    max_kld: float = 5.0
 
 
 @dataclass(frozen=True)
