@@ -52,7 +52,7 @@ class Bench:
         src = open_source(model)
         ref = out_dir / f"{src.model_dir.name}.f32.gguf"
         if not ref.exists():
-            hf_to_float_gguf(src.model_dir, ref, "f32")
+            hf_to_float_gguf(src.model_dir, ref, "f32", tied_output=src.tied_output)
         return cls(src, ref, out_dir, eval_chunks)
 
     def prepare_costs(self, calib_tokens: int, fisher: str = "sampled") -> None:

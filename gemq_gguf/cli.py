@@ -29,6 +29,7 @@ from .options import (
     PolicyOptions,
     TuneOptions,
     UniformTypes,
+    VerifyOptions,
 )
 from .pipeline import convert
 
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trust-remote-code", action="store_true",
                    help="let a checkpoint's own Python code (auto_map) run where transformers has no class for it; "
                         "off by default")
+    t.add_argument("--no-verify", action="store_true",
+                   help="skip the last step: running the written file in llama.cpp against the unquantized model "
+                        f"({VerifyOptions.chunks} x {VerifyOptions.ctx} calibration tokens)")
     t.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -127,7 +131,7 @@ def request_from_args(ns: argparse.Namespace) -> ConvertRequest:
         policy=PolicyOptions(tensor_types=tuple(ns.tensor_type), non_expert=ns.non_expert),
         calib=CalibOptions(texts=tuple(ns.calib), tokens=ns.calib_tokens, seq_len=ns.seq_len, seed=ns.seed,
                            fisher=ns.fisher, imatrix=ns.imatrix, memory=ns.calib_memory),
-        tune=tune, verbose=ns.verbose, trust_remote_code=ns.trust_remote_code)
+        tune=tune, verify=None if ns.no_verify else VerifyOptions(), verbose=ns.verbose, trust_remote_code=ns.trust_remote_code)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

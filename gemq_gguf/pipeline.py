@@ -1,4 +1,4 @@
-"""The conversion, step by step: checkpoint -> float GGUF -> expert types -> typed GGUF -> report."""
+"""The conversion, step by step: checkpoint -> float GGUF -> expert types -> typed GGUF -> check -> report."""
 from __future__ import annotations
 
 import contextlib
@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from .archs import ArchAdapter, MoeShape
-from .convert.checkpoint import float_outtype, inspect_checkpoint, remote_code_policy
+from .convert.checkpoint import float_outtype, inspect_checkpoint, remote_code_policy, tied_embeddings
 from .convert.hf_to_gguf import hf_to_float_gguf
 from .convert.summary import print_summary
 from .convert.writer import write_gguf
 from .errors import GemqError
 from .ggml.imatrix import read_imatrix
 from .ggml.types import canonical
-from .options import AllocOptions, ConvertRequest, OutputOptions, PlanFile, UniformTypes
+from .options import AllocOptions, CalibOptions, ConvertRequest, OutputOptions, PlanFile, UniformTypes, VerifyOptions
 from .plan import ExpertTypes, PlanOrigin, load_plan, plan_units, uniform_plan
 from .policy import TensorPolicy
+from .provenance import provenance
+from .verify import Verification, verification_text, verify_file
 
 log = logging.getLogger("gemq")
 
@@ -55,6 +57,11 @@ class Source:
     config: Any
     adapter: ArchAdapter
     shape: MoeShape
+
+    @property
+    def tied_output(self) -> bool:
+        """Stage 1 must write the tied embedding as output.weight too (the family's loader needs it)."""
+        return self.adapter.needs_output_tensor and tied_embeddings(self.config)
 
 
 def open_source(model: str, trust_remote_code: bool = False) -> Source:
@@ -146,26 +153,31 @@ def _run(req: ConvertRequest, src: Source) -> dict[str, Any]:
              len(src.shape.moe_layers), src.shape.n_experts, src.shape.top_k)
 
     outtype = float_outtype(src.config)
+    n = 4 if req.verify else 3
     work = Path(tempfile.mkdtemp(prefix=".gemq-", dir=out.work_dir or out.path.expanduser().resolve().parent))
     try:
         float_gguf = work / f"{src.model_dir.name}.{outtype}.gguf"
-        log.info("step 1/3: Hugging Face -> %s GGUF (llama.cpp's converter)", outtype)
-        hf_to_float_gguf(src.model_dir, float_gguf, outtype, verbose=req.verbose)
-        log.info("step 2/3: expert types")
+        log.info("step 1/%d: Hugging Face -> %s GGUF (llama.cpp's converter)", n, outtype)
+        hf_to_float_gguf(src.model_dir, float_gguf, outtype, verbose=req.verbose,
+                         tied_output=src.tied_output)
+        log.info("step 2/%d: expert types", n)
         typed = expert_types(req, src, float_gguf, types)
         o = typed.origin
         report: dict[str, Any] = {"model": str(src.model_dir), "architecture": src.adapter.name,
-                                  "moe": src.shape.__dict__, "strategy": o.strategy, "granularity": o.granularity}
+                                  "moe": src.shape.__dict__, "strategy": o.strategy, "granularity": o.granularity,
+                                  "reproduce": provenance(req, src.model_dir)}
         if o.budget is not None:
             report.update(budget=o.budget, candidate_types=list(o.candidate_types))
         report.update(typed.report)
         if not out.dry_run:
-            log.info("step 3/3: quantize and write %s", out.path)
+            log.info("step 3/%d: quantize and write %s", n, out.path)
             summary = write_gguf(float_gguf, out.path, typed.plan, policy, imatrix=typed.imatrix,
                                  routers=typed.routers, origin=o, strict_plan=isinstance(req.experts, PlanFile),
                                  quant_cache=typed.quant_cache)
             report["file"] = summary.to_dict()
-            print_summary(summary)
+            verified = _verify(out, float_gguf, req.calib, req.verify, work) if req.verify else None
+            print_summary(summary, verified.line() if verified else "not verified (--no-verify)")
+            report["verification"] = verified.to_dict() if verified else None
         report["units"] = plan_units(typed.plan)
         if out.keep_intermediate and not out.dry_run:
             kept = out.path.with_suffix(f".{outtype}.gguf")
@@ -175,6 +187,20 @@ def _run(req: ConvertRequest, src: Source) -> dict[str, Any]:
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _verify(out: OutputOptions, float_gguf: Path, calib: CalibOptions, opts: VerifyOptions, work: Path) -> Verification:
+    """Run the written file against the float GGUF on calibration text; a broken file (and its heatmap)
+    is deleted."""
+    from .gemq.calib import load_sources
+    log.info("step 4/4: run %s in llama.cpp against the unquantized model", out.path)
+    text = verification_text([(s.text, s.weight) for s in load_sources(calib.texts or None)], opts)
+    try:
+        return verify_file(out.path, float_gguf, text, opts, work / "verify")
+    except BaseException:
+        out.path.unlink(missing_ok=True)
+        out.heatmap_path.unlink(missing_ok=True)
+        raise
 
 
 def _write_report(out: OutputOptions, report: dict[str, Any]) -> None:

@@ -52,3 +52,9 @@ def lib_dir() -> Path:
 def src_dir() -> Path:
     """The patched llama.cpp source tree the tools were built from."""
     return _path("src_dir", "GEMQ_LLAMA_SRC_DIR")
+
+
+def build_info() -> dict[str, str]:
+    """The llama.cpp pin as built: llama-cpp-python version, backend and the stamp (a hash of our patches,
+    the version and the build settings), for reports; empty before ./setup.sh."""
+    return {k: v for k, v in _paths().items() if k in ("version", "backend", "stamp")}

@@ -74,6 +74,9 @@ class ArchAdapter:
 
     hf_classes: ClassVar[tuple[str, ...]] = ()
     name: ClassVar[str] = ""  # the family, as reports name it
+    #: llama.cpp's loader for this architecture requires output.weight (no fallback to token_embd), so a
+    #: checkpoint with tied embeddings must have its embedding written as the output matrix too
+    needs_output_tensor: ClassVar[bool] = False
 
     def moe_shape(self, config: Any) -> MoeShape:
         """Layers, experts and widths, read from the module tree built on the meta device (no weights)."""

@@ -22,6 +22,7 @@ class Qwen2Moe(ArchAdapter):
 
     hf_classes = ("Qwen2MoeForCausalLM",)
     name = "qwen2moe"
+    needs_output_tensor = True  # src/models/qwen2moe.cpp
 
 
 @register
@@ -34,6 +35,7 @@ class Qwen3Moe(ArchAdapter):
 class Olmoe(ArchAdapter):
     hf_classes = ("OlmoeForCausalLM",)
     name = "olmoe"
+    needs_output_tensor = True  # src/models/olmoe.cpp
 
 
 @register

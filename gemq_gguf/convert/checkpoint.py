@@ -105,3 +105,8 @@ def float_outtype(config: Any) -> str:
     """Keep the checkpoint's precision in the intermediate GGUF: f32 stays f32, else bf16/f16."""
     dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16")
     return {"float32": "f32", "torch.float32": "f32", "float16": "f16", "torch.float16": "f16"}.get(dtype, "bf16")
+
+
+def tied_embeddings(config: Any) -> bool:
+    """Whether the LM head is the input embedding (transformers' default when the config does not say)."""
+    return bool(getattr(config, "tie_word_embeddings", False))

@@ -116,6 +116,21 @@ def _check_finite_on_write(model: Any) -> None:
     writer.add_tensor = add_tensor
 
 
+_EMBEDDING, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def _add_tied_output(model: Any, model_dir: Path) -> None:
+    """Tied embeddings: give the converter the embedding again as the LM head, which it writes as
+    output.weight (for architectures whose llama.cpp loader requires that tensor)."""
+    tensors = model.model_tensors
+    if _HEAD in tensors:
+        return
+    if _EMBEDDING not in tensors:
+        raise GemqError(f"{model_dir} has neither {_HEAD} nor {_EMBEDDING}, and llama.cpp needs an output matrix.",
+                        "check that the checkpoint is complete.")
+    tensors[_HEAD] = tensors[_EMBEDDING]
+
+
 def check_tokenizer(model_dir: Path) -> None:
     """The converter needs the tokenizer files; say so before any heavy work starts."""
     names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -141,8 +156,13 @@ def _check_merges(model_dir: Path) -> None:
         raise GemqError(f"{model_dir} has vocab.json but no merges.txt (a BPE tokenizer needs its merges).", fix)
 
 
-def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verbose: bool = False) -> Path:
-    """Convert a Hugging Face checkpoint to an unquantized GGUF at out_path (f32, f16 or bf16)."""
+def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verbose: bool = False,
+                     tied_output: bool = False) -> Path:
+    """Convert a Hugging Face checkpoint to an unquantized GGUF at out_path (f32, f16 or bf16).
+
+    tied_output: the checkpoint ties its embeddings and llama.cpp's loader needs output.weight: write the
+    embedding as output.weight as well (what the tied model computes).
+    """
     if outtype not in FLOAT_OUTTYPES:
         raise ValueError(f"outtype must be one of {FLOAT_OUTTYPES}")
     check_tokenizer(model_dir)
@@ -164,5 +184,7 @@ def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verb
         model = cls(model_dir, ftype, out_path, eager=False)
         _add_fallback(model, model_dir)
         _check_finite_on_write(model)
+        if tied_output:
+            _add_tied_output(model, model_dir)
         model.write()
     return out_path
