@@ -17,6 +17,7 @@ from .options import (
     SELECT,
     STRATEGIES,
     AllocOptions,
+    CacheOptions,
     CalibOptions,
     ConvertRequest,
     ExpertTyping,
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient targets: sampled (default) = draws from the model's own predictions (true Fisher = "
                         "Hessian of the KLD); data = the calibration text's next tokens (empirical Fisher, the paper's)")
     c.add_argument("--imatrix", type=Path, help="llama.cpp imatrix GGUF to quantize with instead of our own statistics")
+    c.add_argument("--cache-dir", type=Path, help="where calibration statistics and cost tables are cached "
+                                                 "(default ${GEMQ_GGUF_HOME:-~/.cache/gemq-gguf}/stats)")
+    c.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
     r = p.add_argument_group("router tuning")
     r.add_argument("--finetune-routers", action="store_true", help="train the routers against the quantized experts")
     r.add_argument("--ft-loss", choices=LOSSES, default=TuneOptions.loss,
@@ -116,7 +120,7 @@ def request_from_args(ns: argparse.Namespace) -> ConvertRequest:
         policy=PolicyOptions(tensor_types=tuple(ns.tensor_type), non_expert=ns.non_expert),
         calib=CalibOptions(texts=tuple(ns.calib), tokens=ns.calib_tokens, seq_len=ns.seq_len, seed=ns.seed,
                            fisher=ns.fisher, imatrix=ns.imatrix),
-        tune=tune, verbose=ns.verbose)
+        tune=tune, cache=CacheOptions(dir=ns.cache_dir, enabled=not ns.no_cache), verbose=ns.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

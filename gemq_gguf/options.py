@@ -100,6 +100,14 @@ class PolicyOptions:
 
 
 @dataclass(frozen=True)
+class CacheOptions:
+    """The cache of calibration statistics and cost tables (`--cache-dir`, `--no-cache`; gemq.cache)."""
+
+    dir: Path | None = None              # default: ${GEMQ_GGUF_HOME:-~/.cache/gemq-gguf}/stats
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class ConvertRequest:
     """One conversion: the model, how its experts are typed, and each stage's options."""
 
@@ -109,4 +117,5 @@ class ConvertRequest:
     policy: PolicyOptions = field(default_factory=PolicyOptions)
     calib: CalibOptions = field(default_factory=CalibOptions)
     tune: TuneOptions | None = None
+    cache: CacheOptions = field(default_factory=CacheOptions)
     verbose: bool = False

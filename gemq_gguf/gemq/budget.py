@@ -21,11 +21,12 @@ from ..errors import GemqError
 from ..ggml.imatrix import read_imatrix, write_imatrix
 from ..ggml.quant import QuantCache
 from ..ggml.types import canonical
-from ..options import AllocOptions, CalibOptions, OutputOptions, TuneOptions
+from ..options import AllocOptions, CacheOptions, CalibOptions, OutputOptions, TuneOptions
 from ..plan import ExpertTypes, PlanOrigin, plan_from_allocation
 from ..report import plot_heatmap, print_allocation, report_dict
 from .calib import calibration_tokens
-from .costs import estimate_costs, prune_cache
+from .cache import StatsCache, open_cache
+from .costs import CostTable, estimate_costs, prune_cache
 from .stats import CalibStats, collect_stats, load_for_calibration
 from .units import Widths, unit_bits, unit_keys, unit_projs
 
@@ -77,32 +78,71 @@ def calib_tokens(model_dir: Path, calib: CalibOptions) -> torch.Tensor:
 
 @dataclass
 class Calibration:
-    """The calibrated model and what one forward + backward pass over the calibration text gave."""
+    """What one forward + backward pass over the calibration text gave (or the cache kept of it).
 
-    model: nn.Module
+    `model` is None when the statistics came from the cache; `load_model` loads it when a later step
+    (costs not cached, router tuning) needs it."""
+
+    model_dir: Path
+    model: nn.Module | None
     tokens: torch.Tensor
     stats: CalibStats
     imatrix: dict[str, np.ndarray]  # per-matrix means by GGUF name: ours, or the user's --imatrix
+    cache_key: str | None = None    # the statistics' cache key, when cached
+
+    def load_model(self) -> nn.Module:
+        if self.model is None:
+            self.model = load_for_calibration(self.model_dir)
+        return self.model
 
 
-def calibrate(model_dir: Path, adapter: ArchAdapter, calib: CalibOptions, work_dir: Path) -> Calibration:
-    """Load the model, tokenize the calibration text once, and gather the statistics."""
+def _numerics() -> str:
+    """The device kind the statistics and costs are computed on (load_for_calibration's choice)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def calibrate(model_dir: Path, adapter: ArchAdapter, calib: CalibOptions, work_dir: Path,
+              cache: StatsCache | None = None) -> Calibration:
+    """Tokenize the calibration text once and gather the statistics (or take them from `cache`)."""
     tokens = calib_tokens(model_dir, calib)
     log.info("calibration: %d sequences x %d tokens", *tokens.shape)
-    model = load_for_calibration(model_dir)
-    stats = collect_stats(model, adapter, tokens, progress=True, work_dir=work_dir,
-                          datasets=list(calib.texts) or ["gemq-gguf built-in mix"], labels=calib.fisher,
-                          seed=calib.seed)
+    entry = cache.calibration(model_dir, tokens, calib, _numerics()) if cache is not None else None
+    stats = entry.load() if entry is not None else None
+    model = None
+    if stats is None:
+        model = load_for_calibration(model_dir)
+        stats = collect_stats(model, adapter, tokens, progress=True, work_dir=work_dir,
+                              datasets=list(calib.texts) or ["gemq-gguf built-in mix"], labels=calib.fisher,
+                              seed=calib.seed)
+        if entry is not None:
+            entry.save(stats)
     imatrix = (read_imatrix(calib.imatrix) if calib.imatrix else stats.imatrix()).means()
-    return Calibration(model, tokens, stats, imatrix)
+    return Calibration(model_dir, model, tokens, stats, imatrix, entry.key if entry is not None else None)
+
+
+def cost_table(c: Calibration, adapter: ArchAdapter, shape: MoeShape, types: list[str], granularity: str,
+               cache: StatsCache | None) -> tuple[CostTable, QuantCache]:
+    """The GEMQ costs (from the cache when there, finishing an interrupted pass from its last layer) and
+    the quantized candidates for the writer."""
+    if cache is None or c.cache_key is None:
+        quant: QuantCache = {}
+        return estimate_costs(c.load_model(), adapter, c.stats, c.imatrix, types=types, granularity=granularity,
+                              cache=quant, progress=True), quant
+    entry = cache.costs(c.cache_key, types, granularity, c.imatrix, _numerics(), list(shape.moe_layers))
+    table = entry.table(shape.n_experts, shape.projs)
+    if table is None:
+        table = estimate_costs(c.load_model(), adapter, c.stats, c.imatrix, types=types, granularity=granularity,
+                               store=entry, progress=True)
+    return table, entry.quant_cache()
 
 
 def allocate_experts(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, float_gguf: Path, opts: AllocOptions,
                      types: list[str], calib: CalibOptions, tune: TuneOptions | None,
-                     output: OutputOptions) -> ExpertTypes:
+                     output: OutputOptions, cache_opts: CacheOptions = CacheOptions()) -> ExpertTypes:
     """Expert types for `--budget` under `--strategy` (`types`: the candidates `check_request` accepted),
     with the report sections, heatmap and writer inputs."""
-    c = calibrate(model_dir, adapter, calib, float_gguf.parent)
+    store = open_cache(cache_opts)
+    c = calibrate(model_dir, adapter, calib, float_gguf.parent, store)
     if output.save_imatrix is not None:
         write_imatrix(output.save_imatrix, c.stats.imatrix())
         log.info("imatrix: %s", output.save_imatrix)
@@ -112,15 +152,15 @@ def allocate_experts(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, flo
     if opts.strategy == "uniform":
         problem = size_problem(shape, types, opts.granularity, has_imatrix=True)
     else:
-        table = estimate_costs(c.model, adapter, c.stats, c.imatrix, types=types, granularity=opts.granularity,
-                               cache=cache, progress=True)
+        table, cache = cost_table(c, adapter, shape, types, opts.granularity, store)
         problem = table.problem()
         report.update(never_routed_experts=[f"L{l}.E{e}" for l, e in table.never_routed], cost_notes=table.notes,
                       cost_seconds=table.seconds)
     del c.stats
     alloc, routers, tuning_report = _solve_and_tune(c, adapter, shape, float_gguf, problem, cache, opts, calib, tune)
     plan = plan_from_allocation(alloc, list(shape.moe_layers), shape.n_experts)
-    prune_cache(cache, plan)
+    if isinstance(cache, dict):  # the cache's files cost no memory
+        prune_cache(cache, plan)
     print_allocation(alloc, report)
     plot_heatmap(alloc, output.heatmap_path, title=f"{model_dir.name}: {opts.strategy} {opts.budget} bpw "
                                                    f"({opts.granularity})")
@@ -140,7 +180,7 @@ def _solve_and_tune(c: Calibration, adapter: ArchAdapter, shape: MoeShape, float
     and their report sections (router_ft.py, progressive.py)."""
     if tune is not None and tune.progressive:
         from .progressive import progressive_allocation
-        res = progressive_allocation(c.model, adapter, float_gguf, c.tokens, c.imatrix, problem, cache, opts, tune,
+        res = progressive_allocation(c.load_model(), adapter, float_gguf, c.tokens, c.imatrix, problem, cache, opts, tune,
                                      calib)
         return res.allocation, res.tuning.routers, {"router_tuning": res.tuning.report, "progressive": res.steps}
     alloc = solve(opts.strategy, problem, opts.budget, max_types=opts.max_types)
@@ -148,5 +188,5 @@ def _solve_and_tune(c: Calibration, adapter: ArchAdapter, shape: MoeShape, float
         return alloc, None, {}
     from .router_ft import tune_for_plan
     plan = plan_from_allocation(alloc, list(shape.moe_layers), shape.n_experts)
-    tuning = tune_for_plan(c.model, adapter, c.tokens, plan, c.imatrix, cache, tune, seed=calib.seed)
+    tuning = tune_for_plan(c.load_model(), adapter, c.tokens, plan, c.imatrix, cache, tune, seed=calib.seed)
     return alloc, tuning.routers, {"router_tuning": tuning.report}
