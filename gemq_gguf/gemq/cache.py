@@ -193,13 +193,15 @@ class CostEntry:
                 a = {k: np.array(z[k]) for k in z.files}  # reads every member: a bad CRC raises here
             if a["cost"].shape[1:] != (len(self.types),) or a["bits"].shape != a["cost"].shape:
                 raise ValueError(f"cost rows of shape {a['cost'].shape} for {len(self.types)} types")
-            if bool(a["quant"]) and not self._quant_file(layer).exists():
-                raise ValueError("its quantized candidates are missing")
+            if bool(a["quant"]):
+                from safetensors import safe_open
+                safe_open(str(self._quant_file(layer)), framework="numpy")  # a truncated file raises here
             return LayerCosts(layer=layer, cost=a["cost"], bits=a["bits"], params=a["params"],
                               never_routed=a["never_routed"].tolist(), token_counts=a["token_counts"],
                               notes=a["notes"].tolist())
         except Exception as e:  # noqa: BLE001 - any unreadable layer is recomputed
             _discard(f, "cost layer", e)
+            self._quant_file(layer).unlink(missing_ok=True)
             return None
 
     def save(self, rec: LayerCosts, quantized: QuantCache) -> None:
