@@ -78,6 +78,9 @@ def test_key_sees_weights_and_tokens(tmp_path: Path, tiny) -> None:
     assert cache.calibration(path, tokens, CalibOptions(), "cpu").key == key
     assert cache.calibration(path, tokens[:, :-1], CalibOptions(), "cpu").key != key
     assert cache.calibration(path, tokens, CalibOptions(seed=1), "cpu").key != key
+    assert cache.calibration(path, tokens, CalibOptions(fisher="data"), "cpu").key != key
+    assert cache.calibration(path, tokens, CalibOptions(texts=("a.txt",)), "cpu").key != key  # the report names them
+    assert cache.calibration(path, tokens, CalibOptions(), "cuda").key != key
     other = make_tiny_model("qwen2_moe", tmp_path / "other", seed=1)  # same layout, other weights
     assert checkpoint_fingerprint(other) != checkpoint_fingerprint(path)
 
