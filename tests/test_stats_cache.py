@@ -22,10 +22,17 @@ from gemq_gguf.options import CalibOptions
 TYPES = ("Q2_K", "Q4_K")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory):
     """(checkpoint dir, model, adapter, tokens, stats, table without a store, its in-memory quant cache)."""
-    torch.set_num_threads(1)
     path = make_tiny_model("qwen2_moe", tmp_path_factory.mktemp("m"))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     adapter = adapter_for(model.config.architectures)
@@ -42,7 +49,7 @@ def _entry(tmp_path: Path, tiny):
 
 
 def _costs(tmp_path: Path, tiny, granularity: str = "expert"):
-    path, _, _, tokens, stats, _, _ = tiny
+    stats = tiny[4]
     return StatsCache(tmp_path).costs("k", TYPES, granularity, stats.imatrix().means(), "cpu", list(stats.layers))
 
 
