@@ -69,8 +69,11 @@ class Bench:
             return
         c = calibrate(self.src.model_dir, self.src.adapter, self.calib, self.out_dir)
         self.imatrix = c.imatrix
-        self.problems = {g: cost_table(c, self.src.adapter, list(DEFAULT_TYPES), g, self.cache).problem()
-                         for g in BENCH_GRANULARITIES}
+        self.problems = {}
+        for g in BENCH_GRANULARITIES:
+            table, quant = cost_table(c, self.src.adapter, self.src.shape, list(DEFAULT_TYPES), g, None)
+            self.problems[g] = table.problem()
+            self.cache.update(quant)
         self.prep_seconds = time.perf_counter() - t0
         save_costs(saved, self.imatrix, self.problems)
 

@@ -72,7 +72,7 @@ class RouterBench:
         self.calib = CalibOptions(tokens=args.calib_tokens, seq_len=args.seq_len, seed=args.seed)
         t0 = time.perf_counter()
         c = calibrate(src.model_dir, src.adapter, self.calib, self.bench.out_dir)
-        self.model, self.bench.imatrix, self.tokens = c.model, c.imatrix, c.tokens
+        self.model, self.bench.imatrix, self.tokens = c.whole_model(), c.imatrix, c.tokens
         self.problem = estimate_costs(self.model, src.adapter, c.stats, self.bench.imatrix, types=DEFAULT_TYPES,
                                       granularity=args.granularity, cache=self.bench.cache, progress=True).problem()
         del c

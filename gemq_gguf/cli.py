@@ -21,6 +21,7 @@ from .options import (
     SELECT,
     STRATEGIES,
     AllocOptions,
+    CacheOptions,
     CalibOptions,
     ConvertRequest,
     ExpertTyping,
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream = hold one decoder layer's weights at a time (read from the safetensors shards; "
                         "same statistics, one extra forward); full = load the whole model; auto (default) = stream "
                         "when the model would not fit comfortably in memory")
+    c.add_argument("--cache-dir", type=Path, help="where calibration statistics and cost tables are cached "
+                                                 "(default ${GEMQ_GGUF_HOME:-~/.cache/gemq-gguf}/stats)")
+    c.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
     r = p.add_argument_group("router tuning")
     r.add_argument("--finetune-routers", action="store_true", help="train the routers against the quantized experts")
     r.add_argument("--ft-loss", choices=LOSSES, default=TuneOptions.loss,
@@ -131,7 +135,8 @@ def request_from_args(ns: argparse.Namespace) -> ConvertRequest:
         policy=PolicyOptions(tensor_types=tuple(ns.tensor_type), non_expert=ns.non_expert),
         calib=CalibOptions(texts=tuple(ns.calib), tokens=ns.calib_tokens, seq_len=ns.seq_len, seed=ns.seed,
                            fisher=ns.fisher, imatrix=ns.imatrix, memory=ns.calib_memory),
-        tune=tune, verify=None if ns.no_verify else VerifyOptions(), verbose=ns.verbose, trust_remote_code=ns.trust_remote_code)
+        tune=tune, cache=CacheOptions(dir=ns.cache_dir, enabled=not ns.no_cache),
+        verify=None if ns.no_verify else VerifyOptions(), verbose=ns.verbose, trust_remote_code=ns.trust_remote_code)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

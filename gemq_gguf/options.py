@@ -115,6 +115,14 @@ class PolicyOptions:
 
 
 @dataclass(frozen=True)
+class CacheOptions:
+    """The cache of calibration statistics and cost tables (`--cache-dir`, `--no-cache`; gemq.cache)."""
+
+    dir: Path | None = None              # default: ${GEMQ_GGUF_HOME:-~/.cache/gemq-gguf}/stats
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class ConvertRequest:
     """One conversion: the model, how its experts are typed, and each stage's options."""
 
@@ -125,5 +133,6 @@ class ConvertRequest:
     calib: CalibOptions = field(default_factory=CalibOptions)
     tune: TuneOptions | None = None
     verify: VerifyOptions | None = field(default_factory=VerifyOptions)  # None: --no-verify
+    cache: CacheOptions = field(default_factory=CacheOptions)
     verbose: bool = False
     trust_remote_code: bool = False  # let a checkpoint's own Python code (auto_map) run

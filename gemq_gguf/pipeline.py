@@ -103,7 +103,7 @@ def expert_types(req: ConvertRequest, src: Source, float_gguf: Path, types: list
         case AllocOptions() as alloc:
             from .gemq.budget import allocate_experts
             return allocate_experts(src.model_dir, src.adapter, src.shape, float_gguf, alloc, types, req.calib,
-                                    req.tune, req.output)
+                                    req.tune, req.output, req.cache)
     raise TypeError(f"unknown expert typing {req.experts!r}")
 
 

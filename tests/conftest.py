@@ -15,3 +15,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stats_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Conversions in tests cache their statistics in a session folder, never in the user's cache."""
+    from gemq_gguf.gemq import cache
+    root = tmp_path_factory.mktemp("stats-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cache, "default_cache_dir", lambda: root)
+        yield root

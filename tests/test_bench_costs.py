@@ -34,7 +34,7 @@ def test_bench_tensor_rows_count_never_routed_experts_like_the_cli(tmp_path, mon
     stats = collect_stats(model, src.adapter, tokens)
     layer = src.shape.moe_layers[0]
     stats.layers[layer].counts[2] = 0  # as if calibration never chose expert 2
-    c = Calibration(model, tokens, stats, stats.imatrix().means())
+    c = Calibration(path, model, tokens, stats, stats.imatrix().means())
     monkeypatch.setattr(common, "calibrate", lambda *a, **k: c)
     monkeypatch.setattr(common, "DEFAULT_TYPES", TYPES)  # fewer candidates: a faster test of the same path
 

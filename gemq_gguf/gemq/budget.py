@@ -21,13 +21,13 @@ from ..errors import GemqError
 from ..ggml.imatrix import read_imatrix, write_imatrix
 from ..ggml.quant import QuantCache
 from ..ggml.types import canonical
-from ..options import AllocOptions, CalibOptions, OutputOptions, TuneOptions
+from ..options import AllocOptions, CacheOptions, CalibOptions, OutputOptions, TuneOptions
 from ..plan import ExpertTypes, PlanOrigin, plan_from_allocation
 from ..report import plot_heatmap, print_allocation, report_dict
 from .calib import calibration_tokens
+from .cache import StatsCache, open_cache
 from .costs import CostTable, estimate_costs, prune_cache
 from .stats import CalibStats, collect_stats, load_for_calibration
-from .layer_source import LayerSource
 from .streaming import LayerWindowAdapter, open_layer_source, stream_stats, use_streaming
 from .units import Widths, unit_bits, unit_keys, unit_projs
 
@@ -79,65 +79,96 @@ def calib_tokens(model_dir: Path, calib: CalibOptions) -> torch.Tensor:
 
 @dataclass
 class Calibration:
-    """The calibrated model and what one forward + backward pass over the calibration text gave."""
+    """What one forward + backward pass over the calibration text gave (or the cache kept of it).
 
-    model: nn.Module                # the whole model, or the streamed skeleton (parameters on meta)
+    `model` is the whole model; None when the statistics were layer-streamed (`stream`) or came from
+    the cache. Later steps get weights through `costs` (layer by layer when streaming) and
+    `whole_model` (router tuning trains through all of it)."""
+
+    model_dir: Path
+    model: nn.Module | None
     tokens: torch.Tensor
     stats: CalibStats
     imatrix: dict[str, np.ndarray]  # per-matrix means by GGUF name: ours, or the user's --imatrix
-    source: LayerSource | None = None  # set when calibration was layer-streamed
+    stream: bool = False            # --calib-memory's decision: costs read one layer's weights at a time
+    cache_key: str | None = None    # the statistics' cache key, when cached
 
     def costs(self, adapter: ArchAdapter, **kwargs: Any) -> CostTable:
-        """The cost table; when streamed, each layer's weights are read while its costs are computed."""
-        if self.source is None:
-            return estimate_costs(self.model, adapter, self.stats, self.imatrix, **kwargs)
+        """The cost table; when streaming, each layer's weights are read while its costs are computed."""
+        if not self.stream:
+            return estimate_costs(self.whole_model(), adapter, self.stats, self.imatrix, **kwargs)
+        source = open_layer_source(self.model_dir, adapter)
         try:
-            return estimate_costs(self.model, LayerWindowAdapter(adapter, self.source), self.stats,  # type: ignore[arg-type]
+            return estimate_costs(source.model, LayerWindowAdapter(adapter, source), self.stats,  # type: ignore[arg-type]
                                   self.imatrix, **kwargs)
         finally:
-            self.source.release()
+            source.release()
 
-    def whole_model(self, model_dir: Path) -> nn.Module:
-        """The model with all its weights (router tuning trains through it): loaded now when streamed."""
-        if self.source is not None:
-            log.info("router tuning: loading the whole model (calibration was layer-streamed)")
-            self.model, self.source = load_for_calibration(model_dir), None
+    def whole_model(self) -> nn.Module:
+        """The model with all its weights, loaded on first use."""
+        if self.model is None:
+            if self.stream:
+                log.info("loading the whole model (calibration was layer-streamed)")
+            self.model = load_for_calibration(self.model_dir)
         return self.model
 
 
-def calibrate(model_dir: Path, adapter: ArchAdapter, calib: CalibOptions, work_dir: Path) -> Calibration:
-    """Tokenize the calibration text once and gather the statistics: with the whole model loaded, or
-    layer-streamed from the safetensors shards (`--calib-memory`, streaming.use_streaming)."""
+def _numerics() -> str:
+    """The device kind the statistics and costs are computed on (load_for_calibration's choice)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def calibrate(model_dir: Path, adapter: ArchAdapter, calib: CalibOptions, work_dir: Path,
+              cache: StatsCache | None = None) -> Calibration:
+    """Tokenize the calibration text once and gather the statistics (or take them from `cache`): with the
+    whole model loaded, or layer-streamed from the safetensors shards (`--calib-memory`; the same values)."""
     tokens = calib_tokens(model_dir, calib)
     log.info("calibration: %d sequences x %d tokens", *tokens.shape)
-    kwargs = dict(progress=True, work_dir=work_dir, datasets=list(calib.texts) or ["gemq-gguf built-in mix"],
-                  labels=calib.fisher, seed=calib.seed)
-    source = None
-    if use_streaming(model_dir, calib.memory):
-        log.info("calibration: layer-streamed (one decoder layer's weights at a time)")
-        source = open_layer_source(model_dir, adapter)
-        model = source.model
-        stats = stream_stats(source, adapter, tokens, **kwargs)
-    else:
-        model = load_for_calibration(model_dir)
-        stats = collect_stats(model, adapter, tokens, **kwargs)
+    stream = use_streaming(model_dir, calib.memory)
+    entry = cache.calibration(model_dir, tokens, calib, _numerics()) if cache is not None else None
+    stats = entry.load() if entry is not None else None
+    model = None
+    if stats is None:
+        kwargs = dict(progress=True, work_dir=work_dir, datasets=list(calib.texts) or ["gemq-gguf built-in mix"],
+                      labels=calib.fisher, seed=calib.seed)
+        if stream:
+            log.info("calibration: layer-streamed (one decoder layer's weights at a time)")
+            source = open_layer_source(model_dir, adapter)
+            try:
+                stats = stream_stats(source, adapter, tokens, **kwargs)
+            finally:
+                source.release()
+        else:
+            model = load_for_calibration(model_dir)
+            stats = collect_stats(model, adapter, tokens, **kwargs)
+        if entry is not None:
+            entry.save(stats)
     imatrix = (read_imatrix(calib.imatrix) if calib.imatrix else stats.imatrix()).means()
-    return Calibration(model, tokens, stats, imatrix, source)
+    return Calibration(model_dir, model, tokens, stats, imatrix, stream, entry.key if entry is not None else None)
 
 
-def cost_table(c: Calibration, adapter: ArchAdapter, types: list[str], granularity: str,
-               cache: QuantCache) -> CostTable:
-    """The GEMQ cost table `--budget` solves; the benchmarks call this too, so what they measure is
-    what ships (e.g. never-routed experts: counted as in `estimate_costs`, at every granularity)."""
-    return c.costs(adapter, types=types, granularity=granularity, cache=cache, progress=True)
+def cost_table(c: Calibration, adapter: ArchAdapter, shape: MoeShape, types: list[str], granularity: str,
+               cache: StatsCache | None) -> tuple[CostTable, QuantCache]:
+    """The GEMQ costs `--budget` solves (from the cache when there, finishing an interrupted pass from its
+    last layer) and the quantized candidates for the writer. The benchmarks call this too, so what they
+    measure is what ships (e.g. never-routed experts counted as in `estimate_costs`, at every granularity)."""
+    if cache is None or c.cache_key is None:
+        quant: QuantCache = {}
+        return c.costs(adapter, types=types, granularity=granularity, cache=quant, progress=True), quant
+    entry = cache.costs(c.cache_key, types, granularity, c.imatrix, _numerics(), list(shape.moe_layers))
+    table = entry.table(shape.n_experts, shape.projs)
+    if table is None:
+        table = c.costs(adapter, types=types, granularity=granularity, store=entry, progress=True)
+    return table, entry.quant_cache()
 
 
 def allocate_experts(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, float_gguf: Path, opts: AllocOptions,
                      types: list[str], calib: CalibOptions, tune: TuneOptions | None,
-                     output: OutputOptions) -> ExpertTypes:
+                     output: OutputOptions, cache_opts: CacheOptions = CacheOptions()) -> ExpertTypes:
     """Expert types for `--budget` under `--strategy` (`types`: the candidates `check_request` accepted),
     with the report sections, heatmap and writer inputs."""
-    c = calibrate(model_dir, adapter, calib, float_gguf.parent)
+    store = open_cache(cache_opts)
+    c = calibrate(model_dir, adapter, calib, float_gguf.parent, store)
     if output.save_imatrix is not None:
         write_imatrix(output.save_imatrix, c.stats.imatrix())
         log.info("imatrix: %s", output.save_imatrix)
@@ -147,15 +178,16 @@ def allocate_experts(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, flo
     if opts.strategy == "uniform":
         problem = size_problem(shape, types, opts.granularity, has_imatrix=True)
     else:
-        table = cost_table(c, adapter, types, opts.granularity, cache)
+        table, cache = cost_table(c, adapter, shape, types, opts.granularity, store)
         problem = table.problem()
         report.update(never_routed_experts=[f"L{l}.E{e}" for l, e in table.never_routed], cost_notes=table.notes,
                       cost_seconds=table.seconds)
     del c.stats
-    alloc, routers, tuning_report = _solve_and_tune(c, model_dir, adapter, shape, float_gguf, problem, cache, opts,
+    alloc, routers, tuning_report = _solve_and_tune(c, adapter, shape, float_gguf, problem, cache, opts,
                                                     calib, tune)
     plan = plan_from_allocation(alloc, list(shape.moe_layers), shape.n_experts)
-    prune_cache(cache, plan)
+    if isinstance(cache, dict):  # the cache's files cost no memory
+        prune_cache(cache, plan)
     print_allocation(alloc, report)
     plot_heatmap(alloc, output.heatmap_path, title=f"{model_dir.name}: {opts.strategy} {opts.budget} bpw "
                                                    f"({opts.granularity})")
@@ -168,14 +200,14 @@ def allocate_experts(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, flo
                        quant_cache=cache, routers=routers)
 
 
-def _solve_and_tune(c: Calibration, model_dir: Path, adapter: ArchAdapter, shape: MoeShape, float_gguf: Path, problem: AllocationProblem,
+def _solve_and_tune(c: Calibration, adapter: ArchAdapter, shape: MoeShape, float_gguf: Path, problem: AllocationProblem,
                     cache: QuantCache, opts: AllocOptions, calib: CalibOptions,
                     tune: TuneOptions | None) -> tuple[Allocation, dict[str, np.ndarray] | None, dict[str, Any]]:
     """The allocation at the budget, and with router tuning (once, or progressively) the tuned routers
     and their report sections (router_ft.py, progressive.py)."""
     if tune is not None and tune.progressive:
         from .progressive import progressive_allocation
-        res = progressive_allocation(c.whole_model(model_dir), adapter, float_gguf, c.tokens, c.imatrix, problem, cache, opts, tune,
+        res = progressive_allocation(c.whole_model(), adapter, float_gguf, c.tokens, c.imatrix, problem, cache, opts, tune,
                                      calib)
         return res.allocation, res.tuning.routers, {"router_tuning": res.tuning.report, "progressive": res.steps}
     alloc = solve(opts.strategy, problem, opts.budget, max_types=opts.max_types)
@@ -183,5 +215,5 @@ def _solve_and_tune(c: Calibration, model_dir: Path, adapter: ArchAdapter, shape
         return alloc, None, {}
     from .router_ft import tune_for_plan
     plan = plan_from_allocation(alloc, list(shape.moe_layers), shape.n_experts)
-    tuning = tune_for_plan(c.whole_model(model_dir), adapter, c.tokens, plan, c.imatrix, cache, tune, seed=calib.seed)
+    tuning = tune_for_plan(c.whole_model(), adapter, c.tokens, plan, c.imatrix, cache, tune, seed=calib.seed)
     return alloc, tuning.routers, {"router_tuning": tuning.report}

@@ -28,7 +28,7 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -215,18 +215,91 @@ def _quant_bytes(adapter: ArchAdapter, model: nn.Module, layers: Sequence[int], 
     return per_expert * n_experts * len(layers)
 
 
+@dataclass
+class LayerCosts:
+    """One MoE layer's rows of the cost table: what an interrupted cost pass keeps, layer by layer."""
+
+    layer: int
+    cost: np.ndarray          # [units of the layer, T]
+    bits: np.ndarray          # [units of the layer, T]
+    params: np.ndarray        # [units of the layer]
+    never_routed: list[int]   # experts of the layer no calibration token chose
+    token_counts: np.ndarray  # [E] int64
+    notes: list[str] = field(default_factory=list)
+
+
+class LayerStore(Protocol):
+    """Where finished layers go (gemq.cache): `load` returns a layer finished by an earlier, maybe
+    interrupted, pass; `save` gets each new layer with its quantized candidates."""
+
+    def load(self, layer: int) -> LayerCosts | None: ...
+
+    def save(self, rec: LayerCosts, quantized: QuantCache) -> None: ...
+
+
+def assemble_table(recs: Sequence[LayerCosts], n_experts: int, projs: tuple[str, ...], types: Sequence[str],
+                   granularity: str, kept: bool, seconds: float = 0.0) -> CostTable:
+    """The cost table from its layers (in order), with the notes that span layers."""
+    layers = [r.layer for r in recs]
+    units = unit_keys(layers, n_experts, granularity, projs)
+    never = [(r.layer, e) for r in recs for e in r.never_routed]
+    notes = [n for r in recs for n in r.notes]
+    if never:
+        what = "do not count in the tensor sums" if granularity == "tensor" else \
+            "got their layer's largest routed cost per type (conservative default)"
+        notes.append(f"{len(never)} experts were never routed during calibration and {what}: "
+                     + ", ".join(f"L{l}.E{e}" for l, e in never))
+    if not kept:
+        notes.append("quantized experts were not cached (no cache given, or over the cache limit); "
+                     "the writer quantizes the chosen types again")
+    cost = np.concatenate([r.cost for r in recs]).reshape(len(units), len(types))
+    return CostTable(units=units, types=list(types), cost=cost,
+                     params=np.concatenate([r.params for r in recs]).astype(np.float64),
+                     bits=np.concatenate([r.bits for r in recs]).reshape(len(units), len(types)), never_routed=never,
+                     token_counts={r.layer: r.token_counts for r in recs}, notes=notes, seconds=seconds)
+
+
+def _layer_costs(jobs: _LayerJobs, s: LayerStats, types: Sequence[str], granularity: str,
+                 device: torch.device, dtype: torch.dtype) -> LayerCosts:
+    """One layer's cost rows, bits and sizes from its quantization jobs and calibration record."""
+    projs, n_experts = jobs.view.projs, jobs.view.n_experts
+    routed = s.counts.numpy() > 0
+    per_expert = np.stack([
+        _expert_costs(jobs, s, e, types, granularity, device, dtype) if routed[e]
+        else np.zeros((len(types),) if granularity == "expert" else (len(projs), len(types)))
+        for e in range(n_experts)])
+    if granularity == "tensor":
+        cost = per_expert.sum(axis=0)
+        bits = [_unit_bits(jobs, (p,), types, n_experts) for p in projs]
+        params = [n_experts * jobs.weights[0][p].size for p in projs]
+    elif granularity == "expert":
+        cost = _fill_never_routed(per_expert, routed)
+        bits = [_unit_bits(jobs, projs, types)] * n_experts
+        params = [sum(jobs.weights[0][p].size for p in projs)] * n_experts
+    else:
+        cost = _fill_never_routed(per_expert, routed).reshape(-1, len(types))
+        bits = [_unit_bits(jobs, (p,), types) for _ in range(n_experts) for p in projs]
+        params = [jobs.weights[0][p].size for _ in range(n_experts) for p in projs]
+    return LayerCosts(layer=jobs.layer, cost=np.asarray(cost, dtype=np.float64).reshape(-1, len(types)),
+                      bits=np.stack(bits), params=np.asarray(params, dtype=np.float64),
+                      never_routed=np.flatnonzero(~routed).tolist(), token_counts=s.counts.numpy().copy(),
+                      notes=_layer_notes(jobs, types, jobs.fallback))
+
+
 def estimate_costs(model: nn.Module, adapter: ArchAdapter, stats: CalibStats,
                    imatrix: dict[str, np.ndarray] | None, *, types: Sequence[str] = DEFAULT_TYPES,
                    granularity: str = "expert", cache: QuantCache | None = None,
                    cache_limit: int = DEFAULT_CACHE_LIMIT, device: str | torch.device | None = None,
                    dtype: torch.dtype = torch.float32, threads: int | None = None,
-                   progress: bool = False) -> CostTable:
+                   store: LayerStore | None = None, progress: bool = False) -> CostTable:
     """The GEMQ cost table of every unit and candidate type.
 
     imatrix: per-matrix means keyed by GGUF name ([E, n_in] for expert tensors), e.g.
     `stats.imatrix().means()` or `read_imatrix(path).means()`; None quantizes without one (types that
     need one are then not allowed). `cache`: the writer's QuantCache, filled with every quantized
     matrix when they all fit `cache_limit` bytes (existing entries are reused, never recomputed).
+    `store`: layers finished earlier are taken from it, and each new layer goes to it with its
+    quantized candidates (which then stay out of `cache`: the store hands them to the writer).
     """
     t0 = time.perf_counter()
     shape = adapter.moe_shape(model.config)
@@ -235,52 +308,26 @@ def estimate_costs(model: nn.Module, adapter: ArchAdapter, stats: CalibStats,
     if missing:
         raise GemqError(f"calibration statistics lack MoE layers {missing}.", "collect stats on the same model.")
     types = [type_info(t).name for t in types]
-    units = unit_keys(layers, shape.n_experts, granularity, shape.projs)
     fallback = granularity == "expert"
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    keep = cache is not None and _quant_bytes(adapter, model, layers, shape.n_experts, types, fallback) <= cache_limit
+    done = {l: r for l in layers if store is not None and (r := store.load(l)) is not None}
+    todo = [l for l in layers if l not in done]
+    keep = store is None and cache is not None and \
+        _quant_bytes(adapter, model, layers, shape.n_experts, types, fallback) <= cache_limit
     cache = {} if cache is None else cache
-    costs, bits, params, never, notes = [], [], [], [], []
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-        it = _layer_jobs(pool, model, adapter, layers, types, imatrix, fallback, cache)
+        it = _layer_jobs(pool, model, adapter, todo, types, imatrix, fallback, cache)
         if progress:
             from tqdm import tqdm
-            it = tqdm(it, total=len(layers), desc="GEMQ costs", unit="layer")
+            it = tqdm(it, total=len(todo), desc="GEMQ costs", unit="layer")
         for jobs in it:
-            s = stats.layers[jobs.layer]
-            projs = shape.projs
-            routed = s.counts.numpy() > 0
-            never += [(jobs.layer, e) for e in np.flatnonzero(~routed).tolist()]
-            per_expert = np.stack([
-                _expert_costs(jobs, s, e, types, granularity, device, dtype) if routed[e]
-                else np.zeros((len(types),) if granularity == "expert" else (len(projs), len(types)))
-                for e in range(shape.n_experts)])
-            if granularity == "tensor":
-                costs.append(per_expert.sum(axis=0))
-                bits += [_unit_bits(jobs, (p,), types, shape.n_experts) for p in projs]
-                params += [shape.n_experts * jobs.weights[0][p].size for p in projs]
-            elif granularity == "expert":
-                costs.append(_fill_never_routed(per_expert, routed))
-                bits += [_unit_bits(jobs, projs, types)] * shape.n_experts
-                params += [sum(jobs.weights[0][p].size for p in projs)] * shape.n_experts
-            else:
-                costs.append(_fill_never_routed(per_expert, routed).reshape(-1, len(types)))
-                bits += [_unit_bits(jobs, (p,), types) for _ in range(shape.n_experts) for p in projs]
-                params += [jobs.weights[0][p].size for _ in range(shape.n_experts) for p in projs]
+            rec = _layer_costs(jobs, stats.layers[jobs.layer], types, granularity, device, dtype)
+            if store is not None:
+                store.save(rec, {key: f.result() for key, f in jobs.futures.items()})
             _keep(cache, jobs, keep)
-            notes += _layer_notes(jobs, types, fallback)
-    if never:
-        what = "do not count in the tensor sums" if granularity == "tensor" else \
-            "got their layer's largest routed cost per type (conservative default)"
-        notes.append(f"{len(never)} experts were never routed during calibration and {what}: "
-                     + ", ".join(f"L{l}.E{e}" for l, e in never))
-    if not keep:
-        notes.append("quantized experts were not cached (no cache given, or over the cache limit); "
-                     "the writer quantizes the chosen types again")
-    return CostTable(units=units, types=types, cost=np.concatenate(costs).reshape(len(units), len(types)),
-                     params=np.asarray(params, dtype=np.float64), bits=np.stack(bits), never_routed=never,
-                     token_counts={l: stats.layers[l].counts.numpy().copy() for l in layers}, notes=notes,
-                     seconds=time.perf_counter() - t0)
+            done[jobs.layer] = rec
+    return assemble_table([done[l] for l in layers], shape.n_experts, shape.projs, types, granularity,
+                          kept=keep or store is not None, seconds=time.perf_counter() - t0)
 
 
 def _layer_notes(jobs: _LayerJobs, types: Sequence[str], fallback: bool) -> list[str]:

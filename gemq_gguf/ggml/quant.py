@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,8 +18,9 @@ from gguf import GGMLQuantizationType
 from ..errors import GemqError
 from .types import TypeInfo, fitting_type, ggml_lib, traits, type_info
 
-# (GGUF tensor name, expert, type) -> quantized bytes: cost estimation hands its work to the writer.
-QuantCache = dict[tuple[str, int, str], np.ndarray]
+# (GGUF tensor name, expert, type) -> quantized bytes: cost estimation hands its work to the writer
+# (a dict, or the stats cache's files: gemq.cache.QuantFiles).
+QuantCache = MutableMapping[tuple[str, int, str], np.ndarray]
 
 _FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
 _ROWS_PER_TASK = 32

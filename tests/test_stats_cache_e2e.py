@@ -1,0 +1,96 @@
+"""A second `--budget` on a cached model: no calibration, no costs, the same bytes as an uncached run;
+`--no-cache`, damaged entries and an interrupted cost pass (tiny model, end to end)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from tiny_models import make_tiny_model
+
+from gemq_gguf.cli import main as convert_main
+from gemq_gguf.gemq import budget, costs
+
+pytestmark = pytest.mark.slow
+ARGS = ("--calib-tokens", "512", "--seq-len", "64", "--types", "Q2_K,Q3_K,Q4_K,Q6_K")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model("qwen2_moe", tmp_path_factory.mktemp("m") / "hf")
+
+
+@pytest.fixture(scope="module")
+def uncached(model: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The file of `--budget 3.5 --no-cache`: what every cached run must reproduce byte for byte."""
+    out = tmp_path_factory.mktemp("ref") / "ref.gguf"
+    assert convert_main([str(model), "--budget", "3.5", "--no-cache", "-o", str(out), *ARGS]) == 0
+    return out.read_bytes()
+
+
+def _run(model: Path, out: Path, cache: Path, budget_bpw: str, *extra: str) -> bytes:
+    assert convert_main([str(model), "--budget", budget_bpw, "--cache-dir", str(cache), "-o", str(out), *ARGS,
+                         *extra]) == 0
+    return out.read_bytes()
+
+
+def _forbid_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    def forbidden(*a, **k):
+        raise AssertionError("the cache should have made this pass unnecessary")
+    monkeypatch.setattr(budget, "collect_stats", forbidden)
+    monkeypatch.setattr(budget, "estimate_costs", forbidden)
+    monkeypatch.setattr(budget, "load_for_calibration", forbidden)
+
+
+def test_second_budget_hits_the_cache(model, uncached, tmp_path, monkeypatch) -> None:
+    cache = tmp_path / "cache"
+    first = _run(model, tmp_path / "a.gguf", cache, "3.0")
+    assert first != uncached and any(cache.glob("calib-*")) and any(cache.glob("costs-*"))
+    _forbid_passes(monkeypatch)
+    assert _run(model, tmp_path / "b.gguf", cache, "3.5") == uncached
+
+
+def test_no_cache_neither_reads_nor_writes(model, uncached, tmp_path, monkeypatch) -> None:
+    calls = []
+    real = budget.collect_stats
+    monkeypatch.setattr(budget, "collect_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = tmp_path / "cache"
+    _run(model, tmp_path / "a.gguf", cache, "3.5")
+    assert _run(model, tmp_path / "b.gguf", cache, "3.5", "--no-cache") == uncached
+    assert len(calls) == 2
+    fresh = tmp_path / "fresh"
+    _run(model, tmp_path / "c.gguf", fresh, "3.5", "--no-cache")
+    assert not fresh.exists()
+
+
+def test_damaged_entries_are_recomputed(model, uncached, tmp_path, caplog) -> None:
+    cache = tmp_path / "cache"
+    _run(model, tmp_path / "a.gguf", cache, "3.0")
+    for f in [next(cache.glob("calib-*/*.npz")), next(cache.glob("costs-*/*.quant.safetensors"))]:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated
+    with caplog.at_level(logging.WARNING, logger="gemq"):
+        assert _run(model, tmp_path / "b.gguf", cache, "3.5") == uncached
+    assert "ignoring calibration entry" in caplog.text and "ignoring cost layer" in caplog.text
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_killed_cost_pass_resumes(model, uncached, tmp_path, monkeypatch) -> None:
+    cache = tmp_path / "cache"
+    real, done = costs._layer_costs, []
+
+    def killed_after_one(jobs, *a, **k):
+        if done:
+            raise _Killed
+        done.append(jobs.layer)
+        return real(jobs, *a, **k)
+    monkeypatch.setattr(costs, "_layer_costs", killed_after_one)
+    with pytest.raises(_Killed):
+        _run(model, tmp_path / "a.gguf", cache, "3.5")
+    assert not (tmp_path / "a.gguf").exists()
+    resumed: list[int] = []
+    monkeypatch.setattr(costs, "_layer_costs", lambda jobs, *a, **k: resumed.append(jobs.layer) or real(jobs, *a, **k))
+    assert _run(model, tmp_path / "a.gguf", cache, "3.5") == uncached
+    assert resumed and done[0] not in resumed
