@@ -35,3 +35,53 @@ def sample_tokens(model_dir: Path, n: int = 96) -> list[int]:
     from gemq_gguf.data import eval_texts
     tok = AutoTokenizer.from_pretrained(model_dir)
     return tok(eval_texts()["prose"][:4000])["input_ids"][:n]
+
+
+@torch.no_grad()
+def stable_positions(model: torch.nn.Module, tokens: list[int], *, noise: float = 0.02, draws: int = 4,
+                     top1_margin: float = 0.3, seed: int = 0) -> np.ndarray:
+    """Token positions where neither a routing choice nor the top-1 token is near a tie (bool [T]).
+
+    llama.cpp quantizes activations to 8 bits, which flips near-ties; a flipped expert is a different model,
+    not a conversion error. A routing choice is near a tie when noise of `noise` x the RMS on every MoE
+    block's input changes the experts a position picks in any layer (over `draws` seeded draws): this
+    covers every family's scoring (softmax, sigmoid with bias correction, group-limited top-k) without
+    re-implementing it. The top-1 token is near a tie when its logit leads the second by less than
+    `top1_margin` x the logits' standard deviation."""
+    from gemq_gguf.gemq.hooks import experts_hooks
+    adapter = adapter_for(model.config.architectures)
+    ids = torch.tensor([tokens])
+
+    def routing(scale: float, gen: torch.Generator | None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        picked: dict[int, torch.Tensor] = {}
+
+        def make_hook(layer, view):
+            def hook(call, out):
+                picked[layer] = call.ids.reshape(len(tokens), -1).sort(dim=1).values
+            return hook
+
+        def perturb(m, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            x = x + scale * x.pow(2).mean().sqrt() * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+        layers = adapter.moe_shape(model.config).moe_layers
+        handles = [adapter.moe_block(model, l).register_forward_pre_hook(perturb, with_kwargs=True)
+                   for l in layers] if scale else []
+        try:
+            with experts_hooks(model, adapter, make_hook):
+                logits = model(input_ids=ids).logits[0]
+        finally:
+            for h in handles:
+                h.remove()
+        return picked, logits
+
+    base, logits = routing(0.0, None)
+    stable = torch.ones(len(tokens), dtype=torch.bool)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(draws):
+        picked, _ = routing(noise, gen)
+        for layer, chosen in base.items():
+            stable &= (picked[layer] == chosen).all(dim=1)
+    top2 = logits.topk(2, dim=-1).values
+    stable &= (top2[:, 0] - top2[:, 1]) >= top1_margin * logits.std(dim=-1)
+    return stable.numpy()

@@ -87,6 +87,11 @@ class ArchAdapter:
         raise GemqError(f"{type(config).__name__} names no experts-per-token count ({', '.join(TOP_K_KEYS)}).",
                         "check config.json; this family needs an adapter that says where its top-k is.")
 
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        """config.json keys llama.cpp's converter needs that a checkpoint saved by transformers may lack
+        (transformers drops keys its config class does not define); merged over `hparams`."""
+        return {}
+
     # -- the module tree ---------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The model's decoder layers, in order (what layer-streamed calibration walks through)."""

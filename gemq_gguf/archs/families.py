@@ -6,8 +6,19 @@ Adding a family: register it here, add a tiny config to tests/tiny_models.py, an
 """
 from __future__ import annotations
 
+from typing import Any
+
 from .base import ArchAdapter
 from .registry import register
+
+
+class SigmoidScores(ArchAdapter):
+    """Families whose transformers class always scores experts with a sigmoid: llama.cpp's converter writes
+    sigmoid gating only when config.json says `scoring_func: sigmoid`, a key the released checkpoints have
+    and a re-save by transformers drops (without it the GGUF silently routes by softmax)."""
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        return {} if "scoring_func" in hparams else {"scoring_func": "sigmoid"}
 
 
 @register
@@ -42,3 +53,84 @@ class DeepseekV2(ArchAdapter):
 
     hf_classes = ("DeepseekV2ForCausalLM",)
     name = "deepseek2"
+
+
+@register
+class DeepseekV3(SigmoidScores):
+    """DeepSeek-V3 / R1 and Kimi-K2: sigmoid scores, a score-correction bias and group-limited top-k that
+    pick the experts, `routed_scaling_factor` on their weights (all read from the experts call)."""
+
+    hf_classes = ("DeepseekV3ForCausalLM",)
+    name = "deepseek3"
+
+
+@register
+class Glm4Moe(ArchAdapter):
+    """GLM-4.5 / 4.6 / 4.7: DeepSeek-V3's routing, partial rotary attention, the first layers dense."""
+
+    hf_classes = ("Glm4MoeForCausalLM",)
+    name = "glm4moe"
+
+
+@register
+class GptOss(ArchAdapter):
+    """gpt-oss: softmax after top-k, expert biases, clamped SwiGLU on interleaved gate/up columns."""
+
+    hf_classes = ("GptOssForCausalLM",)
+    name = "gpt-oss"
+
+
+@register
+class Qwen3Next(ArchAdapter):
+    """Qwen3-Next: linear-attention (Gated DeltaNet) layers, a gated shared expert."""
+
+    hf_classes = ("Qwen3NextForCausalLM",)
+    name = "qwen3next"
+
+
+@register
+class Qwen35Moe(ArchAdapter):
+    """Qwen3.5-MoE (text): Qwen3-Next's layers."""
+
+    hf_classes = ("Qwen3_5MoeForCausalLM",)
+    name = "qwen35moe"
+
+
+@register
+class MiniMaxM2(SigmoidScores):
+    """MiniMax-M2: sigmoid scores with a score-correction bias, partial rotary attention."""
+
+    hf_classes = ("MiniMaxM2ForCausalLM",)
+    name = "minimax-m2"
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        extra = super().converter_hparams(hparams)
+        if "rotary_dim" not in hparams:  # the converter reads the rotary width only from this key
+            head_dim = hparams.get("head_dim") or hparams["hidden_size"] // hparams["num_attention_heads"]
+            rope = hparams.get("rope_parameters") or {}
+            extra["rotary_dim"] = int(head_dim * rope.get("partial_rotary_factor", hparams.get("partial_rotary_factor", 1.0)))
+        return extra
+
+
+@register
+class GraniteMoe(ArchAdapter):
+    """Granite-MoE (3.0/3.1): fused input/output linears, softmax after top-k."""
+
+    hf_classes = ("GraniteMoeForCausalLM",)
+    name = "granitemoe"
+
+
+@register
+class Dots1(SigmoidScores):
+    """dots.llm1: DeepSeek-V3's routing (sigmoid, bias, scaling), the first layers dense."""
+
+    hf_classes = ("Dots1ForCausalLM",)
+    name = "dots1"
+
+
+@register
+class Lfm2Moe(ArchAdapter):
+    """LFM2-MoE: short-convolution layers, sigmoid scores with an expert bias, the first layers dense."""
+
+    hf_classes = ("Lfm2MoeForCausalLM",)
+    name = "lfm2moe"

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..archs import adapter_for
 from ..errors import GemqError
 from ..runtime import converter_dir
 
@@ -91,10 +92,15 @@ def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verb
         cls = conversion.get_model_class(arch)
     except NotImplementedError:
         raise GemqError(f"llama.cpp's converter does not support {arch}.", "use a supported architecture.") from None
+    adapter = adapter_for(hparams.get("architectures"))
+    hparams = {**hparams, **adapter.converter_hparams(hparams)}
+    if cls.supports_mtp_export:
+        # transformers loads no multi-token-prediction layers, so GEMQ has no statistics for them
+        cls = type(cls.__name__, (cls,), {"model_arch": cls.model_arch, "no_mtp": True})
     logging.getLogger("hf-to-gguf").setLevel(logging.INFO if verbose else logging.WARNING)
     sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with torch.inference_mode(), sink:
-        model = cls(model_dir, ftype, out_path, eager=False)
+        model = cls(model_dir, ftype, out_path, eager=False, hparams=hparams)
         _add_fallback(model, model_dir)
         model.write()
     return out_path
