@@ -70,12 +70,34 @@ CONFIGS: dict[str, dict] = {
                      num_experts=8, num_experts_per_tok=2, num_dense_layers=1, num_hidden_layers=3,
                      layer_types=["full_attention", "conv", "full_attention"], tie_word_embeddings=True,
                      norm_eps=1e-5),
+    "glm4_moe_lite": dict(model_type="glm4_moe_lite", num_key_value_heads=4, intermediate_size=512,
+                          moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                          q_lora_rank=256, kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,
+                          n_group=1, topk_group=1, routed_scaling_factor=1.8, norm_topk_prob=True,
+                          mlp_layer_types=["dense", "sparse", "sparse"], num_hidden_layers=3, rms_norm_eps=1e-5),
+    "granitemoeshared": dict(model_type="granitemoeshared", num_key_value_heads=2, intermediate_size=256,
+                             num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=512),
+    "granitemoehybrid": dict(model_type="granitemoehybrid", num_key_value_heads=2, intermediate_size=256,
+                             num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=512,
+                             layer_types=["mamba", "attention"], mamba_n_heads=8, mamba_n_groups=1, mamba_d_state=64,
+                             mamba_d_head=64, mamba_chunk_size=64),
+    "jamba": dict(model_type="jamba", num_key_value_heads=2, intermediate_size=256, num_experts=8,
+                  num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2,
+                  attn_layer_offset=1, num_hidden_layers=4, use_mamba_kernels=False, mamba_d_state=16),
+    "exaone_moe": dict(model_type="exaone_moe", num_key_value_heads=2, head_dim=64, intermediate_size=512,
+                       moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+                       first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3,
+                       sliding_window=128, layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+    "solar_open": dict(model_type="solar_open", num_key_value_heads=2, head_dim=64, moe_intermediate_size=256,
+                       n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, routed_scaling_factor=1.0,
+                       norm_topk_prob=True, rms_norm_eps=1e-5),
 }
 ARCHS = tuple(CONFIGS)
+GLM_SPECIALS = ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>")
 #: special tokens a family's llama.cpp converter looks up by name (added to the trained vocabulary)
 SPECIALS: dict[str, tuple[str, ...]] = {
     "qwen3_5_moe": ("<|endoftext|>",),  # transformers' Qwen3.5 tokenizer class adds it when missing
-    "glm4_moe": ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>"),
+    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "solar_open": (*GLM_SPECIALS, "<unk>"),
 }
 
 

@@ -134,3 +134,51 @@ class Lfm2Moe(ArchAdapter):
 
     hf_classes = ("Lfm2MoeForCausalLM",)
     name = "lfm2moe"
+
+
+@register
+class Glm4MoeLite(ArchAdapter):
+    """GLM-4.7-Flash: DeepSeek-V3's MLA attention and routing in GLM's layers."""
+
+    hf_classes = ("Glm4MoeLiteForCausalLM",)
+    name = "glm4moe-lite"
+
+
+@register
+class GraniteMoeShared(ArchAdapter):
+    """Granite-MoE with a shared MLP, a sibling of the MoE block (so not in its experts' output)."""
+
+    hf_classes = ("GraniteMoeSharedForCausalLM",)
+    name = "granitemoeshared"
+
+
+@register
+class GraniteMoeHybrid(ArchAdapter):
+    """Granite 4.0: Mamba-2 and attention layers, each with an MoE block and a shared MLP beside it."""
+
+    hf_classes = ("GraniteMoeHybridForCausalLM",)
+    name = "granitemoehybrid"
+
+
+@register
+class Jamba(ArchAdapter):
+    """Jamba: Mamba and attention layers, MoE every `expert_layer_period`-th layer."""
+
+    hf_classes = ("JambaForCausalLM",)
+    name = "jamba"
+
+
+@register
+class ExaoneMoe(SigmoidScores):
+    """EXAONE-MoE (K-EXAONE): DeepSeek-V3-style sigmoid routing with a shared expert, sliding-window layers."""
+
+    hf_classes = ("ExaoneMoeForCausalLM",)
+    name = "exaone-moe"
+
+
+@register
+class SolarOpen(ArchAdapter):
+    """Solar Open: GLM-4.5's MoE (sigmoid routing with a correction bias, a shared expert)."""
+
+    hf_classes = ("SolarOpenForCausalLM",)
+    name = "solar-open"
