@@ -21,7 +21,7 @@ from gemq_gguf.archs import adapter_for
 from gemq_gguf.evaluate import RunOptions, kld_vs_logits, llama_logits
 
 FAMILIES = ["deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe", "minimax_m2", "granitemoe", "dots1",
-            "lfm2_moe"]
+            "lfm2_moe", "glm4_moe_lite", "granitemoeshared", "granitemoehybrid", "exaone_moe", "solar_open"]
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +59,41 @@ def test_q8_0_matches_hf(family: str, tiny_family, tmp_path: Path) -> None:
     cmp = _stable_kl(model, gguf, load_hf(model))
     print(f"{family}: Q8_0 vs HF KL {cmp.kld_mean:.2e} top-1 {cmp.same_top_p:.3f}")
     assert cmp.kld_mean <= 1e-3 and cmp.same_top_p >= 0.95, (cmp.kld_mean, cmp.same_top_p)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokenizer_agrees_with_hf(family: str, tiny_family, tmp_path: Path) -> None:
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from gemq_gguf.convert.hf_to_gguf import hf_to_float_gguf
+    model = tiny_family(family)
+    gguf = hf_to_float_gguf(model, tmp_path / "f32.gguf")
+    text = "def f(x):\n    return x ** 2  # squares, 12345 and café!"
+    llm = Llama(str(gguf), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
+        AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False)["input_ids"]
+
+
+def test_converter_gets_the_keys_transformers_drops() -> None:
+    """DeepSeek-V3 re-saved by transformers has no `scoring_func`: without it llama.cpp routes by softmax."""
+    from gemq_gguf.archs import adapter_for
+    v3 = adapter_for(["DeepseekV3ForCausalLM"])
+    assert v3.converter_hparams({}) == {"scoring_func": "sigmoid"}
+    assert v3.converter_hparams({"scoring_func": "softmax"}) == {}  # what the checkpoint says wins
+    m2 = adapter_for(["MiniMaxM2ForCausalLM"]).converter_hparams(
+        {"head_dim": 128, "hidden_size": 3072, "num_attention_heads": 48, "partial_rotary_factor": 0.5})
+    assert m2 == {"scoring_func": "sigmoid", "rotary_dim": 64}
+
+
+def test_recurrent_convolutions_stay_float() -> None:
+    """llama.cpp's ssm_conv takes F32 weights only (and llama-quantize never quantizes them)."""
+    from gemq_gguf.policy import TensorPolicy
+    policy = TensorPolicy.from_args([], "Q8_0")
+    assert policy.type_for("blk.0.ssm_conv1d.weight", 2) == "F32"
+    assert policy.type_for("blk.0.shortconv.conv.weight", 2) == "F32"
+    assert policy.type_for("blk.0.attn_q.weight", 2) == "Q8_0"
 
 
 # ---------------------------------------------------------------- costs: shortcut == re-run of the block

@@ -97,7 +97,7 @@ GLM_SPECIALS = ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|observation|
 #: special tokens a family's llama.cpp converter looks up by name (added to the trained vocabulary)
 SPECIALS: dict[str, tuple[str, ...]] = {
     "qwen3_5_moe": ("<|endoftext|>",),  # transformers' Qwen3.5 tokenizer class adds it when missing
-    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "solar_open": (*GLM_SPECIALS, "<unk>"),
+    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "solar_open": ("<|startoftext|>", "<|endoftext|>", "<unk>"),
 }
 
 
