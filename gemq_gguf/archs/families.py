@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import ArchAdapter
-from .registry import register
+from .registry import refuse, register
 
 
 class SigmoidScores(ArchAdapter):
@@ -182,3 +182,16 @@ class SolarOpen(ArchAdapter):
 
     hf_classes = ("SolarOpenForCausalLM",)
     name = "solar-open"
+
+
+# Known MoE families that are refused, and why (docs/families.md)
+refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not its sparsemixer weighting, so even "
+       "an F32 conversion differs from the model")
+refuse("HunYuanMoEV1ForCausalLM", "llama.cpp's converter loads its tokenizer with trust_remote_code (tiktoken ranks), "
+       "and gemq-gguf runs no code from checkpoints")
+for _cls in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "DbrxForCausalLM"):
+    refuse(_cls, "its transformers experts do not use the shared experts interface (Llama 4 also weights the "
+           "experts' input, not their output); an adapter for it is not written yet")
+for _cls in ("Ernie4_5_MoeForCausalLM", "JambaForCausalLM"):
+    refuse(_cls, "not tested yet: llama.cpp's converter takes only a SentencePiece tokenizer for it, which the "
+           "test fixtures cannot build yet")
