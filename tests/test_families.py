@@ -45,7 +45,7 @@ def _convert(model: Path, out: Path, *args: str) -> Path:
 
 def _stable_kl(model: Path, gguf: Path, ref: torch.nn.Module):
     tokens = sample_tokens(model)
-    keep = stable_positions(load_hf(model), tokens)
+    keep = stable_positions(ref, tokens)
     assert keep.sum() >= len(tokens) // 2, f"only {keep.sum()} of {len(tokens)} positions are clear of ties"
     ours = llama_logits(gguf, tokens, RunOptions(f32_kv=True))
     return kld_vs_logits(ours[keep], hf_logits(ref, tokens)[keep])

@@ -143,6 +143,14 @@ class Glm4MoeLite(ArchAdapter):
     hf_classes = ("Glm4MoeLiteForCausalLM",)
     name = "glm4moe-lite"
 
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # transformers 5 saves the dense layers as `mlp_layer_types`; the converter reads only
+        # `first_k_dense_replace` (without it llama.cpp looks for a router in the dense first layer)
+        types = hparams.get("mlp_layer_types")
+        if "first_k_dense_replace" in hparams or not types:
+            return {}
+        return {"first_k_dense_replace": next((i for i, t in enumerate(types) if t != "dense"), len(types))}
+
 
 @register
 class GraniteMoeShared(ArchAdapter):
@@ -158,6 +166,13 @@ class GraniteMoeHybrid(ArchAdapter):
 
     hf_classes = ("GraniteMoeHybridForCausalLM",)
     name = "granitemoehybrid"
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # transformers 5 saves the layer kinds as full_attention / linear_attention; the converter knows
+        # only Granite's own names (it would take every layer for a Mamba layer)
+        names = {"full_attention": "attention", "linear_attention": "mamba"}
+        types = hparams.get("layer_types") or []
+        return {"layer_types": [names.get(t, t) for t in types]} if any(t in names for t in types) else {}
 
 
 @register

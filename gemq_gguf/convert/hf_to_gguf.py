@@ -6,8 +6,10 @@ converter writes is by definition what llama.cpp loads. Stage 2 (`writer`) re-ty
 by tensor. The converter is lazy (it streams tensors from safetensors), so memory stays near one tensor.
 
 One fallback is added: the converter identifies BPE pre-tokenizers by hashing the tokenization of a
-test string and refuses unknown ones. For a tokenizer whose pre-tokenizer is plain GPT-2 byte-level
-BPE we set `tokenizer.ggml.pre = "gpt-2"`, which tokenizes identically in llama.cpp.
+test string and refuses unknown ones. For a tokenizer whose loaded pre-tokenizer is plain GPT-2 byte-level
+BPE we set `tokenizer.ggml.pre = "gpt-2"`, and for Qwen's regex split 'qwen2' / 'qwen35', which split
+identically in llama.cpp. Per family, the adapter adds config keys the converter needs that a re-save by
+transformers drops (`ArchAdapter.converter_hparams`); multi-token-prediction layers are left out.
 """
 from __future__ import annotations
 
@@ -38,30 +40,45 @@ def _import_converter() -> Any:
     return conversion
 
 
-def _pre_tokenizer_fallback(model_dir: Path) -> str | None:
-    """'gpt-2' when tokenizer.json uses plain byte-level pre-tokenization (what llama.cpp calls gpt-2)."""
-    path = model_dir / "tokenizer.json"
-    if not path.exists():
+#: pre-tokenizer regexes (as tokenizer.json writes them) -> llama.cpp's name for the same splitting
+_PRE_BY_REGEX = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen35",
+}
+
+
+def _pre_tokenizer_fallback(tokenizer: Any) -> str | None:
+    """llama.cpp's name for the pre-tokenizer the *loaded* tokenizer runs (a tokenizer class may replace
+    the one in tokenizer.json: transformers' Qwen3.5 class installs Qwen's regex): plain byte-level BPE is
+    'gpt-2', Qwen's regex split before byte-level is 'qwen2' / 'qwen35'; None for anything else."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
         return None
-    pre = json.loads(path.read_text(encoding="utf-8")).get("pre_tokenizer") or {}
+    pre = json.loads(backend.to_str()).get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
+    parts = pre.get("pretokenizers") or []
+    if (pre.get("type") == "Sequence" and len(parts) == 2 and parts[0].get("type") == "Split"
+            and parts[1].get("type") == "ByteLevel" and not parts[1].get("use_regex", True)):
+        return _PRE_BY_REGEX.get((parts[0].get("pattern") or {}).get("Regex", ""))
     return None
 
 
 def _add_fallback(model: Any, model_dir: Path) -> None:
     """Patch the converter instance (its classes are registered, so we do not subclass them)."""
-    fallback = _pre_tokenizer_fallback(model_dir)
     original = model.get_vocab_base_pre
 
     def get_vocab_base_pre(tokenizer: Any) -> str:
         try:
             return original(tokenizer)
         except NotImplementedError:
+            fallback = _pre_tokenizer_fallback(tokenizer)
             if fallback is None:
                 raise GemqError(f"llama.cpp does not recognise the pre-tokenizer of {model_dir}.",
                                 "use a tokenizer llama.cpp knows (see convert_hf_to_gguf_update.py).") from None
-            logging.getLogger("gemq").info("unknown BPE pre-tokenizer hash; using '%s' (byte-level)", fallback)
+            logging.getLogger("gemq").info("unknown BPE pre-tokenizer hash; the tokenizer splits like '%s'", fallback)
             return fallback
 
     model.get_vocab_base_pre = get_vocab_base_pre
