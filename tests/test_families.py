@@ -93,6 +93,7 @@ def test_recurrent_convolutions_stay_float() -> None:
     policy = TensorPolicy.from_args([], "Q8_0")
     assert policy.type_for("blk.0.ssm_conv1d.weight", 2) == "F32"
     assert policy.type_for("blk.0.shortconv.conv.weight", 2) == "F32"
+    assert policy.type_for("blk.0.ssm_a", 2) == "F32"  # Mamba-2's A is [1, n_head]
     assert policy.type_for("blk.0.attn_q.weight", 2) == "Q8_0"
 
 

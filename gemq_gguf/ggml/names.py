@@ -48,7 +48,8 @@ def router_tensor_name(layer: int, suffix: str = ROUTER) -> str:
     return f"blk.{layer}.{suffix}.weight"
 
 
-#: parts of names of 2-D tensors that llama-quantize never quantizes (llama-quant.cpp): norms, recurrent
+#: parts of names of 2-D tensors that llama-quantize never quantizes (llama-quant.cpp; nor anything whose
+#: name does not end in `.weight`, e.g. Mamba-2's [1, n_head] `ssm_a`): norms, recurrent
 #: layers' small convolution weights (llama.cpp's ssm_conv kernel takes only F32 weights), ...
 KEEP_FLOAT = ("_norm.weight", "ssm_conv1d", "shortconv.conv.weight", "altup", "laurel", "per_layer_model_proj",
               "indexer.k_proj.weight", "indexer.q_proj.weight", "attn_rel_b.weight", ".position_embd")
@@ -59,7 +60,7 @@ CATEGORIES = ("embd", "output", "attn", "shexp", "ffn", "router", "other")
 
 def tensor_category(name: str, n_dims: int) -> str:
     """'f32' for 1-D tensors and biases, 'expert' for routed experts, else one of CATEGORIES."""
-    if n_dims <= 1 or name.endswith(".bias") or any(k in name for k in KEEP_FLOAT):
+    if n_dims <= 1 or not name.endswith(".weight") or any(k in name for k in KEEP_FLOAT):
         return "f32"
     if EXPERT_RE.match(name):
         return "expert"
