@@ -137,7 +137,7 @@ class Lfm2Moe(ArchAdapter):
 
 
 @register
-class Glm4MoeLite(ArchAdapter):
+class Glm4MoeLite(SigmoidScores):
     """GLM-4.7-Flash: DeepSeek-V3's MLA attention and routing in GLM's layers."""
 
     hf_classes = ("Glm4MoeLiteForCausalLM",)
@@ -146,10 +146,10 @@ class Glm4MoeLite(ArchAdapter):
     def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
         # transformers 5 saves the dense layers as `mlp_layer_types`; the converter reads only
         # `first_k_dense_replace` (without it llama.cpp looks for a router in the dense first layer)
-        types = hparams.get("mlp_layer_types")
-        if "first_k_dense_replace" in hparams or not types:
-            return {}
-        return {"first_k_dense_replace": next((i for i, t in enumerate(types) if t != "dense"), len(types))}
+        extra, types = super().converter_hparams(hparams), hparams.get("mlp_layer_types")
+        if "first_k_dense_replace" not in hparams and types:
+            extra["first_k_dense_replace"] = next((i for i, t in enumerate(types) if t != "dense"), len(types))
+        return extra
 
 
 @register
