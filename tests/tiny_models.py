@@ -69,7 +69,7 @@ CONFIGS: dict[str, dict] = {
     "lfm2_moe": dict(model_type="lfm2_moe", num_key_value_heads=2, intermediate_size=512, moe_intermediate_size=256,
                      num_experts=8, num_experts_per_tok=2, num_dense_layers=1, num_hidden_layers=3,
                      layer_types=["full_attention", "conv", "full_attention"], tie_word_embeddings=True,
-                     norm_eps=1e-5),
+                     norm_eps=1e-5, rms_norm_eps=1e-5),  # COMMON's rms_norm_eps is saved too, and the converter reads it first
     "glm4_moe_lite": dict(model_type="glm4_moe_lite", num_key_value_heads=4, intermediate_size=512,
                           moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
                           q_lora_rank=256, kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,

@@ -198,6 +198,12 @@ class SolarOpen(ArchAdapter):
     hf_classes = ("SolarOpenForCausalLM",)
     name = "solar-open"
 
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # rotary over the whole head unless the config says otherwise; the converter (GLM's) assumes half
+        rope = hparams.get("rope_parameters") or {}
+        return {} if "partial_rotary_factor" in hparams or "partial_rotary_factor" in rope else \
+            {"partial_rotary_factor": 1.0}
+
 
 # Known MoE families that are refused, and why (docs/families.md)
 refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not its sparsemixer weighting, so even "
