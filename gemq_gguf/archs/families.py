@@ -205,6 +205,14 @@ class SolarOpen(ArchAdapter):
             {"partial_rotary_factor": 1.0}
 
 
+
+@register
+class HyV3(ArchAdapter):
+    """Hunyuan 3 (HY-V3): a shared expert, `router_scaling_factor`, dense first layers."""
+
+    hf_classes = ("HYV3ForCausalLM",)
+    name = "hy-v3"
+
 # Known MoE families that are refused, and why (docs/families.md)
 refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not its sparsemixer weighting, so even "
        "an F32 conversion differs from the model")
