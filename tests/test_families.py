@@ -87,6 +87,15 @@ def test_converter_gets_the_keys_transformers_drops() -> None:
     assert m2 == {"scoring_func": "sigmoid", "rotary_dim": 64}
 
 
+def test_selection_bias_moves_with_its_experts() -> None:
+    """HY-V3's converter names the selection bias `exp_probs_b` without `.bias`; it must be renumbered too
+    (before the fix its grouped file picked the wrong experts: KL 0.08 against its own weights)."""
+    from gemq_gguf.ggml.names import EXPERT_AXIS_RE
+    assert all(EXPERT_AXIS_RE.match(f"blk.1.{n}") for n in ("exp_probs_b", "exp_probs_b.bias", "ffn_gate_inp.weight",
+                                                              "ffn_gate_exps.bias", "ffn_down_exps.bias"))
+    assert not EXPERT_AXIS_RE.match("blk.1.ffn_norm.weight")
+
+
 def test_recurrent_convolutions_stay_float() -> None:
     """llama.cpp's ssm_conv takes F32 weights only (and llama-quantize never quantizes them)."""
     from gemq_gguf.policy import TensorPolicy

@@ -27,7 +27,8 @@ _EXP = "|".join(re.escape(_suffix(t)) for t in _EXPERT_TENSORS.values())
 #: a routed-expert weight tensor: group 1 the layer, group 2 the projection
 EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(" + "|".join(EXPERT_PROJS) + r")_exps\.weight$")
 #: tensors with one row (or entry) per routed expert, besides the expert matrices: renumbered with them
-EXPERT_AXIS_RE = re.compile(rf"^blk\.(\d+)\.({re.escape(ROUTER)}\.(weight|bias)|{re.escape(EXP_PROBS_B)}\.bias|"
+#: (HY-V3's converter writes the selection bias without the `.bias` suffix)
+EXPERT_AXIS_RE = re.compile(rf"^blk\.(\d+)\.({re.escape(ROUTER)}\.(weight|bias)|{re.escape(EXP_PROBS_B)}(\.bias)?|"
                             rf"({_EXP})\.\w+)$")
 assert EXPERT_RE.match(TENSOR_NAMES[MODEL_TENSOR.FFN_GATE_UP_EXP].format(bid=0) + ".weight")
 
