@@ -176,14 +176,6 @@ class GraniteMoeHybrid(ArchAdapter):
 
 
 @register
-class Jamba(ArchAdapter):
-    """Jamba: Mamba and attention layers, MoE every `expert_layer_period`-th layer."""
-
-    hf_classes = ("JambaForCausalLM",)
-    name = "jamba"
-
-
-@register
 class ExaoneMoe(SigmoidScores):
     """EXAONE-MoE (K-EXAONE): DeepSeek-V3-style sigmoid routing with a shared expert, sliding-window layers."""
 
@@ -224,3 +216,7 @@ for _cls in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "DbrxForCaus
 for _cls in ("Ernie4_5_MoeForCausalLM", "JambaForCausalLM"):
     refuse(_cls, "not tested yet: llama.cpp's converter takes only a SentencePiece tokenizer for it, which the "
            "test fixtures cannot build yet")
+refuse("LagunaForCausalLM", "llama.cpp's conversion of a transformers-saved checkpoint differs from the model "
+       "(F32 logits 28 % off on a test checkpoint)")
+refuse("MiMoV2FlashForCausalLM", "not tested yet: llama.cpp's converter needs config keys (swa_head_dim, ...) that a "
+       "transformers re-save drops")

@@ -17,6 +17,8 @@ def register(cls: type[ArchAdapter]) -> type[ArchAdapter]:
 
 def refuse(hf_class: str, why: str) -> None:
     """Record a known MoE class that is refused, and why (said in the error instead of a bare "unsupported")."""
+    if hf_class in _REGISTRY:
+        raise ValueError(f"{hf_class} is both registered and refused")
     _REFUSED[hf_class] = why
 
 
