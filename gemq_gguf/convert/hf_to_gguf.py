@@ -5,7 +5,7 @@ rewrite metadata, tokenizer conversion and tensor naming for every architecture:
 converter writes is by definition what llama.cpp loads. Stage 2 (`writer`) re-types that file tensor
 by tensor. The converter is lazy (it streams tensors from safetensors), so memory stays near one tensor.
 
-One fallback is added: the converter identifies BPE pre-tokenizers by hashing the tokenization of a
+Additions: the converter identifies BPE pre-tokenizers by hashing the tokenization of a
 test string and refuses unknown ones. For a tokenizer whose loaded pre-tokenizer is plain GPT-2 byte-level
 BPE we set `tokenizer.ggml.pre = "gpt-2"`, and for Qwen's regex split 'qwen2' / 'qwen35', which split
 identically in llama.cpp. Per family, the adapter adds config keys the converter needs that a re-save by
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..archs import adapter_for
+from ..archs import adapter_for, supported
 from ..errors import GemqError
 from ..runtime import converter_dir
 
@@ -109,8 +109,8 @@ def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verb
         cls = conversion.get_model_class(arch)
     except NotImplementedError:
         raise GemqError(f"llama.cpp's converter does not support {arch}.", "use a supported architecture.") from None
-    adapter = adapter_for(hparams.get("architectures"))
-    hparams = {**hparams, **adapter.converter_hparams(hparams)}
+    if any(a in supported() for a in hparams.get("architectures") or []):  # others convert as llama.cpp does
+        hparams = {**hparams, **adapter_for(hparams["architectures"]).converter_hparams(hparams)}
     if cls.supports_mtp_export:
         # transformers loads no multi-token-prediction layers, so GEMQ has no statistics for them
         cls = type(cls.__name__, (cls,), {"model_arch": cls.model_arch, "no_mtp": True})
