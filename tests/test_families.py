@@ -63,13 +63,10 @@ def test_q8_0_matches_hf(family: str, tiny_family, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tokenizer_agrees_with_hf(family: str, tiny_family, tmp_path: Path) -> None:
+def test_tokenizer_agrees_with_hf(family: str, tiny_family, family_f32) -> None:
     from llama_cpp import Llama
     from transformers import AutoTokenizer
-
-    from gemq_gguf.convert.hf_to_gguf import hf_to_float_gguf
-    model = tiny_family(family)
-    gguf = hf_to_float_gguf(model, tmp_path / "f32.gguf")
+    model, gguf = tiny_family(family), family_f32(family)
     text = "def f(x):\n    return x ** 2  # squares, 12345 and café!"
     llm = Llama(str(gguf), vocab_only=True, verbose=False)
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
