@@ -63,8 +63,9 @@ def test_dense_model(capsys, tmp_path, model) -> None:
 
 
 def test_unsupported_moe_architecture(capsys, tmp_path, model) -> None:
-    d = _variant(model, tmp_path, lambda c: c.update(architectures=["GraniteMoeForCausalLM"], model_type="granitemoe"))
+    d = _variant(model, tmp_path, lambda c: c.update(architectures=["PhimoeForCausalLM"], model_type="phimoe"))
     _fails(capsys, tmp_path, [str(d), "--uniform", "Q4_K"], "MixtralForCausalLM")
+    _fails(capsys, tmp_path, [str(d), "--uniform", "Q4_K"], "sparsemixer")  # the reason, where we know it
 
 
 def test_missing_tokenizer(capsys, tmp_path, model) -> None:

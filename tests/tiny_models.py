@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from gemq_gguf.archs import adapter_for
 from gemq_gguf.data import calib_texts
 
 VOCAB = 384
@@ -35,21 +36,96 @@ CONFIGS: dict[str, dict] = {
                         first_k_dense_replace=1, q_lora_rank=256, kv_lora_rank=256, qk_rope_head_dim=32,
                         qk_nope_head_dim=64, v_head_dim=64, n_group=1, topk_group=1, topk_method="greedy",
                         routed_scaling_factor=1.0, norm_topk_prob=False, num_hidden_layers=3),
+    # newer families (tests/test_families.py); docs/families.md says what each needed
+    "deepseek_v3": dict(model_type="deepseek_v3", num_key_value_heads=4, intermediate_size=512,
+                        moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                        first_k_dense_replace=1, q_lora_rank=256, kv_lora_rank=256, qk_rope_head_dim=32,
+                        qk_nope_head_dim=64, v_head_dim=64, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                        norm_topk_prob=True, num_hidden_layers=3),
+    "glm4_moe": dict(model_type="glm4_moe", num_key_value_heads=2, head_dim=64, intermediate_size=512,
+                     moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                     first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.5,
+                     norm_topk_prob=True, use_qk_norm=True, num_hidden_layers=3, rms_norm_eps=1e-5),
+    "gpt_oss": dict(model_type="gpt_oss", num_key_value_heads=2, head_dim=64, intermediate_size=256,
+                    num_local_experts=8, num_experts_per_tok=2, sliding_window=128,
+                    layer_types=["sliding_attention", "full_attention"], rms_norm_eps=1e-5),
+    "qwen3_next": dict(model_type="qwen3_next", num_key_value_heads=2, head_dim=64, intermediate_size=512,
+                       moe_intermediate_size=256, shared_expert_intermediate_size=256, num_experts=8,
+                       num_experts_per_tok=2, linear_key_head_dim=64, linear_value_head_dim=64,
+                       linear_num_key_heads=2, linear_num_value_heads=4, decoder_sparse_step=1, mlp_only_layers=[],
+                       layer_types=["linear_attention", "full_attention"]),
+    "qwen3_5_moe": dict(model_type="qwen3_5_moe_text", num_key_value_heads=2, head_dim=64,
+                        moe_intermediate_size=256, shared_expert_intermediate_size=256, num_experts=8,
+                        num_experts_per_tok=2, linear_key_head_dim=64, linear_value_head_dim=64,
+                        linear_num_key_heads=2, linear_num_value_heads=4,
+                        layer_types=["linear_attention", "full_attention"]),
+    "minimax_m2": dict(model_type="minimax_m2", num_key_value_heads=2, head_dim=64, intermediate_size=256,
+                       num_local_experts=8, num_experts_per_tok=2),
+    "granitemoe": dict(model_type="granitemoe", num_key_value_heads=2, intermediate_size=256, num_local_experts=8,
+                       num_experts_per_tok=2),
+    "dots1": dict(model_type="dots1", num_key_value_heads=4, intermediate_size=512, moe_intermediate_size=256,
+                  n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                  norm_topk_prob=True, routed_scaling_factor=2.5, num_hidden_layers=3, sliding_window=None),
+    "lfm2_moe": dict(model_type="lfm2_moe", num_key_value_heads=2, intermediate_size=512, moe_intermediate_size=256,
+                     num_experts=8, num_experts_per_tok=2, num_dense_layers=1, num_hidden_layers=3,
+                     layer_types=["full_attention", "conv", "full_attention"], tie_word_embeddings=True,
+                     norm_eps=1e-5, rms_norm_eps=1e-5),  # COMMON's rms_norm_eps is saved too, and the converter reads it first
+    "glm4_moe_lite": dict(model_type="glm4_moe_lite", num_key_value_heads=4, intermediate_size=512,
+                          moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                          q_lora_rank=256, kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,
+                          n_group=1, topk_group=1, routed_scaling_factor=1.8, norm_topk_prob=True,
+                          mlp_layer_types=["dense", "sparse", "sparse"], num_hidden_layers=3, rms_norm_eps=1e-5),
+    "granitemoeshared": dict(model_type="granitemoeshared", num_key_value_heads=2, intermediate_size=256,
+                             num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=512),
+    "granitemoehybrid": dict(model_type="granitemoehybrid", num_key_value_heads=2, intermediate_size=256,
+                             num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=512,
+                             layer_types=["mamba", "attention"], mamba_n_heads=8, mamba_n_groups=1, mamba_d_state=64,
+                             mamba_d_head=64, mamba_chunk_size=64),
+    "exaone_moe": dict(model_type="exaone_moe", num_key_value_heads=2, head_dim=64, intermediate_size=512,
+                       moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+                       first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3,
+                       sliding_window=128, layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+    "solar_open": dict(model_type="solar_open", num_key_value_heads=2, head_dim=64, moe_intermediate_size=256,
+                       n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, routed_scaling_factor=1.0,
+                       norm_topk_prob=True, rms_norm_eps=1e-5),
+    "hy_v3": dict(model_type="hy_v3", num_key_value_heads=2, head_dim=64, intermediate_size=512,
+                  moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+                  router_scaling_factor=2.5, num_hidden_layers=3, rms_norm_eps=1e-5,
+                  initializer_range=0.04),  # its default init gives logits a third of the others' spread
 }
-ARCHS = tuple(CONFIGS)
+#: the first five families (tests/test_convert_e2e.py); the newer ones are tests/test_families.py's
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
+GLM_SPECIALS = ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>")
+#: special tokens a family's llama.cpp converter looks up by name (added to the trained vocabulary)
+SPECIALS: dict[str, tuple[str, ...]] = {
+    "qwen3_5_moe": ("<|endoftext|>",),  # transformers' Qwen3.5 tokenizer class adds it when missing
+    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "solar_open": ("<|startoftext|>", "<|endoftext|>", "<unk>"),
+}
 
 
 @cache
-def _tokenizer() -> PreTrainedTokenizerFast:
+def _tokenizer(specials: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>", *specials],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([t[:60_000] for t in calib_texts().values()], trainer)
     assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+@torch.no_grad()
+def _spread_routers(model: torch.nn.Module) -> None:
+    """Routers with real spread, so top-k choices are not near-ties; a score-correction bias that matters."""
+    adapter = adapter_for([type(model).__name__])
+    for layer in adapter.moe_shape(model.config).moe_layers:
+        block = adapter.moe_block(model, layer)
+        adapter.router(block).weight.normal_(0.0, 0.5)
+        for name, p in [*block.named_parameters(), *block.named_buffers()]:
+            if name.endswith(("shared_expert_gate.weight", "e_score_correction_bias", "expert_bias")):
+                p.normal_(0.0, 0.5 if name.endswith("weight") else 0.05)
 
 
 def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
@@ -58,10 +134,7 @@ def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype 
     cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    with torch.no_grad():  # routers with real spread, so top-k choices are not near-ties
-        for name, p in model.named_parameters():
-            if name.endswith(("gate.weight", "shared_expert_gate.weight")):
-                p.normal_(0.0, 0.5)
+    _spread_routers(model)
     model.save_pretrained(out_dir)
-    _tokenizer().save_pretrained(out_dir)
+    _tokenizer(SPECIALS.get(arch, ())).save_pretrained(out_dir)
     return out_dir

@@ -10,9 +10,7 @@ the one method that differs.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, ClassVar
 
 import torch
@@ -49,9 +47,20 @@ def meta_model(config: Any) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-@lru_cache(maxsize=8)
-def _shape(adapter: ArchAdapter, config_json: str, config_cls: type) -> MoeShape:
-    config = config_cls.from_dict(json.loads(config_json))
+_SHAPES: dict[tuple[type, str, str], MoeShape] = {}
+
+
+def _shape(adapter: ArchAdapter, config: Any) -> MoeShape:
+    """The MoE shape from the meta-device module tree, cached by the config's content (a config may
+    hold values JSON cannot carry back, e.g. Granite-hybrid's infinite `time_step_limit`, so the
+    tree is built from the config object itself)."""
+    key = (type(adapter), type(config).__name__, config.to_json_string(use_diff=False))
+    if key not in _SHAPES:
+        _SHAPES[key] = _measure_shape(adapter, config)
+    return _SHAPES[key]
+
+
+def _measure_shape(adapter: ArchAdapter, config: Any) -> MoeShape:
     model = meta_model(config)
     layers = adapter.decoder_layers(model)
     blocks = {l: adapter.block_of(m) for l, m in enumerate(layers)}
@@ -80,7 +89,7 @@ class ArchAdapter:
 
     def moe_shape(self, config: Any) -> MoeShape:
         """Layers, experts and widths, read from the module tree built on the meta device (no weights)."""
-        return _shape(self, config.to_json_string(use_diff=False), type(config))
+        return _shape(self, config)
 
     def top_k(self, config: Any) -> int:
         for key in TOP_K_KEYS:
@@ -89,6 +98,11 @@ class ArchAdapter:
                 return value
         raise GemqError(f"{type(config).__name__} names no experts-per-token count ({', '.join(TOP_K_KEYS)}).",
                         "check config.json; this family needs an adapter that says where its top-k is.")
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        """config.json keys llama.cpp's converter needs that a checkpoint saved by transformers may lack
+        (transformers drops keys its config class does not define); merged over `hparams`."""
+        return {}
 
     # -- the module tree ---------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:

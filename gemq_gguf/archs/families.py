@@ -6,8 +6,19 @@ Adding a family: register it here, add a tiny config to tests/tiny_models.py, an
 """
 from __future__ import annotations
 
+from typing import Any
+
 from .base import ArchAdapter
-from .registry import register
+from .registry import refuse, register
+
+
+class SigmoidScores(ArchAdapter):
+    """Families whose transformers class always scores experts with a sigmoid: llama.cpp's converter writes
+    sigmoid gating only when config.json says `scoring_func: sigmoid`, a key the released checkpoints have
+    and a re-save by transformers drops (without it the GGUF silently routes by softmax)."""
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        return {} if "scoring_func" in hparams else {"scoring_func": "sigmoid"}
 
 
 @register
@@ -44,3 +55,170 @@ class DeepseekV2(ArchAdapter):
 
     hf_classes = ("DeepseekV2ForCausalLM",)
     name = "deepseek2"
+
+
+@register
+class DeepseekV3(SigmoidScores):
+    """DeepSeek-V3 / R1 and Kimi-K2: sigmoid scores, a score-correction bias and group-limited top-k that
+    pick the experts, `routed_scaling_factor` on their weights (all read from the experts call)."""
+
+    hf_classes = ("DeepseekV3ForCausalLM",)
+    name = "deepseek3"
+
+
+@register
+class Glm4Moe(ArchAdapter):
+    """GLM-4.5 / 4.6 / 4.7: DeepSeek-V3's routing, partial rotary attention, the first layers dense."""
+
+    hf_classes = ("Glm4MoeForCausalLM",)
+    name = "glm4moe"
+
+
+@register
+class GptOss(ArchAdapter):
+    """gpt-oss: softmax after top-k, expert biases, clamped SwiGLU on interleaved gate/up columns."""
+
+    hf_classes = ("GptOssForCausalLM",)
+    name = "gpt-oss"
+
+
+@register
+class Qwen3Next(ArchAdapter):
+    """Qwen3-Next: linear-attention (Gated DeltaNet) layers, a gated shared expert."""
+
+    hf_classes = ("Qwen3NextForCausalLM",)
+    name = "qwen3next"
+
+
+@register
+class Qwen35Moe(ArchAdapter):
+    """Qwen3.5-MoE (text): Qwen3-Next's layers."""
+
+    hf_classes = ("Qwen3_5MoeForCausalLM",)
+    name = "qwen35moe"
+
+
+@register
+class MiniMaxM2(SigmoidScores):
+    """MiniMax-M2: sigmoid scores with a score-correction bias, partial rotary attention."""
+
+    hf_classes = ("MiniMaxM2ForCausalLM",)
+    name = "minimax-m2"
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        extra = super().converter_hparams(hparams)
+        if "rotary_dim" not in hparams:  # the converter reads the rotary width only from this key
+            head_dim = hparams.get("head_dim") or hparams["hidden_size"] // hparams["num_attention_heads"]
+            rope = hparams.get("rope_parameters") or {}
+            extra["rotary_dim"] = int(head_dim * rope.get("partial_rotary_factor", hparams.get("partial_rotary_factor", 1.0)))
+        return extra
+
+
+@register
+class GraniteMoe(ArchAdapter):
+    """Granite-MoE (3.0/3.1): fused input/output linears, softmax after top-k."""
+
+    hf_classes = ("GraniteMoeForCausalLM",)
+    name = "granitemoe"
+
+
+@register
+class Dots1(SigmoidScores):
+    """dots.llm1: DeepSeek-V3's routing (sigmoid, bias, scaling), the first layers dense."""
+
+    hf_classes = ("Dots1ForCausalLM",)
+    name = "dots1"
+
+
+@register
+class Lfm2Moe(ArchAdapter):
+    """LFM2-MoE: short-convolution layers, sigmoid scores with an expert bias, the first layers dense."""
+
+    hf_classes = ("Lfm2MoeForCausalLM",)
+    name = "lfm2moe"
+
+
+@register
+class Glm4MoeLite(SigmoidScores):
+    """GLM-4.7-Flash: DeepSeek-V3's MLA attention and routing in GLM's layers."""
+
+    hf_classes = ("Glm4MoeLiteForCausalLM",)
+    name = "glm4moe-lite"
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # transformers 5 saves the dense layers as `mlp_layer_types`; the converter reads only
+        # `first_k_dense_replace` (without it llama.cpp looks for a router in the dense first layer)
+        extra, types = super().converter_hparams(hparams), hparams.get("mlp_layer_types")
+        if "first_k_dense_replace" not in hparams and types:
+            extra["first_k_dense_replace"] = next((i for i, t in enumerate(types) if t != "dense"), len(types))
+        return extra
+
+
+@register
+class GraniteMoeShared(ArchAdapter):
+    """Granite-MoE with a shared MLP, a sibling of the MoE block (so not in its experts' output)."""
+
+    hf_classes = ("GraniteMoeSharedForCausalLM",)
+    name = "granitemoeshared"
+
+
+@register
+class GraniteMoeHybrid(ArchAdapter):
+    """Granite 4.0: Mamba-2 and attention layers, each with an MoE block and a shared MLP beside it."""
+
+    hf_classes = ("GraniteMoeHybridForCausalLM",)
+    name = "granitemoehybrid"
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # transformers 5 saves the layer kinds as full_attention / linear_attention; the converter knows
+        # only Granite's own names (it would take every layer for a Mamba layer)
+        names = {"full_attention": "attention", "linear_attention": "mamba"}
+        types = hparams.get("layer_types") or []
+        return {"layer_types": [names.get(t, t) for t in types]} if any(t in names for t in types) else {}
+
+
+@register
+class ExaoneMoe(SigmoidScores):
+    """EXAONE-MoE (K-EXAONE): DeepSeek-V3-style sigmoid routing with a shared expert, sliding-window layers."""
+
+    hf_classes = ("ExaoneMoeForCausalLM",)
+    name = "exaone-moe"
+
+
+@register
+class SolarOpen(ArchAdapter):
+    """Solar Open: GLM-4.5's MoE (sigmoid routing with a correction bias, a shared expert)."""
+
+    hf_classes = ("SolarOpenForCausalLM",)
+    name = "solar-open"
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # rotary over the whole head unless the config says otherwise; the converter (GLM's) assumes half
+        rope = hparams.get("rope_parameters") or {}
+        return {} if "partial_rotary_factor" in hparams or "partial_rotary_factor" in rope else \
+            {"partial_rotary_factor": 1.0}
+
+
+
+@register
+class HyV3(ArchAdapter):
+    """Hunyuan 3 (HY-V3): a shared expert, `router_scaling_factor`, dense first layers."""
+
+    hf_classes = ("HYV3ForCausalLM",)
+    name = "hy-v3"
+
+# Known MoE families that are refused, and why (docs/families.md)
+refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not its sparsemixer weighting, so even "
+       "an F32 conversion differs from the model")
+refuse("HunYuanMoEV1ForCausalLM", "llama.cpp's converter loads its tokenizer with trust_remote_code (tiktoken ranks), "
+       "and gemq-gguf runs no code from checkpoints")
+for _cls in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "DbrxForCausalLM"):
+    refuse(_cls, "its transformers experts do not use the shared experts interface (Llama 4 also weights the "
+           "experts' input, not their output); an adapter for it is not written yet")
+for _cls in ("Ernie4_5_MoeForCausalLM", "JambaForCausalLM"):
+    refuse(_cls, "not tested yet: llama.cpp's converter takes only a SentencePiece tokenizer for it, which the "
+           "test fixtures cannot build yet")
+refuse("LagunaForCausalLM", "llama.cpp's conversion of a transformers-saved checkpoint differs from the model "
+       "(F32 logits 28 % off on a test checkpoint)")
+refuse("MiMoV2FlashForCausalLM", "not tested yet: llama.cpp's converter needs config keys (swa_head_dim, ...) that a "
+       "transformers re-save drops")

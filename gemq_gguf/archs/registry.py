@@ -5,6 +5,7 @@ from ..errors import GemqError
 from .base import ArchAdapter
 
 _REGISTRY: dict[str, ArchAdapter] = {}
+_REFUSED: dict[str, str] = {}  # MoE classes we know and cannot convert faithfully: why not
 
 
 def register(cls: type[ArchAdapter]) -> type[ArchAdapter]:
@@ -12,6 +13,13 @@ def register(cls: type[ArchAdapter]) -> type[ArchAdapter]:
     for hf in cls.hf_classes:
         _REGISTRY[hf] = cls()
     return cls
+
+
+def refuse(hf_class: str, why: str) -> None:
+    """Record a known MoE class that is refused, and why (said in the error instead of a bare "unsupported")."""
+    if hf_class in _REGISTRY:
+        raise ValueError(f"{hf_class} is both registered and refused")
+    _REFUSED[hf_class] = why
 
 
 def supported() -> list[str]:
@@ -24,6 +32,9 @@ def adapter_for(architectures: list[str] | None) -> ArchAdapter:
         if a in _REGISTRY:
             return _REGISTRY[a]
     names = ", ".join(architectures or ["(none)"])
+    for a in architectures or []:
+        if a in _REFUSED:
+            raise GemqError(f"{a} is not supported: {_REFUSED[a]}.", f"use one of: {', '.join(supported())}.")
     if any(not a.endswith("ForCausalLM") for a in architectures or []) and architectures:
         raise GemqError(f"{names} is not a causal language model.",
                         f"convert a *ForCausalLM checkpoint; supported: {', '.join(supported())}.")

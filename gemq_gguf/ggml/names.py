@@ -27,7 +27,8 @@ _EXP = "|".join(re.escape(_suffix(t)) for t in _EXPERT_TENSORS.values())
 #: a routed-expert weight tensor: group 1 the layer, group 2 the projection
 EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(" + "|".join(EXPERT_PROJS) + r")_exps\.weight$")
 #: tensors with one row (or entry) per routed expert, besides the expert matrices: renumbered with them
-EXPERT_AXIS_RE = re.compile(rf"^blk\.(\d+)\.({re.escape(ROUTER)}\.(weight|bias)|{re.escape(EXP_PROBS_B)}\.bias|"
+#: (HY-V3's converter writes the selection bias without the `.bias` suffix)
+EXPERT_AXIS_RE = re.compile(rf"^blk\.(\d+)\.({re.escape(ROUTER)}\.(weight|bias)|{re.escape(EXP_PROBS_B)}(\.bias)?|"
                             rf"({_EXP})\.\w+)$")
 assert EXPERT_RE.match(TENSOR_NAMES[MODEL_TENSOR.FFN_GATE_UP_EXP].format(bid=0) + ".weight")
 
@@ -48,13 +49,19 @@ def router_tensor_name(layer: int, suffix: str = ROUTER) -> str:
     return f"blk.{layer}.{suffix}.weight"
 
 
+#: parts of names of 2-D tensors that llama-quantize never quantizes (llama-quant.cpp; nor anything whose
+#: name does not end in `.weight`, e.g. Mamba-2's [1, n_head] `ssm_a`): norms, recurrent
+#: layers' small convolution weights (llama.cpp's ssm_conv kernel takes only F32 weights), ...
+KEEP_FLOAT = ("_norm.weight", "ssm_conv1d", "shortconv.conv.weight", "altup", "laurel", "per_layer_model_proj",
+              "indexer.k_proj.weight", "indexer.q_proj.weight", "attn_rel_b.weight", ".position_embd")
+
 #: categories of non-expert tensors (typed by policy, or by the whole-file allocation)
 CATEGORIES = ("embd", "output", "attn", "shexp", "ffn", "router", "other")
 
 
 def tensor_category(name: str, n_dims: int) -> str:
     """'f32' for 1-D tensors and biases, 'expert' for routed experts, else one of CATEGORIES."""
-    if n_dims <= 1 or name.endswith(".bias"):
+    if n_dims <= 1 or not name.endswith(".weight") or any(k in name for k in KEEP_FLOAT):
         return "f32"
     if EXPERT_RE.match(name):
         return "expert"
