@@ -25,3 +25,13 @@ def stats_cache_dir(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cache, "default_cache_dir", lambda: root)
         yield root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls run fastest on one torch thread (and leave the cores to ggml's quantizer threads)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,13 +21,7 @@ from gemq_gguf.ggml.types import type_info
 TYPES = ("Q2_K", "Q4_K", "Q6_K")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls run fastest on one thread (and leave the cores to ggml's quantizer threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _load(path: Path) -> torch.nn.Module:

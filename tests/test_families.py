@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from reference import hf_logits, load_hf, load_hf_as_file, sample_tokens, stable_positions
@@ -168,15 +167,9 @@ def family_f32(tiny_family, tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_split_groups_identical_logits(family: str, family_f32) -> None:
-    from test_runtime_e2e import _require_patched, llama_logits as runtime_logits, rewrite_experts
+    from test_runtime_e2e import _require_patched, assert_split_groups_exact
     _require_patched()
-    src = family_f32(family)
-    uniform = rewrite_experts(src, src.with_name(f"{family}-uniform.gguf"), ["Q4_K"])
-    split = rewrite_experts(src, src.with_name(f"{family}-split.gguf"), ["Q4_K"] * 3)
-    a, b = runtime_logits(uniform), runtime_logits(split)
-    assert np.isfinite(a).all() and np.abs(a).max() > 0
-    rel = float(np.abs(a - b).max() / np.abs(a).max())
-    assert rel <= 1e-6, f"{family}: max relative logit difference {rel:.3e}"
+    assert_split_groups_exact(family_f32(family), family)
 
 
 @pytest.mark.slow

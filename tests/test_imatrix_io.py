@@ -56,13 +56,6 @@ def test_not_an_imatrix(tmp_path: Path) -> None:
         read_imatrix(tmp_path / "missing.gguf")
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny matmuls run fastest on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.usefixtures("one_torch_thread")

@@ -142,14 +142,17 @@ def f32_models(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.parametrize("arch", ARCHS_EXACT)
 def test_split_groups_identical_logits(arch: str, f32_models) -> None:
+    assert_split_groups_exact(f32_models(arch), arch)
+
+
+def assert_split_groups_exact(src: Path, name: str) -> None:
     """Same Q4_K bytes, stock tensor vs 3 groups + qmap: identical logits (prefill and decode)."""
-    src = f32_models(arch)
-    uniform = rewrite_experts(src, src.with_name(f"{arch}-uniform.gguf"), ["Q4_K"])
-    split = rewrite_experts(src, src.with_name(f"{arch}-split.gguf"), ["Q4_K"] * 3)
+    uniform = rewrite_experts(src, src.with_name(f"{name}-uniform.gguf"), ["Q4_K"])
+    split = rewrite_experts(src, src.with_name(f"{name}-split.gguf"), ["Q4_K"] * 3)
     a, b = llama_logits(uniform), llama_logits(split)
     assert np.isfinite(a).all() and np.abs(a).max() > 0
     rel = float(np.abs(a - b).max() / np.abs(a).max())
-    assert rel <= 1e-6, f"{arch}: max relative logit difference {rel:.3e}"
+    assert rel <= 1e-6, f"{name}: max relative logit difference {rel:.3e}"
 
 
 @pytest.mark.parametrize("arch", ARCHS_MIXED)

@@ -23,12 +23,7 @@ from gemq_gguf.gemq.streaming import model_bytes, stream_stats, use_streaming
 FIELDS = ("x", "g", "ids", "weights", "in_sum2", "down_sum2", "counts")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tokens(n_seq: int = 5, seq_len: int = 24) -> torch.Tensor:
