@@ -11,6 +11,9 @@
 #
 #   bench/cuda_families.sh --prepare FILES_DIR     (here, CPU: files, F32 bases, CPU KLDs of the mixed files)
 #   bench/cuda_families.sh SRC_DIR FILES_DIR [OUT_DIR]   (GPU machine; SRC_DIR: patched llama.cpp tree)
+# On the lent GPU (2026-12-03): FILES_DIR plus an xz tarball of the patched tree (~/.cache/gemq-gguf/src/...,
+# pruned of docs/models/tests/examples and the other backends: 4 MB) in an ignored folder, named in `carry`;
+# BUILD_S caps the build's seconds so that a timed-out call can be resumed. Results: docs/RESULTS.md.
 set -uo pipefail
 FAMILIES=${FAMILIES:-deepseek_v3 gpt_oss glm4_moe}
 TEXT_ARGS=(-c 256 --chunks 4 -b 256)
