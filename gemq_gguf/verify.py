@@ -39,6 +39,7 @@ class Verification:
     ctx: int
     n_chunks: int
     text_sha256: str
+    kld_limit: float  # the mean KLD above which the file is refused
 
     @property
     def finite(self) -> bool:
@@ -63,10 +64,13 @@ def verification_text(sources: Sequence[tuple[str, float]], opts: VerifyOptions)
     return "\n\n".join(t[:n * opts.ctx * _CHARS_PER_TOKEN] for (t, _), n in zip(sources, counts) if n)
 
 
-def _check_loads(path: Path, what: str, opts: VerifyOptions) -> None:
-    """Load alone first, so a failure names the file that does not load."""
+def _check_loads(path: Path, what: str, opts: VerifyOptions) -> int:
+    """Load alone first, so a failure names the file that does not load; returns the vocabulary size."""
     try:
-        open_llama(path, opts.ctx, RunOptions()).close()
+        llm = open_llama(path, opts.ctx, RunOptions())
+        n_vocab = llm.n_vocab()
+        llm.close()
+        return n_vocab
     except GemqError as e:
         raise GemqError(f"verification failed: llama.cpp cannot load {what} {path.name} "
                         f"({str(e.__cause__ or e.problem)}).",
@@ -75,7 +79,8 @@ def _check_loads(path: Path, what: str, opts: VerifyOptions) -> None:
 
 def verify_file(path: Path, reference: Path, text: str, opts: VerifyOptions, cache_dir: Path) -> Verification:
     """Score `path` against `reference` on `text`; a GemqError when it does not load or is off by far."""
-    _check_loads(path, "the written file", opts)
+    n_vocab = _check_loads(path, "the written file", opts)
+    limit = opts.max_kld if opts.max_kld is not None else math.log(n_vocab)
     _check_loads(reference, "the unquantized model (stage 1's float GGUF, written by llama.cpp's converter)", opts)
     try:
         result = evaluate_gguf(path, reference, {"calibration": text}, opts.ctx, opts.chunks,
@@ -89,13 +94,13 @@ def verify_file(path: Path, reference: Path, text: str, opts: VerifyOptions, cac
     s: EvalStats = result.total
     v = Verification(kld_mean=s.kld_mean, kld_max=s.kld_max, same_top_p=s.same_top_p, ppl=s.ppl, ppl_base=s.ppl_base,
                      n_tokens=s.n_tokens, ctx=opts.ctx, n_chunks=s.n_chunks,
-                     text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest())
+                     text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), kld_limit=limit)
     if not v.finite:
         raise GemqError(f"verification failed: {path.name} gives non-finite logits in llama.cpp "
                         f"(mean KLD {v.kld_mean}, PPL {v.ppl}).",
                         "the written file was removed; report this as a bug with the command line.")
-    if v.kld_mean > opts.max_kld:
+    if v.kld_mean > limit:
         raise GemqError(f"verification failed: {path.name} is far from the unquantized model (mean KLD "
-                        f"{v.kld_mean:.3f} > {opts.max_kld:g}, same top-1 {v.same_top_p:.0%}).",
+                        f"{v.kld_mean:.3f} > {limit:.3g}, worse than a uniform guess; same top-1 {v.same_top_p:.0%}).",
                         "the written file was removed; report this as a bug, or pass --no-verify to keep it.")
     return v

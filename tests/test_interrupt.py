@@ -13,9 +13,11 @@ from tiny_models import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# the CLI with ggml's quantizer slowed down, so the writing stage lasts long enough to be interrupted
+# the CLI with ggml's quantizer slowed down, so the writing stage lasts long enough to be interrupted;
+# Ctrl-C's handler installed explicitly, since a test run started in the background inherits SIGINT ignored
 DRIVER = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import gemq_gguf.convert.writer as writer
 from gemq_gguf.cli import main
 quantize = writer.quantize
