@@ -327,3 +327,35 @@ def test_output_on_a_read_only_disk(capsys, tmp_path, model) -> None:
         _fails(capsys, tmp_path, [str(model), "--uniform", "Q4_K", "--work-dir", str(d)], "work dir")
     finally:
         subprocess.run(["umount", str(d)], check=True)
+
+
+@pytest.mark.parametrize("typing", ["uniform", "plan"])
+def test_imatrix_reaches_the_writer_for_uniform_and_plan(capsys, tmp_path, model, typing) -> None:
+    """--imatrix with --uniform / --plan: the writer gets it, so IQ2_XXS (which needs one) is written.
+    (It used to be ignored there, and the run failed after stage 1 asking for --imatrix.)"""
+    import numpy as np
+
+    from gemq_gguf.ggml.imatrix import Imatrix, write_imatrix
+    from gemq_gguf.ggml.names import expert_tensor_name
+    from gemq_gguf.pipeline import open_source
+    shape = open_source(str(model)).shape
+    width = {"gate": shape.hidden, "up": shape.hidden, "down": shape.expert_ffn}
+    names = [(expert_tensor_name(l, p), width[p]) for l in shape.moe_layers for p in shape.projs]
+    rng = np.random.default_rng(0)
+    imatrix = Imatrix({n: rng.uniform(0.5, 2, (shape.n_experts, w)).astype(np.float32) for n, w in names},
+                      {n: np.full(shape.n_experts, 8, np.float32) for n, _ in names}, ["test"], 64, 8)
+    f = tmp_path / "imatrix.gguf"
+    write_imatrix(f, imatrix)
+    if typing == "uniform":
+        args = ["--uniform", "IQ2_XXS"]
+    else:
+        plan = tmp_path / "plan.json"
+        plan.write_text(json.dumps({"units": [{"layer": l, "expert": None, "proj": None, "type": "IQ2_XXS"}
+                                              for l in shape.moe_layers]}))
+        args = ["--plan", str(plan)]
+    out = tmp_path / "out.gguf"
+    assert convert_main([str(model), *args, "--imatrix", str(f), "--no-verify", "-o", str(out)]) == 0, \
+        capsys.readouterr().err
+    from gguf import GGUFReader
+    types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert all(types[n] == "IQ2_XXS" for n, _ in names)
