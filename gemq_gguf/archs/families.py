@@ -6,9 +6,13 @@ Adding a family: register it here, add a tiny config to tests/tiny_models.py, an
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+import torch
+from torch import nn
 
 from .base import ArchAdapter
+from .experts import ExpertsCall, ExpertsView, Layout
 from .registry import refuse, register
 
 
@@ -207,14 +211,49 @@ class HyV3(ArchAdapter):
     hf_classes = ("HYV3ForCausalLM",)
     name = "hy-v3"
 
+@register
+class Llama4(ArchAdapter):
+    """Llama 4 (text): a shared expert beside top-k experts whose sigmoid router weight scales the expert's
+    *input*, E(w x); its experts module runs every expert on every token (the unchosen get x = 0) outside
+    transformers' experts interface, so the routing is read from the router's own call, and the gradient
+    at the experts' output from the block's output (shared expert + experts, so the same gradient)."""
+
+    hf_classes = ("Llama4ForCausalLM",)
+    name = "llama4"
+
+    def block_of(self, layer_module: nn.Module) -> nn.Module | None:
+        ff = getattr(layer_module, "feed_forward", None)
+        return ff if hasattr(ff, "router") and hasattr(ff, "experts") else None
+
+    def experts_module(self, block: nn.Module) -> nn.Module:
+        return block.experts
+
+    def experts(self, block: nn.Module) -> ExpertsView:
+        return ExpertsView(block.experts, Layout(has_gate=True, is_transposed=True, is_concatenated=True),
+                           input_weighted=True)
+
+    def router(self, block: nn.Module) -> nn.Module:
+        return block.router
+
+    def hook_experts(self, block: nn.Module, on_call: Callable[[ExpertsCall], None],
+                     on_out: Callable[[torch.Tensor], None]) -> list[Any]:
+        def routed(router: nn.Module, args: tuple[Any, ...], out: tuple[torch.Tensor, torch.Tensor]) -> None:
+            scores, logits = out
+            ids = torch.topk(logits, router.top_k, dim=1).indices  # the router's own call: the same choice
+            on_call(ExpertsCall(args[0], ids, scores.gather(1, ids)))
+        return [block.router.register_forward_hook(routed),
+                block.register_forward_hook(lambda m, args, out: on_out(out[0]))]
+
+
 # Known MoE families that are refused, and why (docs/families.md)
 refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not its sparsemixer weighting, so even "
        "an F32 conversion differs from the model")
 refuse("HunYuanMoEV1ForCausalLM", "llama.cpp's converter loads its tokenizer with trust_remote_code (tiktoken ranks), "
        "and gemq-gguf runs no code from checkpoints")
-for _cls in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "DbrxForCausalLM"):
-    refuse(_cls, "its transformers experts do not use the shared experts interface (Llama 4 also weights the "
-           "experts' input, not their output); an adapter for it is not written yet")
+refuse("Llama4ForConditionalGeneration", "not tested yet (the vision-language checkpoint); its text model, "
+       "Llama4ForCausalLM, is supported")
+refuse("DbrxForCausalLM", "its transformers experts do not use the shared experts interface; an adapter for it "
+       "is not written yet")
 for _cls in ("Ernie4_5_MoeForCausalLM", "JambaForCausalLM"):
     refuse(_cls, "not tested yet: llama.cpp's converter takes only a SentencePiece tokenizer for it, which the "
            "test fixtures cannot build yet")
