@@ -94,7 +94,8 @@ CONFIGS: dict[str, dict] = {
                   initializer_range=0.04),  # its default init gives logits a third of the others' spread
     "llama4": dict(model_type="llama4_text", num_key_value_heads=2, head_dim=64, intermediate_size=256,
                    intermediate_size_mlp=512, num_local_experts=8, num_experts_per_tok=2, interleave_moe_layer_step=1,
-                   use_qk_norm=True, attention_chunk_size=8192, rms_norm_eps=1e-5),
+                   use_qk_norm=True, attention_chunk_size=8192, rms_norm_eps=1e-5,
+                   num_hidden_layers=4),  # llama.cpp: every 4th layer NoPE (its temperature input must be used)
 }
 #: the first five families (tests/test_convert_e2e.py); the newer ones are tests/test_families.py's
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
