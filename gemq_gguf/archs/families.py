@@ -245,6 +245,15 @@ class Llama4(ArchAdapter):
                 block.register_forward_hook(lambda m, args, out: on_out(out[0]))]
 
 
+@register
+class Ernie45Moe(ArchAdapter):
+    """ERNIE-4.5-MoE: softmax scores, a selection bias on them (`moe_statics`), renormalised top-k, shared
+    experts, the first layers dense; a SentencePiece tokenizer."""
+
+    hf_classes = ("Ernie4_5_MoeForCausalLM",)
+    name = "ernie4_5-moe"
+
+
 # Known MoE families that are refused, and why (docs/families.md)
 refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not its sparsemixer weighting, so even "
        "an F32 conversion differs from the model")
@@ -254,9 +263,7 @@ refuse("Llama4ForConditionalGeneration", "not tested yet (the vision-language ch
        "Llama4ForCausalLM, is supported")
 refuse("DbrxForCausalLM", "its transformers experts do not use the shared experts interface; an adapter for it "
        "is not written yet")
-for _cls in ("Ernie4_5_MoeForCausalLM", "JambaForCausalLM"):
-    refuse(_cls, "not tested yet: llama.cpp's converter takes only a SentencePiece tokenizer for it, which the "
-           "test fixtures cannot build yet")
+refuse("JambaForCausalLM", "not tested yet: llama.cpp's converter takes only a SentencePiece tokenizer for it")
 refuse("LagunaForCausalLM", "llama.cpp's conversion of a transformers-saved checkpoint differs from the model "
        "(F32 logits 28 % off on a test checkpoint)")
 refuse("MiMoV2FlashForCausalLM", "not tested yet: llama.cpp's converter needs config keys (swa_head_dim, ...) that a "
