@@ -101,6 +101,10 @@ CONFIGS: dict[str, dict] = {
                          moe_intermediate_size=256, moe_num_experts=8, moe_k=2, moe_num_shared_experts=2,
                          moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1, num_hidden_layers=3,
                          rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "jamba": dict(model_type="jamba", num_key_value_heads=2, intermediate_size=256, num_experts=8, num_experts_per_tok=2,
+                  attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
+                  mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=16, use_mamba_kernels=False,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0),
 }
 #: the first five families (tests/test_convert_e2e.py); the newer ones are tests/test_families.py's
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
@@ -113,7 +117,7 @@ SPECIALS: dict[str, tuple[str, ...]] = {
 
 
 #: families whose llama.cpp converter takes only a SentencePiece tokenizer.model
-SPM = ("ernie4_5_moe",)
+SPM = ("ernie4_5_moe", "jamba")
 
 
 @cache

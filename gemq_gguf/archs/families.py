@@ -254,6 +254,14 @@ class Ernie45Moe(ArchAdapter):
     name = "ernie4_5-moe"
 
 
+@register
+class Jamba(ArchAdapter):
+    """Jamba: Mamba and attention layers, each with an MoE block or an MLP; softmax top-k, not renormalised."""
+
+    hf_classes = ("JambaForCausalLM",)
+    name = "jamba"
+
+
 # Known MoE families that are refused, and why (docs/families.md)
 refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not its sparsemixer weighting, so even "
        "an F32 conversion differs from the model")
@@ -263,7 +271,6 @@ refuse("Llama4ForConditionalGeneration", "not tested yet (the vision-language ch
        "Llama4ForCausalLM, is supported")
 refuse("DbrxForCausalLM", "its transformers experts do not use the shared experts interface; an adapter for it "
        "is not written yet")
-refuse("JambaForCausalLM", "not tested yet: llama.cpp's converter takes only a SentencePiece tokenizer for it")
 refuse("LagunaForCausalLM", "llama.cpp's conversion of a transformers-saved checkpoint differs from the model "
        "(F32 logits 28 % off on a test checkpoint)")
 refuse("MiMoV2FlashForCausalLM", "not tested yet: llama.cpp's converter needs config keys (swa_head_dim, ...) that a "
