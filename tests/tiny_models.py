@@ -105,6 +105,9 @@ CONFIGS: dict[str, dict] = {
                   attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
                   mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=16, use_mamba_kernels=False,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
+                 attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+                 ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
 }
 #: the first five families (tests/test_convert_e2e.py); the newer ones are tests/test_families.py's
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")

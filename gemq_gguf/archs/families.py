@@ -262,6 +262,57 @@ class Jamba(ArchAdapter):
     name = "jamba"
 
 
+class DbrxExpertsView(ExpertsView):
+    """DBRX's experts: w1 (gate), v1 (up) and w2 (down, transposed), each [n_experts * ffn, hidden]."""
+
+    def __init__(self, module: nn.Module) -> None:
+        mlp = module.mlp
+        self.module, self.input_weighted, self.projs = module, False, ("gate", "up", "down")
+        self.n_experts, self.ffn, self.hidden = int(module.num_experts), int(module.ffn_hidden_size), int(module.hidden_size)
+        self._params = {"gate": mlp.w1, "up": mlp.v1, "down": mlp.w2}
+        self._act = mlp.activation_fn
+
+    def weight(self, proj: str, e: int) -> torch.Tensor:
+        w = self._params[proj].view(self.n_experts, self.ffn, self.hidden)[e]
+        return w.T if proj == "down" else w
+
+    def bias(self, proj: str, e: int) -> torch.Tensor | None:
+        return None
+
+    def glu(self, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
+        return self._act(gate) * up
+
+    def standard_act(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self._act
+
+
+@register
+class Dbrx(ArchAdapter):
+    """DBRX: its own experts module (w1/v1/w2, `DbrxExpertsView`), called as experts(x, ids, weights);
+    softmax top-k renormalised by a p-norm (1: llama.cpp's sum)."""
+
+    hf_classes = ("DbrxForCausalLM",)
+    name = "dbrx"
+
+    def top_k(self, config: Any) -> int:
+        return int(config.ffn_config.moe_top_k)
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.transformer.blocks
+
+    def block_of(self, layer_module: nn.Module) -> nn.Module | None:
+        return layer_module.ffn
+
+    def experts_module(self, block: nn.Module) -> nn.Module:
+        return block.experts
+
+    def experts(self, block: nn.Module) -> ExpertsView:
+        return DbrxExpertsView(block.experts)
+
+    def router(self, block: nn.Module) -> nn.Module:
+        return block.router.layer
+
+
 # Known MoE families that are refused, and why (docs/families.md)
 refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not its sparsemixer weighting, so even "
        "an F32 conversion differs from the model")
@@ -269,8 +320,6 @@ refuse("HunYuanMoEV1ForCausalLM", "llama.cpp's converter loads its tokenizer wit
        "and gemq-gguf runs no code from checkpoints")
 refuse("Llama4ForConditionalGeneration", "not tested yet (the vision-language checkpoint); its text model, "
        "Llama4ForCausalLM, is supported")
-refuse("DbrxForCausalLM", "its transformers experts do not use the shared experts interface; an adapter for it "
-       "is not written yet")
 refuse("LagunaForCausalLM", "llama.cpp's conversion of a transformers-saved checkpoint differs from the model "
        "(F32 logits 28 % off on a test checkpoint)")
 refuse("MiMoV2FlashForCausalLM", "not tested yet: llama.cpp's converter needs config keys (swa_head_dim, ...) that a "
