@@ -92,6 +92,22 @@ CONFIGS: dict[str, dict] = {
                   moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
                   router_scaling_factor=2.5, num_hidden_layers=3, rms_norm_eps=1e-5,
                   initializer_range=0.04),  # its default init gives logits a third of the others' spread
+    "llama4": dict(model_type="llama4_text", num_key_value_heads=2, head_dim=64, intermediate_size=256,
+                   intermediate_size_mlp=512, num_local_experts=8, num_experts_per_tok=2, interleave_moe_layer_step=1,
+                   use_qk_norm=True, attention_chunk_size=8192, rms_norm_eps=1e-5,
+                   num_hidden_layers=4),  # llama.cpp: every 4th layer NoPE (its temperature input must be used)
+    # SentencePiece tokenizer (SPM below); the converter sizes the shared expert as intermediate_size // n_kv
+    "ernie4_5_moe": dict(model_type="ernie4_5_moe", num_key_value_heads=2, intermediate_size=1024,
+                         moe_intermediate_size=256, moe_num_experts=8, moe_k=2, moe_num_shared_experts=2,
+                         moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1, num_hidden_layers=3,
+                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "jamba": dict(model_type="jamba", num_key_value_heads=2, intermediate_size=256, num_experts=8, num_experts_per_tok=2,
+                  attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
+                  mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=16, use_mamba_kernels=False,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
+                 attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+                 ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
 }
 #: the first five families (tests/test_convert_e2e.py); the newer ones are tests/test_families.py's
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
@@ -101,6 +117,35 @@ SPECIALS: dict[str, tuple[str, ...]] = {
     "qwen3_5_moe": ("<|endoftext|>",),  # transformers' Qwen3.5 tokenizer class adds it when missing
     "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "solar_open": ("<|startoftext|>", "<|endoftext|>", "<unk>"),
 }
+
+
+#: families whose llama.cpp converter takes only a SentencePiece tokenizer.model
+SPM = ("ernie4_5_moe", "jamba")
+
+
+@cache
+def _spm_model() -> bytes:
+    """A byte-fallback SentencePiece BPE model trained on the calibration text (~0.1 s; needs protobuf for
+    transformers to read it, the [test] extra). Ids: <unk> 0, <s> 1, </s> 2."""
+    import io
+
+    import sentencepiece as spm
+    lines = [l for t in calib_texts().values() for l in t[:60_000].split("\n") if l.strip()]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=VOCAB, model_type="bpe",
+                                   byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True, minloglevel=2,
+                                   remove_extra_whitespaces=False, allow_whitespace_only_pieces=True)
+    return buf.getvalue()
+
+
+def _write_spm_tokenizer(out_dir: Path) -> None:
+    """tokenizer.model for llama.cpp, read by transformers as a LlamaTokenizer (converted via protobuf)."""
+    import json
+    (out_dir / "tokenizer.model").write_bytes(_spm_model())
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "pad_token": "<unk>", "add_bos_token": False, "add_eos_token": False, "legacy": True}))
 
 
 @cache
@@ -136,5 +181,8 @@ def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype 
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     _spread_routers(model)
     model.save_pretrained(out_dir)
-    _tokenizer(SPECIALS.get(arch, ())).save_pretrained(out_dir)
+    if arch in SPM:
+        _write_spm_tokenizer(out_dir)
+    else:
+        _tokenizer(SPECIALS.get(arch, ())).save_pretrained(out_dir)
     return out_dir

@@ -11,7 +11,7 @@ the one method that differs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import GemqError
 from ..ggml.names import ROUTER, SHEXP_GATE
-from .experts import ExpertsView, is_experts_module
+from .experts import ExpertsCall, ExpertsView, is_experts_module
 
 #: config keys that give the number of experts a token uses, in the order families use them
 TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "top_k", "num_selected_experts", "n_activated_experts")
@@ -129,6 +129,15 @@ class ArchAdapter:
 
     def experts(self, block: nn.Module) -> ExpertsView:
         return ExpertsView(self.experts_module(block))
+
+    def hook_experts(self, block: nn.Module, on_call: Callable[[ExpertsCall], None],
+                     on_out: Callable[[torch.Tensor], None]) -> list[Any]:
+        """Hooks (handles returned) that report each experts call as the model makes it, then the tensor
+        [T, H] whose gradient is the gradient at the experts' summed output."""
+        module = self.experts_module(block)
+        return [module.register_forward_pre_hook(lambda m, args, kwargs: on_call(ExpertsCall.from_hook(args, kwargs)),
+                                                 with_kwargs=True),
+                module.register_forward_hook(lambda m, args, out: on_out(out[0] if isinstance(out, tuple) else out))]
 
     def router(self, block: nn.Module) -> nn.Module:
         """The block's router: the child whose weight is [n_experts, hidden]."""

@@ -6,9 +6,13 @@ Adding a family: register it here, add a tiny config to tests/tiny_models.py, an
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+import torch
+from torch import nn
 
 from .base import ArchAdapter
+from .experts import ExpertsCall, ExpertsView, Layout
 from .registry import refuse, register
 
 
@@ -207,17 +211,115 @@ class HyV3(ArchAdapter):
     hf_classes = ("HYV3ForCausalLM",)
     name = "hy-v3"
 
+@register
+class Llama4(ArchAdapter):
+    """Llama 4 (text): a shared expert beside top-k experts whose sigmoid router weight scales the expert's
+    *input*, E(w x); its experts module runs every expert on every token (the unchosen get x = 0) outside
+    transformers' experts interface, so the routing is read from the router's own call, and the gradient
+    at the experts' output from the block's output (shared expert + experts, so the same gradient)."""
+
+    hf_classes = ("Llama4ForCausalLM",)
+    name = "llama4"
+
+    def block_of(self, layer_module: nn.Module) -> nn.Module | None:
+        ff = getattr(layer_module, "feed_forward", None)
+        return ff if hasattr(ff, "router") and hasattr(ff, "experts") else None
+
+    def experts_module(self, block: nn.Module) -> nn.Module:
+        return block.experts
+
+    def experts(self, block: nn.Module) -> ExpertsView:
+        return ExpertsView(block.experts, Layout(has_gate=True, is_transposed=True, is_concatenated=True),
+                           input_weighted=True)
+
+    def router(self, block: nn.Module) -> nn.Module:
+        return block.router
+
+    def hook_experts(self, block: nn.Module, on_call: Callable[[ExpertsCall], None],
+                     on_out: Callable[[torch.Tensor], None]) -> list[Any]:
+        def routed(router: nn.Module, args: tuple[Any, ...], out: tuple[torch.Tensor, torch.Tensor]) -> None:
+            scores, logits = out
+            ids = torch.topk(logits, router.top_k, dim=1).indices  # the router's own call: the same choice
+            on_call(ExpertsCall(args[0], ids, scores.gather(1, ids)))
+        return [block.router.register_forward_hook(routed),
+                block.register_forward_hook(lambda m, args, out: on_out(out[0]))]
+
+
+@register
+class Ernie45Moe(ArchAdapter):
+    """ERNIE-4.5-MoE: softmax scores, a selection bias on them (`moe_statics`), renormalised top-k, shared
+    experts, the first layers dense; a SentencePiece tokenizer."""
+
+    hf_classes = ("Ernie4_5_MoeForCausalLM",)
+    name = "ernie4_5-moe"
+
+
+@register
+class Jamba(ArchAdapter):
+    """Jamba: Mamba and attention layers, each with an MoE block or an MLP; softmax top-k, not renormalised."""
+
+    hf_classes = ("JambaForCausalLM",)
+    name = "jamba"
+
+
+class DbrxExpertsView(ExpertsView):
+    """DBRX's experts: w1 (gate), v1 (up) and w2 (down, transposed), each [n_experts * ffn, hidden]."""
+
+    def __init__(self, module: nn.Module) -> None:
+        mlp = module.mlp
+        self.module, self.input_weighted, self.projs = module, False, ("gate", "up", "down")
+        self.n_experts, self.ffn, self.hidden = int(module.num_experts), int(module.ffn_hidden_size), int(module.hidden_size)
+        self._params = {"gate": mlp.w1, "up": mlp.v1, "down": mlp.w2}
+        self._act = mlp.activation_fn
+
+    def weight(self, proj: str, e: int) -> torch.Tensor:
+        w = self._params[proj].view(self.n_experts, self.ffn, self.hidden)[e]
+        return w.T if proj == "down" else w
+
+    def bias(self, proj: str, e: int) -> torch.Tensor | None:
+        return None
+
+    def glu(self, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
+        return self._act(gate) * up
+
+    def standard_act(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self._act
+
+
+@register
+class Dbrx(ArchAdapter):
+    """DBRX: its own experts module (w1/v1/w2, `DbrxExpertsView`), called as experts(x, ids, weights);
+    softmax top-k renormalised by a p-norm (1: llama.cpp's sum)."""
+
+    hf_classes = ("DbrxForCausalLM",)
+    name = "dbrx"
+
+    def top_k(self, config: Any) -> int:
+        return int(config.ffn_config.moe_top_k)
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.transformer.blocks
+
+    def block_of(self, layer_module: nn.Module) -> nn.Module | None:
+        return layer_module.ffn
+
+    def experts_module(self, block: nn.Module) -> nn.Module:
+        return block.experts
+
+    def experts(self, block: nn.Module) -> ExpertsView:
+        return DbrxExpertsView(block.experts)
+
+    def router(self, block: nn.Module) -> nn.Module:
+        return block.router.layer
+
+
 # Known MoE families that are refused, and why (docs/families.md)
 refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not its sparsemixer weighting, so even "
        "an F32 conversion differs from the model")
 refuse("HunYuanMoEV1ForCausalLM", "llama.cpp's converter loads its tokenizer with trust_remote_code (tiktoken ranks), "
        "and gemq-gguf runs no code from checkpoints")
-for _cls in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration", "DbrxForCausalLM"):
-    refuse(_cls, "its transformers experts do not use the shared experts interface (Llama 4 also weights the "
-           "experts' input, not their output); an adapter for it is not written yet")
-for _cls in ("Ernie4_5_MoeForCausalLM", "JambaForCausalLM"):
-    refuse(_cls, "not tested yet: llama.cpp's converter takes only a SentencePiece tokenizer for it, which the "
-           "test fixtures cannot build yet")
+refuse("Llama4ForConditionalGeneration", "not tested yet (the vision-language checkpoint); its text model, "
+       "Llama4ForCausalLM, is supported")
 refuse("LagunaForCausalLM", "llama.cpp's conversion of a transformers-saved checkpoint differs from the model "
        "(F32 logits 28 % off on a test checkpoint)")
 refuse("MiMoV2FlashForCausalLM", "not tested yet: llama.cpp's converter needs config keys (swa_head_dim, ...) that a "

@@ -47,7 +47,8 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "mo
 
 def check_moe(config: Any) -> None:
     """A dense model gets its own message, whatever its architecture."""
-    counts = [getattr(config, k, None) for k in EXPERT_COUNT_KEYS]
+    counts = [getattr(c, k, None) for c in (config, getattr(config, "ffn_config", None))  # DBRX: in ffn_config
+              for k in EXPERT_COUNT_KEYS]
     if not any(isinstance(c, int) and c > 1 for c in counts):
         name = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
         raise GemqError(f"{name} is a dense model (no routed experts).",

@@ -155,8 +155,9 @@ class _Planner:
         m = EXPERT_AXIS_RE.match(name)
         order = self.orders.get(int(m.group(1))) if m else None
         if order is not None:
-            if data.shape[0] != len(order):
-                raise ValueError(f"{name}: {data.shape[0]} rows on the expert axis, the layer has {len(order)} experts")
+            n = next((d for d in data.shape if d != 1), 1)  # ERNIE's selection bias is [1, n_experts]
+            if n != len(order):
+                raise ValueError(f"{name}: {n} rows on the expert axis, the layer has {len(order)} experts")
             rows = np.asarray(rows).reshape(len(order), -1)[order].reshape(rows.shape)
         want = self.policy.type_for(name, data.ndim)
         t = self._fit(name, want, rows.shape[1], strict=False)

@@ -141,8 +141,9 @@ def _expert_costs(jobs: _LayerJobs, s: LayerStats, e: int, types: Sequence[str],
                   device: torch.device, dtype: torch.dtype) -> np.ndarray:
     """Costs of one routed expert: [T] for 'expert', [projections, T] otherwise."""
     tok, rw = s.routed(e)
-    x = s.x[tok].to(device, dtype)
-    gw = s.g[tok].to(device, dtype) * rw.to(device, dtype)[:, None]
+    x, rw = s.x[tok].to(device, dtype), rw.to(device, dtype)[:, None]
+    g = s.g[tok].to(device, dtype)
+    x, gw = (x * rw, g) if jobs.view.input_weighted else (x, g * rw)  # E(w x) or w E(x)
     projs = jobs.view.projs
     w = {p: torch.from_numpy(jobs.weights[e][p]).to(device, dtype) for p in projs}
     base = expert_pass(x, w, expert_fn(jobs.view, e, device, dtype))

@@ -63,12 +63,10 @@ def experts_hooks(model: nn.Module, adapter: ArchAdapter,
     handles = []
     for l in shape.moe_layers:
         block = adapter.moe_block(model, l)
-        module, hook = adapter.experts_module(block), make_hook(l, adapter.experts(block))
+        hook = make_hook(l, adapter.experts(block))
         calls: list[ExpertsCall] = []
-        handles.append(module.register_forward_pre_hook(
-            lambda m, args, kwargs, calls=calls: calls.append(ExpertsCall.from_hook(args, kwargs)), with_kwargs=True))
-        handles.append(module.register_forward_hook(
-            lambda m, args, out, calls=calls, hook=hook: hook(calls.pop(), out[0] if isinstance(out, tuple) else out)))
+        handles += adapter.hook_experts(block, calls.append,
+                                        lambda out, calls=calls, hook=hook: hook(calls.pop(), out))
     try:
         yield
     finally:

@@ -101,10 +101,14 @@ def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, path: Path | None) -
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
-def _accumulate_imatrix(view: ExpertsView, x: torch.Tensor, ids: torch.Tensor, s: LayerStats) -> None:
+def _accumulate_imatrix(view: ExpertsView, call: ExpertsCall, x: torch.Tensor, s: LayerStats) -> None:
+    ids = call.ids
     for e in ids.unique().tolist():
-        tok = (ids == e).any(dim=1)
+        hit = ids == e
+        tok = hit.any(dim=1)
         xe = x[tok]
+        if view.input_weighted:  # the expert's input is w x (what llama.cpp's imatrix sees too)
+            xe = xe * (call.weights * hit).sum(dim=1)[tok, None].to(xe.dtype)
         h = expert_hidden(view, xe, view.weights(e), e)
         s.in_sum2[e] += (xe.double() ** 2).sum(0).cpu()
         s.down_sum2[e] += (h.double() ** 2).sum(0).cpu()
@@ -127,7 +131,7 @@ class StatsRecorder:
                 s.x[start:end] = x.to(s.x.dtype).cpu()
                 s.ids[start:end] = call.ids.cpu()
                 s.weights[start:end] = call.weights.float().cpu()
-                _accumulate_imatrix(view, x, call.ids, s)
+                _accumulate_imatrix(view, call, x, s)
 
             def grad_hook(grad: torch.Tensor) -> None:
                 s.g[start:end] = grad.detach().reshape(-1, grad.shape[-1]).to(s.g.dtype).cpu()
