@@ -313,6 +313,22 @@ class Dbrx(ArchAdapter):
         return block.router.layer
 
 
+@register
+class NemotronH(ArchAdapter):
+    """Nemotron-H MoE (Nemotron 3): Mamba-2, attention and MoE layers; non-gated relu² experts (up/down)."""
+
+    hf_classes = ("NemotronHForCausalLM",)
+    name = "nemotron_h_moe"
+
+
+@register
+class Cohere2Moe(ArchAdapter):
+    """Cohere2-MoE: sliding-window layers, softmax top-k."""
+
+    hf_classes = ("Cohere2MoeForCausalLM",)
+    name = "cohere2moe"
+
+
 # Known MoE families that are refused, and why (docs/families.md)
 refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not its sparsemixer weighting, so even "
        "an F32 conversion differs from the model")
@@ -324,3 +340,5 @@ refuse("LagunaForCausalLM", "llama.cpp's conversion of a transformers-saved chec
        "(F32 logits 28 % off on a test checkpoint)")
 refuse("MiMoV2FlashForCausalLM", "not tested yet: llama.cpp's converter needs config keys (swa_head_dim, ...) that a "
        "transformers re-save drops")
+refuse("MellumForCausalLM", "llama.cpp's Mellum graph ropes the sliding-window layers with the global rope base, "
+       "not their own (rope_parameters.sliding_attention), so even an F32 conversion differs from the model")
