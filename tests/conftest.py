@@ -35,3 +35,28 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class CostPassSpy:
+    """Stands in for the cost pass's per-layer step: records the layers it computes (`layers`) and, with
+    `kill_after = k`, raises `Killed` when asked for a layer after k computed ones (a kill mid-pass)."""
+
+    class Killed(Exception):
+        pass
+
+    def __init__(self, real) -> None:
+        self.real, self.layers, self.kill_after = real, [], None
+
+    def __call__(self, jobs, *args, **kwargs):
+        if self.kill_after is not None and len(self.layers) >= self.kill_after:
+            raise self.Killed
+        self.layers.append(jobs.layer)
+        return self.real(jobs, *args, **kwargs)
+
+
+@pytest.fixture
+def cost_pass(monkeypatch: pytest.MonkeyPatch) -> CostPassSpy:
+    from gemq_gguf.gemq import costs
+    spy = CostPassSpy(costs._layer_costs)
+    monkeypatch.setattr(costs, "_layer_costs", spy)
+    return spy

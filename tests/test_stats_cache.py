@@ -11,7 +11,6 @@ from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gemq_gguf.archs import adapter_for
-from gemq_gguf.gemq import costs as costs_mod
 from gemq_gguf.gemq.cache import StatsCache
 from gemq_gguf.gemq.cache_key import checkpoint_fingerprint
 from gemq_gguf.gemq.calib import calibration_tokens
@@ -95,34 +94,19 @@ def _table_equal(a, b) -> None:
     assert all(np.array_equal(a.token_counts[l], b.token_counts[l]) for l in a.token_counts)
 
 
-class _Killed(Exception):
-    pass
-
-
-def test_interrupted_cost_pass_resumes(tmp_path: Path, tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_cost_pass_resumes(tmp_path: Path, tiny, cost_pass) -> None:
     _, model, adapter, _, stats, table, quant = tiny
     means = stats.imatrix().means()
-    real = costs_mod._layer_costs
-    calls: list[int] = []
-
-    def killed_after_one(jobs, *a, **k):
-        if calls:
-            raise _Killed
-        calls.append(jobs.layer)
-        return real(jobs, *a, **k)
-    monkeypatch.setattr(costs_mod, "_layer_costs", killed_after_one)
-    with pytest.raises(_Killed):
+    cost_pass.kill_after = 1
+    with pytest.raises(cost_pass.Killed):
         estimate_costs(model, adapter, stats, means, types=TYPES, store=_costs(tmp_path, tiny))
     entry = _costs(tmp_path, tiny)
     assert entry.table(6, stats.projs) is None  # not complete yet
 
-    def counted(jobs, *a, **k):
-        calls.append(jobs.layer)
-        return real(jobs, *a, **k)
-    monkeypatch.setattr(costs_mod, "_layer_costs", counted)
+    cost_pass.kill_after = None
     resumed = estimate_costs(model, adapter, stats, means, types=TYPES, store=entry)
     layers = list(stats.layers)
-    assert calls == layers  # the first layer once, before the kill; the second after
+    assert cost_pass.layers == layers  # the first layer once, before the kill; the second after
     _table_equal(resumed, table)
     cached = _costs(tmp_path, tiny).table(6, stats.projs)
     _table_equal(cached, table)

@@ -9,7 +9,7 @@ import pytest
 from tiny_models import make_tiny_model
 
 from gemq_gguf.cli import main as convert_main
-from gemq_gguf.gemq import budget, costs
+from gemq_gguf.gemq import budget
 
 pytestmark = pytest.mark.slow
 ARGS = ("--calib-tokens", "512", "--seq-len", "64", "--types", "Q2_K,Q3_K,Q4_K,Q6_K")
@@ -73,24 +73,13 @@ def test_damaged_entries_are_recomputed(model, uncached, tmp_path, caplog) -> No
     assert "ignoring calibration entry" in caplog.text and "ignoring cost layer" in caplog.text
 
 
-class _Killed(Exception):
-    pass
-
-
-def test_killed_cost_pass_resumes(model, uncached, tmp_path, monkeypatch) -> None:
+def test_killed_cost_pass_resumes(model, uncached, tmp_path, cost_pass) -> None:
     cache = tmp_path / "cache"
-    real, done = costs._layer_costs, []
-
-    def killed_after_one(jobs, *a, **k):
-        if done:
-            raise _Killed
-        done.append(jobs.layer)
-        return real(jobs, *a, **k)
-    monkeypatch.setattr(costs, "_layer_costs", killed_after_one)
-    with pytest.raises(_Killed):
+    cost_pass.kill_after = 1
+    with pytest.raises(cost_pass.Killed):
         _run(model, tmp_path / "a.gguf", cache, "3.5")
     assert not (tmp_path / "a.gguf").exists()
-    resumed: list[int] = []
-    monkeypatch.setattr(costs, "_layer_costs", lambda jobs, *a, **k: resumed.append(jobs.layer) or real(jobs, *a, **k))
+    done = list(cost_pass.layers)
+    cost_pass.kill_after, cost_pass.layers = None, []
     assert _run(model, tmp_path / "a.gguf", cache, "3.5") == uncached
-    assert resumed and done[0] not in resumed
+    assert cost_pass.layers and done[0] not in cost_pass.layers
