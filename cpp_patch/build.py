@@ -37,7 +37,7 @@ PATCH_DIR = HERE / "patches"
 TOOLS = ["llama-perplexity", "llama-completion", "llama-bench", "llama-quantize", "llama-imatrix", "test-backend-ops"]
 LIB_GLOBS = ["lib*.so*", "lib*.dylib"]  # libllama, libggml*, libllama-common, tool impl libraries
 sys.path.insert(0, str(HERE.parent))  # the project's standard-library-only lookup of the patched ggml
-from gemq_gguf.ggml.lib import is_patched  # noqa: E402
+from gemq_gguf.ggml.lib import dist_version, is_patched  # noqa: E402
 
 
 def home() -> Path:
@@ -224,14 +224,6 @@ def site_llama_cpp_dir() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def dist_version(name: str) -> str | None:
-    import importlib.metadata
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def gguf_py_is_paired(llama_dir: Path) -> bool:

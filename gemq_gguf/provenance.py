@@ -10,7 +10,6 @@ minutes), and content hashes of the calibration texts, imatrix and plan files.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
 import platform
 import struct
@@ -19,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .ggml.lib import dist_version
 from .options import ConvertRequest
 from .runtime import build_info
 
@@ -45,14 +45,7 @@ def code_version() -> str:
             return f"git {out.stdout.strip()}"
     except (OSError, subprocess.SubprocessError):
         pass
-    return f"gemq-gguf {_version('gemq-gguf')}"
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return f"gemq-gguf {dist_version('gemq-gguf')}"
 
 
 def _safetensors_header_sha256(path: Path) -> str:
@@ -102,7 +95,7 @@ def provenance(req: ConvertRequest, model_dir: Path) -> dict[str, Any]:
         "request": asdict(req),
         "code": code_version(),
         "llama_cpp": build_info(),
-        "libraries": {d: _version(d) for d in _LIBRARIES},
+        "libraries": {d: dist_version(d) for d in _LIBRARIES},
         "environment": environment(),
         "checkpoint": checkpoint_identity(model_dir),
         "calibration_texts": calibration_identity(req.calib.texts),

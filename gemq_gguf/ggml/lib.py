@@ -2,6 +2,7 @@
 `cpp_patch/build.py` uses this before anything else is installed)."""
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 from functools import cache
@@ -47,3 +48,11 @@ def is_patched(lib_dir: Path | None = None) -> bool:
         return False
     st = f.stat()
     return _has_marker(str(f), st.st_mtime_ns, st.st_size)
+
+
+def dist_version(name: str) -> str | None:
+    """The installed version of a distribution, or None when it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
