@@ -17,7 +17,9 @@ from .archs import ArchAdapter, MoeShape
 from .convert.checkpoint import float_outtype, inspect_checkpoint, remote_code_policy, tied_embeddings
 from .convert.hf_to_gguf import hf_to_float_gguf
 from .convert.summary import print_summary
+from .convert.weights_check import check_safetensors
 from .convert.writer import write_gguf
+from .disk import check_disk, run_needs
 from .errors import GemqError
 from .ggml.imatrix import read_imatrix
 from .ggml.types import canonical
@@ -154,7 +156,9 @@ def _run(req: ConvertRequest, src: Source) -> dict[str, Any]:
 
     outtype = float_outtype(src.config)
     n = 4 if req.verify else 3
-    work = Path(tempfile.mkdtemp(prefix=".gemq-", dir=out.work_dir or out.path.expanduser().resolve().parent))
+    out_dir = out.path.expanduser().resolve().parent
+    _check_disk(req, src, outtype, types, policy, out.work_dir or out_dir, out_dir)
+    work = Path(tempfile.mkdtemp(prefix=".gemq-", dir=out.work_dir or out_dir))
     try:
         float_gguf = work / f"{src.model_dir.name}.{outtype}.gguf"
         log.info("step 1/%d: Hugging Face -> %s GGUF (llama.cpp's converter)", n, outtype)
@@ -187,6 +191,29 @@ def _run(req: ConvertRequest, src: Source) -> dict[str, Any]:
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_disk(req: ConvertRequest, src: Source, outtype: str, types: list[str], policy: TensorPolicy,
+                work_dir: Path, out_dir: Path) -> None:
+    """Fail before stage 1 when a disk cannot hold what the run will write there (disk.py)."""
+    match req.experts:
+        case UniformTypes(type=t):
+            expert = [canonical(t)]
+        case PlanFile(path=path):
+            expert = sorted({t for ts in load_plan(path, list(src.shape.moe_layers), src.shape.n_experts).values()
+                             for t in ts})
+        case _:
+            expert = types
+    other = [t for c, t in policy.defaults.items() if c != "router"] + [t for _, t in policy.overrides]
+    calib = None
+    if isinstance(req.experts, AllocOptions):
+        seq = req.calib.seq_len
+        calib = (-(-req.calib.tokens // seq) * seq, req.calib.memory)
+    verify_tokens = req.verify.chunks * req.verify.ctx if req.verify and not req.output.dry_run else 0
+    check_disk(run_needs(src.model_dir, check_safetensors(src.model_dir), src.config, src.shape, outtype=outtype,
+                         tied_output=src.tied_output, work_dir=work_dir,
+                         output_dir=None if req.output.dry_run else out_dir, expert_types=expert, other_types=other,
+                         calib=calib, verify_tokens=verify_tokens))
 
 
 def _verify(out: OutputOptions, float_gguf: Path, calib: CalibOptions, opts: VerifyOptions, work: Path) -> Verification:
