@@ -114,6 +114,13 @@ CONFIGS: dict[str, dict] = {
     "cohere2_moe": dict(model_type="cohere2_moe", num_key_value_heads=2, head_dim=64, intermediate_size=256,
                         num_experts=8, num_experts_per_tok=2, sliding_window=128, sliding_window_pattern=2,
                         tie_word_embeddings=True),
+    "kimi_linear": dict(model_type="kimi_linear", num_key_value_heads=4, intermediate_size=512,
+                        moe_intermediate_size=256, num_local_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                        kv_lora_rank=256, q_lora_rank=None, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,
+                        n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3,
+                        layer_types=["linear_attention", "full_attention", "linear_attention"],
+                        mlp_layer_types=["dense", "sparse", "sparse"], linear_head_dim=64, linear_num_heads=4,
+                        linear_conv_kernel_dim=4),  # rms_norm_eps 1e-6: llama.cpp's KDA L2-normalises q/k with it
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),

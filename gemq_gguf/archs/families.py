@@ -6,6 +6,7 @@ Adding a family: register it here, add a tiny config to tests/tiny_models.py, an
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import torch
@@ -327,6 +328,38 @@ class Cohere2Moe(ArchAdapter):
 
     hf_classes = ("Cohere2MoeForCausalLM",)
     name = "cohere2moe"
+
+
+@register
+class KimiLinear(SigmoidScores):
+    """Kimi Linear: Kimi Delta Attention (linear) and MLA layers without rope, DeepSeek-V3's routing (sigmoid,
+    correction bias, scaling), a shared expert, the first layers dense."""
+
+    hf_classes = ("KimiLinearForCausalLM",)
+    name = "kimi-linear"
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # transformers 5 saves the layer kinds as `layer_types` / `mlp_layer_types` and the KDA sizes as
+        # `linear_*`; the converter reads only the released checkpoint's keys
+        extra = super().converter_hparams(hparams)
+        types, mlp = hparams.get("layer_types") or [], hparams.get("mlp_layer_types") or []
+        if "linear_attn_config" not in hparams and types:
+            extra["linear_attn_config"] = {
+                "full_attn_layers": [i + 1 for i, t in enumerate(types) if t == "full_attention"],
+                "kda_layers": [i + 1 for i, t in enumerate(types) if t != "full_attention"],
+                "head_dim": hparams["linear_head_dim"], "num_heads": hparams["linear_num_heads"],
+                "short_conv_kernel_size": hparams["linear_conv_kernel_dim"]}
+        if "first_k_dense_replace" not in hparams and mlp:
+            extra["first_k_dense_replace"] = next((i for i, t in enumerate(mlp) if t != "dense"), len(mlp))
+        if "num_shared_experts" not in hparams:
+            extra["num_shared_experts"] = hparams.get("n_shared_experts", 1)
+        return extra
+
+    def converter_tensor_names(self, names: list[str]) -> dict[str, str]:
+        # transformers renames the checkpoint's `block_sparse_moe.` to `mlp.` on load and back on save, the
+        # dense layers' MLP included; the converter knows those as `mlp.`
+        dense = re.compile(r"(\.layers\.\d+\.)block_sparse_moe\.((gate|up|down)_proj\.weight)$")
+        return {n: dense.sub(r"\1mlp.\2", n) for n in names if dense.search(n)}
 
 
 # Known MoE families that are refused, and why (docs/families.md)

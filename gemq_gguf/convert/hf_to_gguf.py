@@ -149,6 +149,13 @@ def _add_tied_output(model: Any, model_dir: Path) -> None:
     tensors[_HEAD] = tensors[_EMBEDDING]
 
 
+def _rename_tensors(model: Any, renames: dict[str, str]) -> None:
+    """Give the converter the checkpoint's tensors under the names it knows (the adapter's renames)."""
+    tensors = model.model_tensors
+    for old, new in renames.items():
+        tensors[new] = tensors.pop(old)
+
+
 def check_tokenizer(model_dir: Path) -> None:
     """The converter needs the tokenizer files; say so before any heavy work starts."""
     names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -196,8 +203,10 @@ def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verb
         cls = conversion.get_model_class(arch)
     except NotImplementedError:
         raise GemqError(f"llama.cpp's converter does not support {arch}.", "use a supported architecture.") from None
-    if any(a in supported() for a in hparams.get("architectures") or []):  # others convert as llama.cpp does
-        hparams = {**hparams, **adapter_for(hparams["architectures"]).converter_hparams(hparams)}
+    adapter = adapter_for(hparams["architectures"]) if any(
+        a in supported() for a in hparams.get("architectures") or []) else None  # others convert as llama.cpp does
+    if adapter is not None:
+        hparams = {**hparams, **adapter.converter_hparams(hparams)}
     if cls.supports_mtp_export:
         # transformers loads no multi-token-prediction layers, so GEMQ has no statistics for them
         cls = type(cls.__name__, (cls,), {"model_arch": cls.model_arch, "no_mtp": True})
@@ -206,6 +215,8 @@ def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verb
     with torch.inference_mode(), sink:
         model = cls(model_dir, ftype, out_path, eager=False, hparams=hparams)
         _add_fallback(model, model_dir)
+        if adapter is not None:
+            _rename_tensors(model, adapter.converter_tensor_names(list(model.model_tensors)))
         _check_finite_on_write(model)
         if tied_output:
             _add_tied_output(model, model_dir)
