@@ -121,6 +121,15 @@ CONFIGS: dict[str, dict] = {
                         layer_types=["linear_attention", "full_attention", "linear_attention"],
                         mlp_layer_types=["dense", "sparse", "sparse"], linear_head_dim=64, linear_num_heads=4,
                         linear_conv_kernel_dim=4),  # rms_norm_eps 1e-6: llama.cpp's KDA L2-normalises q/k with it
+    "glm_moe_dsa": dict(model_type="glm_moe_dsa", num_key_value_heads=4, intermediate_size=512,
+                        moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                        first_k_dense_replace=1, q_lora_rank=256, kv_lora_rank=256, qk_rope_head_dim=32,
+                        qk_nope_head_dim=64, v_head_dim=64, n_group=1, topk_group=1, routed_scaling_factor=2.5,
+                        norm_topk_prob=True, num_hidden_layers=3, rms_norm_eps=1e-5,
+                        # the indexer keeps every key of the 96-token tests (as GLM-5's 2048 does up to 2048
+                        # tokens): choosing 32, a random indexer's choices flip under 8-bit activations at
+                        # most positions (docs/families.md)
+                        index_topk=128, index_head_dim=64, index_n_heads=16),
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
@@ -131,7 +140,7 @@ GLM_SPECIALS = ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|observation|
 #: special tokens a family's llama.cpp converter looks up by name (added to the trained vocabulary)
 SPECIALS: dict[str, tuple[str, ...]] = {
     "qwen3_5_moe": ("<|endoftext|>",),  # transformers' Qwen3.5 tokenizer class adds it when missing
-    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "solar_open": ("<|startoftext|>", "<|endoftext|>", "<unk>"),
+    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "glm_moe_dsa": GLM_SPECIALS, "solar_open": ("<|startoftext|>", "<|endoftext|>", "<unk>"),
 }
 
 

@@ -362,6 +362,15 @@ class KimiLinear(SigmoidScores):
         return {n: dense.sub(r"\1mlp.\2", n) for n in names if dense.search(n)}
 
 
+@register
+class GlmMoeDsa(ArchAdapter):
+    """GLM-5 (GLM-MoE-DSA): DeepSeek sparse attention (a lightning indexer picks the keys) over MLA, GLM's
+    sigmoid routing with a correction bias, a shared expert, the first layers dense."""
+
+    hf_classes = ("GlmMoeDsaForCausalLM",)
+    name = "glm-dsa"
+
+
 # Known MoE families that are refused, and why (docs/families.md)
 refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not its sparsemixer weighting, so even "
        "an F32 conversion differs from the model")
