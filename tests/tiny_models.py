@@ -130,6 +130,13 @@ CONFIGS: dict[str, dict] = {
                         # tokens): choosing 32, a random indexer's choices flip under 8-bit activations at
                         # most positions (docs/families.md)
                         index_topk=128, index_head_dim=64, index_n_heads=16),
+    "mimo_v2_flash": dict(model_type="mimo_v2_flash", num_key_value_heads=2, head_dim=64, v_head_dim=64,
+                          intermediate_size=512, moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2,
+                          routed_scaling_factor=1.0, norm_topk_prob=True, num_hidden_layers=3, rms_norm_eps=1e-5,
+                          layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+                          mlp_layer_types=["dense", "sparse", "sparse"], sliding_window=33,
+                          rope_parameters={k: dict(rope_type="default", rope_theta=theta, partial_rotary_factor=0.5)
+                                           for k, theta in (("full_attention", 5e6), ("sliding_attention", 1e4))}),
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),

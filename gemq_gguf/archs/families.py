@@ -371,6 +371,30 @@ class GlmMoeDsa(ArchAdapter):
     name = "glm-dsa"
 
 
+@register
+class MiMoV2Flash(SigmoidScores):
+    """MiMo-V2-Flash: sliding-window layers with attention sinks and twice the KV heads, partial rotary
+    attention with a base per layer kind, DeepSeek-V3's routing (sigmoid, correction bias), a dense first layer."""
+
+    hf_classes = ("MiMoV2FlashForCausalLM",)
+    name = "mimo2"
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # the converter reads the released checkpoint's keys, which transformers' config class renames or drops
+        extra = super().converter_hparams(hparams)
+        types, rope = hparams.get("layer_types") or [], dict(hparams.get("rope_parameters") or {})
+        released = {"swa_head_dim": hparams["head_dim"], "swa_v_head_dim": hparams["v_head_dim"],
+                    "swa_num_attention_heads": hparams["num_attention_heads"],
+                    "swa_num_key_value_heads": 2 * hparams["num_key_value_heads"],  # transformers doubles them
+                    "topk_method": "noaux_tc", "layernorm_epsilon": hparams.get("rms_norm_eps", 1e-5),
+                    "hybrid_layer_pattern": [int(t == "sliding_attention") for t in types]}
+        extra.update({k: v for k, v in released.items() if k not in hparams})
+        full = rope.get("full_attention")
+        if isinstance(full, dict) and "partial_rotary_factor" not in rope:  # read only at the top level
+            extra["rope_parameters"] = {**rope, "partial_rotary_factor": full.get("partial_rotary_factor", 1.0)}
+        return extra
+
+
 # Known MoE families that are refused, and why (docs/families.md)
 refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not its sparsemixer weighting, so even "
        "an F32 conversion differs from the model")
@@ -380,8 +404,6 @@ refuse("Llama4ForConditionalGeneration", "not tested yet (the vision-language ch
        "Llama4ForCausalLM, is supported")
 refuse("LagunaForCausalLM", "llama.cpp's conversion of a transformers-saved checkpoint differs from the model "
        "(F32 logits 28 % off on a test checkpoint)")
-refuse("MiMoV2FlashForCausalLM", "not tested yet: llama.cpp's converter needs config keys (swa_head_dim, ...) that a "
-       "transformers re-save drops")
 refuse("MellumForCausalLM", "llama.cpp's Mellum graph ropes the sliding-window layers with the global rope base, "
        "not their own (rope_parameters.sliding_attention), so even an F32 conversion differs from the model")
 refuse("AfmoeForCausalLM", "not supported yet: llama.cpp's conversion of a transformers-saved tiny checkpoint differs "
