@@ -137,6 +137,9 @@ CONFIGS: dict[str, dict] = {
                           mlp_layer_types=["dense", "sparse", "sparse"], sliding_window=33,
                           rope_parameters={k: dict(rope_type="default", rope_theta=theta, partial_rotary_factor=0.5)
                                            for k, theta in (("full_attention", 5e6), ("sliding_attention", 1e4))}),
+    "granitemoe_swa": dict(model_type="granitemoe_swa", num_key_value_heads=2, intermediate_size=256,
+                           num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=512, num_hidden_layers=3,
+                           layer_types=["full_attention", "sliding_attention", "sliding_attention"], sliding_window=33),
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),

@@ -395,6 +395,14 @@ class MiMoV2Flash(SigmoidScores):
         return extra
 
 
+@register
+class GraniteMoeSwa(ArchAdapter):
+    """Granite-MoE with sliding-window layers (and attention sinks), a shared MLP beside the MoE block."""
+
+    hf_classes = ("GraniteMoeSWAForCausalLM",)
+    name = "granitemoeswa"
+
+
 # Known MoE families that are refused, and why (docs/families.md)
 refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not its sparsemixer weighting, so even "
        "an F32 conversion differs from the model")

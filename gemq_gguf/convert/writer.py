@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..errors import GemqError
 from ..ggml.layout import expert_qmap, group_major_order, group_tensor_name, qmap_name
-from ..ggml.names import EXPERT_AXIS_RE, parse_expert_name
+from ..ggml.names import EXPERT_AXIS_RE, expert_tensor_name, parse_expert_name
 from ..ggml.quant import QuantCache, quantize, widen_bf16
 from ..ggml.types import fitting_type, type_info
 from ..plan import ExpertPlan, PlanOrigin
@@ -173,11 +173,33 @@ class _Planner:
     def _expert_bytes(self, name: str, data: np.ndarray, e: int, t: str) -> np.ndarray:
         key = (name, e, t)
         if key not in self.cache:
-            imat = self.imatrix.get(name)
+            imat = self._expert_imatrix(name)
             if imat is not None:
                 imat = imat.reshape(data.shape[0], -1)[e] if imat.size == data.shape[0] * data.shape[2] else imat.reshape(-1)
             self.cache[key] = quantize(np.asarray(data[e], dtype=np.float32), t, imat)
         return self.cache.pop(key)
+
+    def _plan_types(self, name: str, layer: int, proj: str) -> list[str]:
+        """The plan's types for one expert tensor; a merged gate/up tensor (`ffn_gate_up_exps`) takes the
+        gate's, which must be the up's too (one type per expert row block)."""
+        try:
+            if proj != "gate_up":
+                return self.plan[(layer, proj)]
+            gate, up = self.plan[(layer, "gate")], self.plan[(layer, "up")]
+        except KeyError:
+            raise GemqError(f"the plan has no types for {name}.", "give every MoE layer a type (see --plan).") from None
+        if list(gate) != list(up):
+            raise GemqError(f"{name} stores gate and up merged, and the plan types them differently.",
+                            "give gate and up one type per expert (--granularity expert or tensor).")
+        return gate
+
+    def _expert_imatrix(self, name: str) -> np.ndarray | None:
+        """The importance of an expert tensor's inputs; a merged gate/up reads the gate's input (the same)."""
+        imat = self.imatrix.get(name)
+        parsed = parse_expert_name(name)
+        if imat is None and parsed is not None and parsed[1] == "gate_up":
+            imat = self.imatrix.get(expert_tensor_name(parsed[0], "gate"))
+        return imat
 
     def fit_experts_and_order(self, reader: GGUFReader, n_routing_groups: int) -> None:
         """Check the plan against every expert tensor and fit its types to the rows, before anything is
@@ -188,11 +210,7 @@ class _Planner:
                 continue
             layer, proj = parsed
             n_exp, n_in = int(t.shape[-1]), int(t.shape[0])  # ggml order: (n_in, n_out, n_exp)
-            try:
-                types = self.plan[(layer, proj)]
-            except KeyError:
-                raise GemqError(f"the plan has no types for {t.name}.",
-                                "give every MoE layer a type (see --plan).") from None
+            types = self._plan_types(t.name, layer, proj)
             if len(types) != n_exp:
                 raise GemqError(f"the plan gives {len(types)} types for {t.name}, which has {n_exp} experts.",
                                 "make the plan match the model.")
