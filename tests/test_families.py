@@ -22,7 +22,8 @@ from gemq_gguf.evaluate import RunOptions, kld_vs_logits, llama_logits
 FAMILIES = ["deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe", "minimax_m2", "granitemoe", "dots1",
             "lfm2_moe", "glm4_moe_lite", "granitemoeshared", "granitemoehybrid", "exaone_moe", "solar_open", "hy_v3",
             "llama4", "ernie4_5_moe", "jamba", "dbrx", "nemotron_h", "cohere2_moe",
-            "kimi_linear", "glm_moe_dsa", "mimo_v2_flash", "granitemoe_swa"]
+            "kimi_linear", "glm_moe_dsa", "mimo_v2_flash", "granitemoe_swa",
+            "deepseek_v32"]
 
 
 @pytest.fixture(scope="session")

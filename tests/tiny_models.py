@@ -140,6 +140,12 @@ CONFIGS: dict[str, dict] = {
     "granitemoe_swa": dict(model_type="granitemoe_swa", num_key_value_heads=2, intermediate_size=256,
                            num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=512, num_hidden_layers=3,
                            layer_types=["full_attention", "sliding_attention", "sliding_attention"], sliding_window=33),
+    "deepseek_v32": dict(model_type="deepseek_v32", num_key_value_heads=4, intermediate_size=512,
+                         moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                         first_k_dense_replace=1, q_lora_rank=256, kv_lora_rank=256, qk_rope_head_dim=32,
+                         qk_nope_head_dim=64, v_head_dim=64, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                         norm_topk_prob=True, num_hidden_layers=3,
+                         index_topk=128, index_head_dim=64, index_n_heads=16),  # as glm_moe_dsa's indexer
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
@@ -153,6 +159,9 @@ SPECIALS: dict[str, tuple[str, ...]] = {
     "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "glm_moe_dsa": GLM_SPECIALS, "solar_open": ("<|startoftext|>", "<|endoftext|>", "<unk>"),
 }
 
+
+#: tokenizer_config.json keys a family's converter checks (written after saving: transformers drops them)
+TOKENIZER_CONFIG: dict[str, dict] = {"deepseek_v32": {"add_bos_token": True}}
 
 #: families whose llama.cpp converter takes only a SentencePiece tokenizer.model
 SPM = ("ernie4_5_moe", "jamba")
@@ -220,4 +229,8 @@ def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype 
         _write_spm_tokenizer(out_dir)
     else:
         _tokenizer(SPECIALS.get(arch, ())).save_pretrained(out_dir)
+    if arch in TOKENIZER_CONFIG:
+        import json
+        path = out_dir / "tokenizer_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **TOKENIZER_CONFIG[arch]}))
     return out_dir

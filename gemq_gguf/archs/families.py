@@ -403,6 +403,14 @@ class GraniteMoeSwa(ArchAdapter):
     name = "granitemoeswa"
 
 
+@register
+class DeepseekV32(SigmoidScores):
+    """DeepSeek-V3.2: DeepSeek-V3 with DeepSeek sparse attention (a lightning indexer picks the keys)."""
+
+    hf_classes = ("DeepseekV32ForCausalLM",)
+    name = "deepseek32"
+
+
 # Known MoE families that are refused, and why (docs/families.md)
 refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not its sparsemixer weighting, so even "
        "an F32 conversion differs from the model")

@@ -149,6 +149,35 @@ def _add_tied_output(model: Any, model_dir: Path) -> None:
     tensors[_HEAD] = tensors[_EMBEDDING]
 
 
+def _keep_add_bos_token(model: Any, model_dir: Path) -> None:
+    """transformers 5 drops tokenizer_config.json's `add_bos_token` when it loads a tokenizer.json, and some
+    converter classes assert it (DeepSeek-V3.2): give the tokenizer they load the checkpoint's value."""
+    try:
+        wanted = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8")).get("add_bos_token")
+    except (OSError, ValueError):
+        return
+    if wanted is not True:
+        return
+    from transformers import AutoTokenizer
+    original = model.set_vocab
+
+    def set_vocab() -> None:
+        load = AutoTokenizer.from_pretrained
+
+        def loaded(*args: Any, **kwargs: Any) -> Any:
+            tokenizer = load(*args, **kwargs)
+            if not getattr(tokenizer, "add_bos_token", True):
+                tokenizer.add_bos_token = True
+            return tokenizer
+        AutoTokenizer.from_pretrained = loaded
+        try:
+            original()
+        finally:
+            AutoTokenizer.from_pretrained = load
+
+    model.set_vocab = set_vocab
+
+
 def _rename_tensors(model: Any, renames: dict[str, str]) -> None:
     """Give the converter the checkpoint's tensors under the names it knows (the adapter's renames)."""
     tensors = model.model_tensors
@@ -215,6 +244,7 @@ def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verb
     with torch.inference_mode(), sink:
         model = cls(model_dir, ftype, out_path, eager=False, hparams=hparams)
         _add_fallback(model, model_dir)
+        _keep_add_bos_token(model, model_dir)
         if adapter is not None:
             _rename_tensors(model, adapter.converter_tensor_names(list(model.model_tensors)))
         _check_finite_on_write(model)
