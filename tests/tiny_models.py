@@ -146,6 +146,15 @@ CONFIGS: dict[str, dict] = {
                          qk_nope_head_dim=64, v_head_dim=64, n_group=4, topk_group=2, routed_scaling_factor=2.5,
                          norm_topk_prob=True, num_hidden_layers=3,
                          index_topk=128, index_head_dim=64, index_n_heads=16),  # as glm_moe_dsa's indexer
+    "dots3": dict(model_type="dots3_note_text", num_key_value_heads=4, intermediate_size=512, moe_intermediate_size=256,
+                  n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, shared_experts_intermediate_size=256,
+                  first_k_dense_replace=1, q_lora_rank=128, kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64,
+                  v_head_dim=64, head_dim=96, routed_scaling_factor=2.5, num_hidden_layers=3,
+                  layer_types=["indexed_attention", "sliding_attention", "indexed_attention"], sliding_window=33,
+                  index_topk=128, index_head_dim=64, index_n_heads=16,  # as glm_moe_dsa's indexer
+                  swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=128, swa_kv_lora_rank=128,
+                  swa_head_dim=96, swa_qk_nope_head_dim=64, swa_v_head_dim=64,
+                  swa_qk_rope_head_dim=32),  # ranks below hidden: its latents' rescale sqrt(hidden / rank) matters
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
@@ -156,7 +165,8 @@ GLM_SPECIALS = ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|observation|
 #: special tokens a family's llama.cpp converter looks up by name (added to the trained vocabulary)
 SPECIALS: dict[str, tuple[str, ...]] = {
     "qwen3_5_moe": ("<|endoftext|>",),  # transformers' Qwen3.5 tokenizer class adds it when missing
-    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "glm_moe_dsa": GLM_SPECIALS, "solar_open": ("<|startoftext|>", "<|endoftext|>", "<unk>"),
+    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "glm_moe_dsa": GLM_SPECIALS,
+    "dots3": ("<|endofassistant|>",), "solar_open": ("<|startoftext|>", "<|endoftext|>", "<unk>"),
 }
 
 

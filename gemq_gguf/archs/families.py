@@ -17,6 +17,15 @@ from .experts import ExpertsCall, ExpertsView, Layout
 from .registry import refuse, register
 
 
+def leading_dense(hparams: dict[str, Any]) -> dict[str, Any]:
+    """`first_k_dense_replace` from transformers 5's `mlp_layer_types` (the converter reads only the former;
+    without it llama.cpp looks for a router in the dense first layers)."""
+    types = hparams.get("mlp_layer_types")
+    if "first_k_dense_replace" in hparams or not types:
+        return {}
+    return {"first_k_dense_replace": next((i for i, t in enumerate(types) if t != "dense"), len(types))}
+
+
 class SigmoidScores(ArchAdapter):
     """Families whose transformers class always scores experts with a sigmoid: llama.cpp's converter writes
     sigmoid gating only when config.json says `scoring_func: sigmoid`, a key the released checkpoints have
@@ -151,12 +160,7 @@ class Glm4MoeLite(SigmoidScores):
     name = "glm4moe-lite"
 
     def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
-        # transformers 5 saves the dense layers as `mlp_layer_types`; the converter reads only
-        # `first_k_dense_replace` (without it llama.cpp looks for a router in the dense first layer)
-        extra, types = super().converter_hparams(hparams), hparams.get("mlp_layer_types")
-        if "first_k_dense_replace" not in hparams and types:
-            extra["first_k_dense_replace"] = next((i for i, t in enumerate(types) if t != "dense"), len(types))
-        return extra
+        return {**super().converter_hparams(hparams), **leading_dense(hparams)}
 
 
 @register
@@ -342,15 +346,14 @@ class KimiLinear(SigmoidScores):
         # transformers 5 saves the layer kinds as `layer_types` / `mlp_layer_types` and the KDA sizes as
         # `linear_*`; the converter reads only the released checkpoint's keys
         extra = super().converter_hparams(hparams)
-        types, mlp = hparams.get("layer_types") or [], hparams.get("mlp_layer_types") or []
+        extra.update(leading_dense(hparams))
+        types = hparams.get("layer_types") or []
         if "linear_attn_config" not in hparams and types:
             extra["linear_attn_config"] = {
                 "full_attn_layers": [i + 1 for i, t in enumerate(types) if t == "full_attention"],
                 "kda_layers": [i + 1 for i, t in enumerate(types) if t != "full_attention"],
                 "head_dim": hparams["linear_head_dim"], "num_heads": hparams["linear_num_heads"],
                 "short_conv_kernel_size": hparams["linear_conv_kernel_dim"]}
-        if "first_k_dense_replace" not in hparams and mlp:
-            extra["first_k_dense_replace"] = next((i for i, t in enumerate(mlp) if t != "dense"), len(mlp))
         if "num_shared_experts" not in hparams:
             extra["num_shared_experts"] = hparams.get("n_shared_experts", 1)
         return extra
@@ -409,6 +412,34 @@ class DeepseekV32(SigmoidScores):
 
     hf_classes = ("DeepseekV32ForCausalLM",)
     name = "deepseek32"
+
+
+@register
+class Dots3(SigmoidScores):
+    """dots.llm3 (dots3-note, text): MLA with a sparse-attention indexer in the full layers and its own MLA
+    sizes in the sliding-window layers, DeepSeek-V3's routing, a shared expert, dense first layers."""
+
+    hf_classes = ("Dots3NoteForCausalLM",)
+    name = "dots3"
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # transformers 5 keeps the sliding-window layers' sizes in `per_layer_config` and the window in
+        # `sliding_window`; the converter reads the released checkpoint's `swa_*` and `sliding_window_size`
+        extra = {**super().converter_hparams(hparams), **leading_dense(hparams)}
+        per_layer = hparams.get("per_layer_config") or {}
+        types = hparams.get("layer_types") or []
+        swa = next((per_layer[k] for k in per_layer if types[int(k)] == "sliding_attention"), {})
+        sizes = ("num_attention_heads", "num_key_value_heads", "q_lora_rank", "kv_lora_rank", "head_dim",
+                 "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")  # saved only where they differ
+        extra.update({f"swa_{k}": swa.get(k, hparams.get(k)) for k in sizes if f"swa_{k}" not in hparams})
+        if "sliding_window_size" not in hparams and hparams.get("sliding_window") is not None:
+            extra["sliding_window_size"] = hparams["sliding_window"]
+        if "apply_mla_qkv_lora_rescale" not in hparams:  # transformers' class always rescales the Q/KV latents
+            extra["apply_mla_qkv_lora_rescale"] = True
+        rope = hparams.get("rope_parameters") or {}
+        if "indexed_attention" in rope and "full_attention" not in rope:  # the converter's name for the full layers'
+            extra["rope_parameters"] = {**rope, "full_attention": rope["indexed_attention"]}
+        return extra
 
 
 # Known MoE families that are refused, and why (docs/families.md)
