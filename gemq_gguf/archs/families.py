@@ -458,3 +458,5 @@ refuse("AfmoeForCausalLM", "not supported yet: llama.cpp's conversion of a trans
 refuse("HYV4ForCausalLM", "transformers rotates HY-V4's rope by halves and llama.cpp's graph by consecutive pairs (as "
        "the reference code), so the model GEMQ calibrates differs from the GGUF (F32 logits 19 % off on a test "
        "checkpoint)")
+refuse("Qwen4ExpForCausalLM", "llama.cpp's conversion of a transformers-saved test checkpoint differs from the model "
+       "(F32 logits 32 % off, 2 % at the first token); cause not investigated")
