@@ -460,3 +460,5 @@ refuse("HYV4ForCausalLM", "transformers rotates HY-V4's rope by halves and llama
        "checkpoint)")
 refuse("Qwen4ExpForCausalLM", "llama.cpp's conversion of a transformers-saved test checkpoint differs from the model "
        "(F32 logits 32 % off, 2 % at the first token); cause not investigated")
+refuse("DeepseekV4ForCausalLM", "llama.cpp's DeepSeek-V4 converter takes only the released MXFP4 experts (a weight and "
+       "a scale per expert) under DeepSeek's own tensor names; it cannot convert a float checkpoint")
