@@ -107,6 +107,17 @@ def expert_types(req: ConvertRequest, src: Source, float_gguf: Path, types: list
     raise TypeError(f"unknown expert typing {req.experts!r}")
 
 
+def check_merged_gate_up(float_gguf: Path, experts: Any) -> None:
+    """A converter that keeps each expert's gate and up in one tensor (`ffn_gate_up_exps`) needs one type for
+    both: refuse `--granularity expert-proj` before any calibration rather than at the write."""
+    if not (isinstance(experts, AllocOptions) and experts.granularity == "expert-proj"):
+        return
+    from gguf import GGUFReader
+    if any(t.name.endswith("ffn_gate_up_exps.weight") for t in GGUFReader(float_gguf).tensors):
+        raise GemqError("this architecture stores each expert's gate and up in one tensor, so they need one type.",
+                        "use --granularity expert (or tensor).")
+
+
 def convert(req: ConvertRequest) -> dict[str, Any]:
     """Run the whole conversion; returns the JSON report (also written next to the output).
 
@@ -160,6 +171,7 @@ def _run(req: ConvertRequest, src: Source) -> dict[str, Any]:
         log.info("step 1/%d: Hugging Face -> %s GGUF (llama.cpp's converter)", n, outtype)
         hf_to_float_gguf(src.model_dir, float_gguf, outtype, verbose=req.verbose,
                          tied_output=src.tied_output)
+        check_merged_gate_up(float_gguf, req.experts)
         log.info("step 2/%d: expert types", n)
         typed = expert_types(req, src, float_gguf, types)
         o = typed.origin

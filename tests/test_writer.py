@@ -159,3 +159,14 @@ def test_merged_gate_up_takes_the_gate_type_and_imatrix(tmp_path) -> None:
     plan[(0, "up")] = ["Q4_K"] * E
     with pytest.raises(GemqError, match="merged"):
         write_gguf(src, tmp_path / "bad.gguf", plan, TensorPolicy(), progress=False)
+
+
+def test_merged_gate_up_refuses_per_projection_types_early(tmp_path) -> None:
+    """`--granularity expert-proj` on such a model fails right after the float GGUF, before calibration."""
+    from gemq_gguf.options import AllocOptions
+    from gemq_gguf.pipeline import check_merged_gate_up
+    merged, split = _make_src(tmp_path / "m.gguf", merged=True), _make_src(tmp_path / "s.gguf")
+    with pytest.raises(GemqError, match="gate and up in one tensor"):
+        check_merged_gate_up(merged, AllocOptions(budget=4.0, granularity="expert-proj"))
+    check_merged_gate_up(merged, AllocOptions(budget=4.0))
+    check_merged_gate_up(split, AllocOptions(budget=4.0, granularity="expert-proj"))
