@@ -1,0 +1,131 @@
+"""What a file the writer will write takes, before it is written: the bytes of the tensors the whole-file
+allocation does not decide, and a safe upper bound on everything else (header, metadata, tensor infos,
+the grouped layout's extra tensors, alignment padding), so a `--target-size` file can never be larger.
+
+The writer's file is: header, key/values, tensor infos, padding to the alignment, then every tensor's
+data padded to the alignment (gguf-py's GGUFWriter). Key/values copied from the float GGUF are measured
+exactly; the `gemq.*` keys and the grouped layout are bounded by their largest possible form.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from gguf import GGMLQuantizationType, GGUFReader
+
+from ..ggml.layout import group_tensor_name, qmap_name
+from ..ggml.names import parse_expert_name
+from ..ggml.types import fitting_type, type_info
+from ..plan import ExpertPlan
+from ..policy import TensorPolicy
+
+_HEADER = 4 + 4 + 8 + 8             # magic, version, tensor count, kv count
+#: what the writer may add on top of the bound below (none known): a margin against future keys
+SLACK_BYTES = 64
+
+
+def _str(s: str) -> int:
+    return 8 + len(s.encode("utf-8"))
+
+
+def _info(name: str, n_dims: int) -> int:
+    """Bytes of one tensor info: name, n_dims, dims, type, offset."""
+    return _str(name) + 4 + 8 * n_dims + 4 + 8
+
+
+def _pad(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+@dataclass(frozen=True)
+class FixedTensors:
+    """Non-expert tensors outside the allocation, typed as the writer will type them."""
+
+    bytes: int
+    params: int
+    types: dict[str, str]
+
+
+def fixed_tensors(src: GGUFReader, policy: TensorPolicy, decided: set[str],
+                  tensor_types: Mapping[str, str] | None = None) -> FixedTensors:
+    """Bytes and weights of every tensor that is neither a routed expert nor in `decided`, in the type the
+    writer gives it (`tensor_types` over the policy, then llama.cpp's row-width fallback)."""
+    total, params, types = 0, 0, {}
+    for t in src.tensors:
+        if parse_expert_name(t.name) is not None or t.name in decided:
+            continue
+        shape = [int(x) for x in reversed(t.shape)] if len(t.shape) else [1]  # numpy order
+        width, n_dims = shape[-1], len([int(x) for x in t.shape])
+        want = (tensor_types or {}).get(t.name) or policy.type_for(t.name, n_dims)
+        ty = fitting_type(want, width)
+        n = int(t.n_elements)
+        total += n // width * type_info(ty).row_bytes(width)
+        params += n
+        types[t.name] = ty
+    return FixedTensors(total, params, types)
+
+
+def _gemq_keys_bound(src: GGUFReader, n_moe_layers: int, n_experts: int, n_expert_matrices: int,
+                     candidate_types: tuple[str, ...], strategy: str, granularity: str) -> int:
+    """The `gemq.*` keys the writer adds (writer._add_gemq_metadata), at their largest."""
+    scalars = {"gemq.version": 4, "gemq.budget": 4, "gemq.expert_bpw": 4, "gemq.grouped_tensors": 4,
+               "gemq.routers_tuned": 1}
+    n = sum(_str(k) + 4 + v for k, v in scalars.items())
+    n += _str("gemq.strategy") + 4 + _str(strategy) + _str("gemq.granularity") + 4 + _str(granularity)
+    n += _str("gemq.candidate_types") + 4 + 4 + 8 + sum(_str(t) for t in candidate_types)
+    counts = {t.name: n_expert_matrices for t in GGMLQuantizationType}  # every type, each the largest count
+    n += _str("gemq.type_counts") + 4 + _str(json.dumps(counts))
+    # a permutation prints like range(n); layer ids counted at 10 digits each
+    widest = {str(10 ** 9 + i): list(range(n_experts)) for i in range(n_moe_layers)}
+    n += _str("gemq.expert_order") + 4 + _str(json.dumps(widest))
+    return n
+
+
+def overhead_bound(src: GGUFReader, max_groups: int, candidate_types: tuple[str, ...] = (),
+                   strategy: str = "gemq", granularity: str = "expert") -> int:
+    """Bytes of the file beyond its non-I32 tensor data, at most: header, key/values, tensor infos (a
+    grouped expert tensor counted at `max_groups` groups with its I32 map and the map's data), the
+    padding of the header and of every tensor."""
+    align = int(src.alignment)
+    kv = sum(sum(int(p.nbytes) for p in f.parts) for f in src.fields.values() if not f.name.startswith("GGUF."))
+    infos, n_tensors, extra_data = 0, 0, 0
+    layers, n_experts, n_matrices = set(), 1, 0
+    for t in src.tensors:
+        parsed = parse_expert_name(t.name)
+        n_dims = len(t.shape)
+        if parsed is None:
+            infos += _info(t.name, n_dims)
+            n_tensors += 1
+            continue
+        n_exp = int(t.shape[-1])
+        layers.add(parsed[0])
+        n_experts, n_matrices = max(n_experts, n_exp), n_matrices + n_exp
+        g = max(1, min(max_groups, n_exp))
+        if g == 1:
+            infos += _info(t.name, n_dims)
+            n_tensors += 1
+        else:
+            infos += sum(_info(group_tensor_name(t.name, i), n_dims) for i in range(g)) + _info(qmap_name(t.name), 2)
+            n_tensors += g + 1
+            extra_data += 4 * g * n_exp
+    kv += _gemq_keys_bound(src, len(layers), n_experts, n_matrices, candidate_types, strategy, granularity)
+    header = _pad(_HEADER + kv + infos, align)
+    return header + extra_data + (align - 1) * n_tensors + SLACK_BYTES
+
+
+def plan_size_bound(src: GGUFReader, plan: ExpertPlan, policy: TensorPolicy,
+                    tensor_types: Mapping[str, str] | None = None, **kwargs: str | tuple[str, ...]) -> int:
+    """An upper bound on the size of the file `write_gguf(src, plan, policy, tensor_types=...)` writes."""
+    fixed = fixed_tensors(src, policy, set(), tensor_types)
+    expert, groups = 0, 1
+    for t in src.tensors:
+        parsed = parse_expert_name(t.name)
+        if parsed is None:
+            continue
+        width, rows = int(t.shape[0]), int(t.shape[1])
+        fitted = [fitting_type(x, width) for x in plan[parsed]]
+        groups = max(groups, len(set(fitted)))
+        expert += sum(rows * type_info(x).row_bytes(width) for x in fitted)
+    return fixed.bytes + expert + overhead_bound(src, groups, **kwargs)  # type: ignore[arg-type]
