@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import GemqError
+from ..options import FileTarget
 from .problem import AllocationProblem, UnitKey, bpw_of
 from .result import Allocation
 
@@ -137,6 +138,33 @@ def joint_problem(experts: AllocationProblem, names: Sequence[str], types: Seque
 
 
 @dataclass(frozen=True)
+class FileParts:
+    """What the file holds besides the allocation's choices, measured on the float GGUF before any
+    choice: each non-expert tensor's bytes in the type the policy gives it and its weights, the weights
+    of every tensor, and an upper bound on the bytes that are not tensor data (header, metadata, tensor
+    infos, the grouped layout's maps, alignment padding)."""
+
+    policy_bytes: dict[str, int]
+    params: dict[str, int]
+    total_params: int
+    overhead_bytes: int
+
+    def fixed(self, decided: set[str]) -> FileBits:
+        """The bits of the non-expert tensors the allocation does not decide (typed by the policy)."""
+        rest = [n for n in self.policy_bytes if n not in decided]
+        return FileBits(8 * sum(self.policy_bytes[n] for n in rest), sum(self.params[n] for n in rest),
+                        8 * self.overhead_bytes)
+
+    def target_bits(self, target: FileTarget) -> tuple[int, str, bool]:
+        """(bits, what the user asked, whether the overhead counts): a size counts every byte of the file,
+        a bpw only tensor data over every tensor's weights (llama.cpp's meaning: metadata excluded)."""
+        if target.size is not None:
+            return 8 * target.size, f"--target-size {target.spec} ({target.size:,} bytes)", True
+        assert target.bpw is not None
+        return int(np.floor(target.bpw * self.total_params)), f"--target-bpw {target.bpw:g}", False
+
+
+@dataclass(frozen=True)
 class FileBits:
     """Bits of the file the allocation does not decide: tensors kept float or policy-typed, and (for a
     size target) the upper bound on metadata, tensor infos and alignment padding."""
@@ -144,6 +172,9 @@ class FileBits:
     fixed_tensor_bits: int
     fixed_params: int
     overhead_bits: int = 0
+
+    def without_overhead(self) -> FileBits:
+        return FileBits(self.fixed_tensor_bits, self.fixed_params, 0)
 
 
 def free_bits(target_bits: int, fixed: FileBits, problem: AllocationProblem, what: str) -> float:

@@ -15,8 +15,9 @@ from typing import Mapping
 
 from gguf import GGMLQuantizationType, GGUFReader
 
+from ..allocate.joint import FileParts
 from ..ggml.layout import group_tensor_name, qmap_name
-from ..ggml.names import parse_expert_name
+from ..ggml.names import parse_expert_name, tensor_category
 from ..ggml.types import fitting_type, type_info
 from ..plan import ExpertPlan
 from ..policy import TensorPolicy
@@ -39,32 +40,30 @@ def _pad(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
 
-@dataclass(frozen=True)
-class FixedTensors:
-    """Non-expert tensors outside the allocation, typed as the writer will type them."""
-
-    bytes: int
-    params: int
-    types: dict[str, str]
-
-
-def fixed_tensors(src: GGUFReader, policy: TensorPolicy, decided: set[str],
-                  tensor_types: Mapping[str, str] | None = None) -> FixedTensors:
-    """Bytes and weights of every tensor that is neither a routed expert nor in `decided`, in the type the
-    writer gives it (`tensor_types` over the policy, then llama.cpp's row-width fallback)."""
-    total, params, types = 0, 0, {}
+def policy_tensors(src: GGUFReader, policy: TensorPolicy,
+                   tensor_types: Mapping[str, str] | None = None) -> dict[str, tuple[str, int, int]]:
+    """Every tensor that is not a routed expert: (type, bytes, weights) as the writer writes it
+    (`tensor_types` over the policy, then llama.cpp's row-width fallback, as writer._Planner.plain)."""
+    out = {}
     for t in src.tensors:
-        if parse_expert_name(t.name) is not None or t.name in decided:
+        if parse_expert_name(t.name) is not None:
             continue
-        shape = [int(x) for x in reversed(t.shape)] if len(t.shape) else [1]  # numpy order
-        width, n_dims = shape[-1], len([int(x) for x in t.shape])
-        want = (tensor_types or {}).get(t.name) or policy.type_for(t.name, n_dims)
+        width, n = int(t.shape[0]), int(t.n_elements)
+        want = (tensor_types or {}).get(t.name) or policy.type_for(t.name, len(t.shape))
         ty = fitting_type(want, width)
-        n = int(t.n_elements)
-        total += n // width * type_info(ty).row_bytes(width)
-        params += n
-        types[t.name] = ty
-    return FixedTensors(total, params, types)
+        out[t.name] = (ty, n // width * type_info(ty).row_bytes(width), n)
+    return out
+
+
+def file_parts(src: Path, policy: TensorPolicy, max_groups: int, candidate_types: tuple[str, ...],
+               granularity: str) -> FileParts:
+    """The allocation's view of the file: policy bytes and weights of the non-expert tensors, every
+    tensor's weights, and the overhead bound at `max_groups` groups per expert tensor."""
+    reader = GGUFReader(src)
+    fixed = policy_tensors(reader, policy)
+    return FileParts(policy_bytes={k: v[1] for k, v in fixed.items()}, params={k: v[2] for k, v in fixed.items()},
+                     total_params=sum(int(t.n_elements) for t in reader.tensors),
+                     overhead_bytes=overhead_bound(reader, max_groups, candidate_types, "gemq", granularity))
 
 
 def _gemq_keys_bound(src: GGUFReader, n_moe_layers: int, n_experts: int, n_expert_matrices: int,
@@ -118,7 +117,7 @@ def overhead_bound(src: GGUFReader, max_groups: int, candidate_types: tuple[str,
 def plan_size_bound(src: GGUFReader, plan: ExpertPlan, policy: TensorPolicy,
                     tensor_types: Mapping[str, str] | None = None, **kwargs: str | tuple[str, ...]) -> int:
     """An upper bound on the size of the file `write_gguf(src, plan, policy, tensor_types=...)` writes."""
-    fixed = fixed_tensors(src, policy, set(), tensor_types)
+    fixed = sum(v[1] for v in policy_tensors(src, policy, tensor_types).values())
     expert, groups = 0, 1
     for t in src.tensors:
         parsed = parse_expert_name(t.name)
@@ -128,4 +127,16 @@ def plan_size_bound(src: GGUFReader, plan: ExpertPlan, policy: TensorPolicy,
         fitted = [fitting_type(x, width) for x in plan[parsed]]
         groups = max(groups, len(set(fitted)))
         expert += sum(rows * type_info(x).row_bytes(width) for x in fitted)
-    return fixed.bytes + expert + overhead_bound(src, groups, **kwargs)  # type: ignore[arg-type]
+    return fixed + expert + overhead_bound(src, groups, **kwargs)  # type: ignore[arg-type]
+
+
+def quantized_shapes(src: Path, policy: TensorPolicy) -> dict[str, tuple[int, int]]:
+    """(rows, row width) of every non-expert tensor the policy quantizes (not kept float, not a router):
+    the tensors a whole-file allocation may type, before their costs say which ones it does."""
+    out = {}
+    for t in GGUFReader(src).tensors:
+        if parse_expert_name(t.name) is not None or tensor_category(t.name, len(t.shape)) in ("f32", "router"):
+            continue
+        width = int(t.shape[0])
+        out[t.name] = (int(t.n_elements) // width, width)
+    return out
