@@ -145,7 +145,7 @@ def test_infeasible_targets_say_the_range() -> None:
     for target, word in ((int(lo) - 8, "below the smallest"), (int(hi) + 8, "above the largest")):
         with pytest.raises(GemqError, match=word) as e:
             free_bits(target, fixed, p, "--target-size X")
-        assert re.search(r"feasible: [\d,]+-[\d,]+ bytes, [\d.]+-[\d.]+ bpw", e.value.problem)
+        assert re.search(r"feasible: [\d,]+-[\d,]+ bytes, [\d.]+-[\d.]+ bpw", e.value.problem), e.value.problem
 
 
 def test_file_parts_bits() -> None:
@@ -209,3 +209,44 @@ def test_load_tensor_types(tmp_path) -> None:
     p.write_text(json.dumps({"units": [], "tensors": [{"name": "a", "type": "Q4_K"}, {"name": "a", "type": "Q4_K"}]}))
     with pytest.raises(GemqError, match="typed twice"):
         load_tensor_types(p)
+
+
+# ----------------------------------------------------------------------------- CLI errors
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from tiny_models import make_tiny_model
+    return make_tiny_model("mixtral", tmp_path_factory.mktemp("m") / "hf")
+
+
+def _fails(capsys, tmp: Path, args: list[str], needle: str) -> str:
+    """Exit code 2, one line of cause and one of fix, nothing left behind."""
+    before = set(tmp.rglob("*"))
+    assert convert_main([*args, "-o", str(tmp / "out.gguf"), "--no-verify"]) == 2
+    err = capsys.readouterr().err
+    assert len(re.findall(r"error: [^\n]+\n  fix: [^\n]+\n", err)) == 1 and "Traceback" not in err, err
+    assert needle.lower() in err.lower(), err
+    assert set(tmp.rglob("*")) == before
+    return err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--target-size", "12XB"], "is not a size"),
+    (["--target-size", "1GB", "--budget", "3"], "exactly one of"),
+    (["--target-size", "1GB", "--target-bpw", "4"], "exactly one of"),
+    (["--target-bpw", "4", "--uniform", "Q4_K"], "exactly one of"),
+    (["--target-bpw", "-1"], "not a positive number"),
+    (["--target-bpw", "4", "--strategy", "layerwise"], "does not take --target-bpw"),
+])
+def test_cli_bad_targets(capsys, tmp_path, tiny, args, needle) -> None:
+    _fails(capsys, tmp_path, [str(tiny), *args], needle)
+
+
+@pytest.mark.parametrize("args,needle", [(["--target-size", "1000"], "below the smallest"),
+                                         (["--target-size", "1GiB"], "above the largest"),
+                                         (["--target-bpw", "1.0"], "below the smallest"),
+                                         (["--target-bpw", "16"], "above the largest")])
+def test_cli_infeasible_targets_say_the_range(capsys, tmp_path, tiny, args, needle) -> None:
+    err = _fails(capsys, tmp_path, [str(tiny), *args], needle)
+    assert re.search(r"feasible: [\d,]+-[\d,]+ bytes", err), err

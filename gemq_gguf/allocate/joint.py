@@ -184,7 +184,8 @@ def free_bits(target_bits: int, fixed: FileBits, problem: AllocationProblem, wha
     lo = lo_bpw * problem.total_params + fixed.fixed_tensor_bits + fixed.overhead_bits
     hi = hi_bpw * problem.total_params + fixed.fixed_tensor_bits + fixed.overhead_bits
     total_params = problem.total_params + fixed.fixed_params
-    span = (f"{int(np.ceil(lo / 8)):,}-{int(hi // 8):,} bytes, {lo / total_params:.4f}-{hi / total_params:.4f} "
+    what_bytes = "bytes" if fixed.overhead_bits else "bytes of tensor data"
+    span = (f"{int(np.ceil(lo / 8)):,}-{int(hi // 8):,} {what_bytes}, {lo / total_params:.4f}-{hi / total_params:.4f} "
             f"bpw over {int(total_params):,} weights")
     free = float(target_bits - fixed.fixed_tensor_bits - fixed.overhead_bits)
     if free * (1.0 - BUDGET_MARGIN) < lo_bpw * problem.total_params:
