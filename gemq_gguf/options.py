@@ -66,7 +66,9 @@ class FileTarget:
             raise ValueError("a FileTarget is either a bpw or a size")
 
     def describe(self) -> str:
-        return f"{self.bpw:g} bpw (whole file)" if self.bpw is not None else f"{self.size:,} bytes ({self.spec})"
+        if self.bpw is not None:
+            return f"{self.bpw:g} bpw (whole file)"
+        return f"{self.size:,} bytes" + (f" ({self.spec})" if self.spec and self.spec != str(self.size) else "")
 
 
 @dataclass(frozen=True)

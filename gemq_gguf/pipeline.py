@@ -204,7 +204,8 @@ def _run(req: ConvertRequest, src: Source) -> dict[str, Any]:
             report["file"] = summary.to_dict()
             line = None
             if target is not None:
-                report["whole_file"].update(_target_numbers(target, summary.file_bytes, summary.file_bpw))
+                report["whole_file"].update(_target_numbers(target, summary.file_bytes, summary.file_bpw),
+                                            expert_bpw=summary.expert_bpw)
                 line = report["whole_file"]["line"]
             verified = _verify(out, float_gguf, req.calib, req.verify, work) if req.verify else None
             print_summary(summary, verified.line() if verified else "not verified (--no-verify)", target=line)

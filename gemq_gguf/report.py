@@ -315,7 +315,7 @@ def plot_heatmap(
     w_fig, h_fig = heatmap_figsize(alloc)
     counts = np.bincount(alloc.type_index, minlength=len(types))
     if tensors is not None:
-        h_fig += (h_fig - 1.1) / len(panels)
+        h_fig += (h_fig - 1.1) / len(panels) + 0.8  # + the strip's turned labels
         panels.append(tensor_panel(tensors, types))
         counts += np.bincount(panels[-1][3][panels[-1][3] >= 0], minlength=len(types))
     fig = Figure(figsize=(w_fig, h_fig), dpi=dpi)
@@ -346,7 +346,8 @@ def plot_heatmap(
         fontsize=10,
     )
     w_in, h_in = fig.get_size_inches()
-    fig.subplots_adjust(left=0.6 / w_in, right=1 - 2.4 / w_in, top=1 - 0.55 / h_in, bottom=0.5 / h_in, hspace=0.5)
+    bottom = 0.5 if tensors is None else 1.3
+    fig.subplots_adjust(left=0.6 / w_in, right=1 - 2.4 / w_in, top=1 - 0.55 / h_in, bottom=bottom / h_in, hspace=0.5)
     path = Path(path)
     fig.savefig(path, dpi=dpi, format="png")
     return path

@@ -9,7 +9,6 @@ exactly; the `gemq.*` keys and the grouped layout are bounded by their largest p
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
