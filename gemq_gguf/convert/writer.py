@@ -162,7 +162,7 @@ class _Planner:
                 raise ValueError(f"{name}: {n} rows on the expert axis, the layer has {len(order)} experts")
             rows = np.asarray(rows).reshape(len(order), -1)[order].reshape(rows.shape)
         want = self.tensor_types.get(name) or self.policy.type_for(name, data.ndim)
-        t = self._fit(name, want, rows.shape[1], strict=self.strict and name in self.tensor_types)
+        t = self._fit(name, want, rows.shape[1], strict=False)
         imat = self.imatrix.get(name)
         nbytes_row = type_info(t).row_bytes(rows.shape[1])
         byte_shape = (*data.shape[:-1], nbytes_row) if data.ndim > 1 else (nbytes_row,)
