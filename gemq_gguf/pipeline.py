@@ -126,7 +126,7 @@ def _whole_file(req: ConvertRequest, src: Source, float_gguf: Path, opts: WholeF
     from .gemq.budget import allocate_whole_file, check_target
     tensor_types = [canonical(t) for t in opts.tensor_types]
     n_types = len(set(types)) if opts.max_types is None else min(opts.max_types, len(set(types)))
-    parts = file_parts(float_gguf, policy, n_types, tuple(types), opts.granularity)
+    parts = file_parts(float_gguf, policy, n_types, tuple(types))
     check_target(opts, src.shape, types, parts, quantized_shapes(float_gguf, policy), tensor_types)
     return allocate_whole_file(src.model_dir, src.adapter, src.shape, float_gguf, opts, types, tensor_types, parts,
                                req.calib, req.output, req.cache)

@@ -12,12 +12,13 @@ import json
 from pathlib import Path
 from typing import Mapping
 
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, Keys
 
 from ..allocate.joint import FileParts
 from ..ggml.layout import group_tensor_name, qmap_name
 from ..ggml.names import parse_expert_name, tensor_category
 from ..ggml.types import fitting_type, type_info
+from ..options import GRANULARITIES, STRATEGIES
 from ..plan import ExpertPlan
 from ..policy import TensorPolicy
 
@@ -54,24 +55,24 @@ def policy_tensors(src: GGUFReader, policy: TensorPolicy,
     return out
 
 
-def file_parts(src: Path, policy: TensorPolicy, max_groups: int, candidate_types: tuple[str, ...],
-               granularity: str) -> FileParts:
+def file_parts(src: Path, policy: TensorPolicy, max_groups: int, candidate_types: tuple[str, ...]) -> FileParts:
     """The allocation's view of the file: policy bytes and weights of the non-expert tensors, every
     tensor's weights, and the overhead bound at `max_groups` groups per expert tensor."""
     reader = GGUFReader(src)
     fixed = policy_tensors(reader, policy)
     return FileParts(policy_bytes={k: v[1] for k, v in fixed.items()}, params={k: v[2] for k, v in fixed.items()},
                      total_params=sum(int(t.n_elements) for t in reader.tensors),
-                     overhead_bytes=overhead_bound(reader, max_groups, candidate_types, "gemq", granularity))
+                     overhead_bytes=overhead_bound(reader, max_groups, candidate_types))
 
 
-def _gemq_keys_bound(src: GGUFReader, n_moe_layers: int, n_experts: int, n_expert_matrices: int,
-                     candidate_types: tuple[str, ...], strategy: str, granularity: str) -> int:
-    """The `gemq.*` keys the writer adds (writer._add_gemq_metadata), at their largest."""
-    scalars = {"gemq.version": 4, "gemq.budget": 4, "gemq.expert_bpw": 4, "gemq.grouped_tensors": 4,
-               "gemq.routers_tuned": 1}
+def _added_keys_bound(n_moe_layers: int, n_experts: int, n_expert_matrices: int,
+                      candidate_types: tuple[str, ...]) -> int:
+    """The keys the writer adds (general.file_type and writer._add_gemq_metadata's), at their largest."""
+    scalars = {Keys.General.FILE_TYPE: 4, "gemq.version": 4, "gemq.budget": 4, "gemq.expert_bpw": 4,
+               "gemq.grouped_tensors": 4, "gemq.routers_tuned": 1}
     n = sum(_str(k) + 4 + v for k, v in scalars.items())
-    n += _str("gemq.strategy") + 4 + _str(strategy) + _str("gemq.granularity") + 4 + _str(granularity)
+    longest = max(map(len, (*STRATEGIES, "plan", *GRANULARITIES)))
+    n += _str("gemq.strategy") + _str("gemq.granularity") + 2 * (4 + 8 + longest)
     n += _str("gemq.candidate_types") + 4 + 4 + 8 + sum(_str(t) for t in candidate_types)
     counts = {t.name: n_expert_matrices for t in GGMLQuantizationType}  # every type, each the largest count
     n += _str("gemq.type_counts") + 4 + _str(json.dumps(counts))
@@ -81,13 +82,13 @@ def _gemq_keys_bound(src: GGUFReader, n_moe_layers: int, n_experts: int, n_exper
     return n
 
 
-def overhead_bound(src: GGUFReader, max_groups: int, candidate_types: tuple[str, ...] = (),
-                   strategy: str = "gemq", granularity: str = "expert") -> int:
-    """Bytes of the file beyond its non-I32 tensor data, at most: header, key/values, tensor infos (a
-    grouped expert tensor counted at `max_groups` groups with its I32 map and the map's data), the
-    padding of the header and of every tensor."""
+def overhead_bound(src: GGUFReader, max_groups: int, candidate_types: tuple[str, ...] = ()) -> int:
+    """Bytes of the file beyond its non-I32 tensor data, at most: header, key/values (the source's as
+    copied, the writer's own at their largest), tensor infos (a grouped expert tensor counted at
+    `max_groups` groups with its I32 map and the map's data), the padding of the header and of every tensor."""
     align = int(src.alignment)
-    kv = sum(sum(int(p.nbytes) for p in f.parts) for f in src.fields.values() if not f.name.startswith("GGUF."))
+    kv = sum(sum(int(p.nbytes) for p in f.parts) for f in src.fields.values()
+             if not f.name.startswith("GGUF.") and f.name != Keys.General.FILE_TYPE)
     infos, n_tensors, extra_data = 0, 0, 0
     layers, n_experts, n_matrices = set(), 1, 0
     for t in src.tensors:
@@ -108,13 +109,13 @@ def overhead_bound(src: GGUFReader, max_groups: int, candidate_types: tuple[str,
             infos += sum(_info(group_tensor_name(t.name, i), n_dims) for i in range(g)) + _info(qmap_name(t.name), 2)
             n_tensors += g + 1
             extra_data += 4 * g * n_exp
-    kv += _gemq_keys_bound(src, len(layers), n_experts, n_matrices, candidate_types, strategy, granularity)
+    kv += _added_keys_bound(len(layers), n_experts, n_matrices, candidate_types)
     header = _pad(_HEADER + kv + infos, align)
     return header + extra_data + (align - 1) * n_tensors + SLACK_BYTES
 
 
 def plan_size_bound(src: GGUFReader, plan: ExpertPlan, policy: TensorPolicy,
-                    tensor_types: Mapping[str, str] | None = None, **kwargs: str | tuple[str, ...]) -> int:
+                    tensor_types: Mapping[str, str] | None = None, candidate_types: tuple[str, ...] = ()) -> int:
     """An upper bound on the size of the file `write_gguf(src, plan, policy, tensor_types=...)` writes."""
     fixed = sum(v[1] for v in policy_tensors(src, policy, tensor_types).values())
     expert, groups = 0, 1
@@ -126,7 +127,7 @@ def plan_size_bound(src: GGUFReader, plan: ExpertPlan, policy: TensorPolicy,
         fitted = [fitting_type(x, width) for x in plan[parsed]]
         groups = max(groups, len(set(fitted)))
         expert += sum(rows * type_info(x).row_bytes(width) for x in fitted)
-    return fixed + expert + overhead_bound(src, groups, **kwargs)  # type: ignore[arg-type]
+    return fixed + expert + overhead_bound(src, groups, candidate_types)
 
 
 def quantized_shapes(src: Path, policy: TensorPolicy) -> dict[str, tuple[int, int]]:
