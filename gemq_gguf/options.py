@@ -10,6 +10,8 @@ from pathlib import Path
 
 #: candidate expert types of `--budget` (real ggml bits: IQ2_XXS 2.06 ... Q6_K 6.56)
 DEFAULT_TYPES: tuple[str, ...] = ("IQ2_XXS", "Q2_K", "IQ3_XXS", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K")
+#: candidate types of the non-expert tensors in a whole-file allocation (gemq.tensor_costs)
+NON_EXPERT_TYPES: tuple[str, ...] = DEFAULT_TYPES + ("Q8_0",)
 STRATEGIES: tuple[str, ...] = ("gemq", "layerwise", "uniform")
 GRANULARITIES: tuple[str, ...] = ("expert", "expert-proj", "tensor")
 #: gradient targets: draws from the model's own predictions (true Fisher), or the text's next tokens
@@ -33,6 +35,9 @@ class CalibOptions:
     fisher: str = FISHER_LABELS[0]       # "sampled": measured better than "data" (docs/allocation.md)
     imatrix: Path | None = None          # a llama.cpp imatrix to quantize with instead of ours
     memory: str = CALIB_MEMORY[0]
+    #: tokens (whole sequences, spread over the text) on which the non-expert weights' inputs and output
+    #: gradients are kept for their costs (gemq.tensor_stats); 0: not recorded
+    tensor_tokens: int = 2048
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def calibrate(model_dir: Path, adapter: ArchAdapter, calib: CalibOptions, work_d
     model = None
     if stats is None:
         kwargs = dict(progress=True, work_dir=work_dir, datasets=list(calib.texts) or ["gemq-gguf built-in mix"],
-                      labels=calib.fisher, seed=calib.seed)
+                      labels=calib.fisher, seed=calib.seed, tensor_tokens=calib.tensor_tokens)
         if stream:
             log.info("calibration: layer-streamed (one decoder layer's weights at a time)")
             source = open_layer_source(model_dir, adapter)

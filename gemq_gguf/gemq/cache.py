@@ -95,7 +95,7 @@ class StatsCache:
         """The entry of this checkpoint calibrated on `tokens` with `calib`'s settings; `numerics` names the
         device and dtype the statistics are computed in (they change the floats)."""
         key = digest("calib", FORMAT, checkpoint_fingerprint(model_dir), tensor_digest(tokens), list(calib.texts),
-                     calib.fisher, calib.seed, numerics, code_version())
+                     calib.fisher, calib.seed, calib.tensor_tokens, numerics, code_version())
         return CalibEntry(self.root / f"calib-{key[:_KEY_CHARS]}", key)
 
     def costs(self, calib_key: str, types: Sequence[str], granularity: str, imatrix: dict[str, np.ndarray] | None,
