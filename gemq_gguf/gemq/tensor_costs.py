@@ -95,23 +95,30 @@ def row_order(w: np.ndarray, rows: torch.Tensor) -> np.ndarray | None:
     return perm
 
 
-def linear_cost(x: torch.Tensor, g: torch.Tensor, delta: torch.Tensor, device: torch.device,
-                dtype: torch.dtype) -> float:
-    """Σ (g ⊙ x Δᵀ)² over tokens and outputs; Δ [out, in] in the module's row order, chunked over rows."""
+def row_delta(w: np.ndarray, q: np.ndarray, et: str, rows: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """W − deq(Q) on GGUF rows `rows` (w, q: every row's floats and quantized bytes), in `dtype`."""
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    return torch.from_numpy(np.asarray(w[rows], dtype=np_dtype) - dequantize(q[rows], et, w.shape[1]).astype(np_dtype))
+
+
+def linear_cost(x: torch.Tensor, g: torch.Tensor, w: np.ndarray, q: np.ndarray, et: str, perm: np.ndarray,
+                device: torch.device, dtype: torch.dtype) -> float:
+    """Σ (g ⊙ x Δᵀ)² over tokens and outputs, Δ = W − deq(Q) taken in the module's row order (module row i
+    is GGUF row perm[i]), chunked over rows."""
     xs = x.to(device, dtype)
     total = 0.0
-    for r in range(0, delta.shape[0], ROW_CHUNK):
-        dy = xs @ delta[r:r + ROW_CHUNK].to(device, dtype).T
+    for r in range(0, len(perm), ROW_CHUNK):
+        dy = xs @ row_delta(w, q, et, perm[r:r + ROW_CHUNK], dtype).to(device).T
         total += float(((g[:, r:r + ROW_CHUNK].to(device, dtype) * dy) ** 2).sum())
     return total
 
 
-def embedding_cost(ids: torch.Tensor, g: torch.Tensor, delta_rows: torch.Tensor, inverse: torch.Tensor,
-                   device: torch.device, dtype: torch.dtype) -> float:
+def embedding_cost(g: torch.Tensor, delta_rows: torch.Tensor, inverse: torch.Tensor, device: torch.device,
+                   dtype: torch.dtype) -> float:
     """Σ (g ⊙ Δ[id])² over tokens: `delta_rows` are the changed rows of the ids in use, `inverse` maps each
     token to its row there."""
     total = 0.0
-    for r in range(0, len(ids), ROW_CHUNK):
+    for r in range(0, len(inverse), ROW_CHUNK):
         dy = delta_rows.to(device, dtype)[inverse[r:r + ROW_CHUNK].to(device)]
         total += float(((g[r:r + ROW_CHUNK].to(device, dtype) * dy) ** 2).sum())
     return total
@@ -148,7 +155,7 @@ def _measurable(ts: TensorStats, tensors: dict[str, object], notes: list[str]) -
             uses.append((u, perm))
         else:
             out.append(_Tensor(name, w, uses))
-    for name in by_name.keys() - tensors.keys():
+    for name in sorted(by_name.keys() - tensors.keys()):
         notes.append(f"{name} ({', '.join(u.module for u in by_name[name])}): not in the float GGUF (the converter "
                      "merged, split or renamed it); left out (policy type)")
     return out
@@ -158,23 +165,21 @@ def _tensor_cost(ts: TensorStats, tensor: _Tensor, et: str, imat: np.ndarray | N
                  dtype: torch.dtype, threads: int | None) -> float:
     """One tensor's cost at effective type `et` (sum over its uses), in the expert costs' units."""
     w = tensor.w
-    whole = any(u.kind == LINEAR for u, _ in tensor.uses)
-    if whole:  # the same rows the writer quantizes
-        delta = torch.from_numpy(w - dequantize(quantize(w, et, imat, threads), et, w.shape[1]))
+    q = quantize(w, et, imat, threads) if any(u.kind == LINEAR for u, _ in tensor.uses) else None  # the writer's bytes
     total = 0.0
     for u, perm in tensor.uses:
         if u.kind == LINEAR:
-            total += linear_cost(ts.inputs[u.x], u.g, delta[torch.from_numpy(perm)], device, dtype)
+            total += linear_cost(ts.inputs[u.x], u.g, w, q, et, perm, device, dtype)
             continue
         assert ts.ids is not None
         uniq, inverse = torch.unique(ts.ids, return_inverse=True)
-        rows = torch.from_numpy(perm)[uniq]
-        if whole:
-            d = delta[rows]
+        rows = perm[uniq.numpy()]
+        if q is not None:
+            d = row_delta(w, q, et, rows, dtype)
         else:  # only the rows the sample uses (quantization is row-wise)
-            sub = w[rows.numpy()]
-            d = torch.from_numpy(sub - dequantize(quantize(sub, et, imat, threads), et, w.shape[1]))
-        total += embedding_cost(ts.ids, u.g, d, inverse, device, dtype)
+            sub = np.asarray(w[rows])
+            d = row_delta(sub, quantize(sub, et, imat, threads), et, np.arange(len(rows)), dtype)
+        total += embedding_cost(u.g, d, inverse, device, dtype)
     return total * ts.scale
 
 
