@@ -55,6 +55,12 @@ def mixtral(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return _built(tmp_path_factory.mktemp("tcost-mixtral"), "mixtral")
 
 
+@pytest.fixture(scope="module")
+def qwen3_tied(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Tied embeddings and no output tensor in the GGUF (llama.cpp's qwen3moe reuses token_embd)."""
+    return _built(tmp_path_factory.mktemp("tcost-qwen3"), "qwen3_moe", tie_word_embeddings=True)
+
+
 def _gguf_weight(gguf: Path, name: str) -> np.ndarray:
     t = next(t for t in GGUFReader(gguf).tensors if t.name == name)
     return np.asarray(t.data, dtype=np.float64)
@@ -128,9 +134,11 @@ def test_imatrix_entries_are_sums_of_squares(mixtral: tuple[Path, Path]) -> None
     assert "token_embd.weight" not in imatrix.sums  # llama.cpp collects none for a row lookup
 
 
-def test_streamed_costs_equal_whole_model(mixtral: tuple[Path, Path]) -> None:
-    """A 2-sequence sample of 5 (scale 2.5), sampled Fisher targets, an uneven last batch."""
-    path, gguf = mixtral
+@pytest.mark.parametrize("model", ["mixtral", "qwen3_tied"])
+def test_streamed_costs_equal_whole_model(request: pytest.FixtureRequest, model: str) -> None:
+    """A 2-sequence sample of 5 (scale 2.5), sampled Fisher targets, an uneven last batch; q/k permuted
+    by the converter (mixtral), the head recorded as token_embd (tied)."""
+    path, gguf = request.getfixturevalue(model)
     tokens = _tokens()
     full = _stats(_model(path), tokens, tensor_tokens=48)
     adapter = adapter_for(AutoConfig.from_pretrained(path).architectures)
@@ -184,10 +192,10 @@ def test_allowed_types_fallback_and_left_out(tmp_path: Path) -> None:
     assert not any("_exps" in n or "ffn_gate_inp" in n for n in table.names)
 
 
-def test_tied_embeddings_sum_both_uses(tmp_path: Path) -> None:
+def test_tied_embeddings_sum_both_uses(qwen3_tied: tuple[Path, Path]) -> None:
     """Qwen3-MoE with tied embeddings: only token_embd in the GGUF; its cost is lookup + head, and it gets
     the head's imatrix (so types that need one are allowed)."""
-    path, gguf = _built(tmp_path, "qwen3_moe", tie_word_embeddings=True)
+    path, gguf = qwen3_tied
     model, tokens = _model(path), _tokens()
     stats = _stats(model, tokens)
     table = tensor_cost_table(stats, gguf, TYPES, dtype=torch.float64)

@@ -172,7 +172,7 @@ class TensorRecorder:
             slot[s * stats.seq_len:(s + 1) * stats.seq_len] = torch.arange(j * stats.seq_len, (j + 1) * stats.seq_len)
         self.slot = slot
         self.offset = 0
-        self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, key): inputs shared this batch
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}  # id(input) -> (input, key): inputs read this batch
         self._written: set[str] = set()
         self._called: set[int] = set()
 
@@ -191,8 +191,8 @@ class TensorRecorder:
     def _input_key(self, use: TensorUse, x: torch.Tensor) -> str:
         seen = self._seen.get(id(x))
         if not use.x:  # first call: share the buffer of a module that read this very tensor
-            use.x = seen[1] if seen is not None and seen[0] is x else use.module
-        self._seen[id(x)] = (x, use.x)
+            use.x = seen[1] if seen is not None and seen[0]() is x else use.module
+        self._seen[id(x)] = (weakref.ref(x), use.x)
         return use.x
 
     def _new_input(self, key: str, width: int) -> None:
@@ -202,9 +202,14 @@ class TensorRecorder:
         self.stats.sum2[key] = torch.zeros(width, dtype=torch.float64)
 
     def linear_hook(self, module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
-        use = self.by_module[id(module)]
-        if id(module) in self._called:
-            raise RuntimeError(f"{use.module} ran twice in one forward; its cost cannot be recorded")
+        use = self.by_module.get(id(module))
+        if use is None:
+            return
+        if id(module) in self._called:  # one x and g per token and module: a weight used twice is left out
+            self.stats.skipped.append(f"{use.module} ({use.name}: runs more than once per forward)")
+            self.stats.uses.remove(use)
+            del self.by_module[id(module)]
+            return
         self._called.add(id(module))
         if use.rows is None:
             use.rows = fingerprint(module.weight)
