@@ -9,7 +9,8 @@ counts, exactly what llama.cpp's imatrix tool accumulates.
 How: a forward hook on each MoE block records x and the routing and accumulates the imatrix; a tensor
 hook on the block output records g during backward. The loss is Σ_seq mean_token CE, so g does not
 depend on the batch size. Parameters get no gradients (only activations do), which keeps backward
-memory at one batch's activations.
+memory at one batch's activations. With `tensor_tokens`, hooks on the other linears and the embedding
+record what their costs need (tensor_stats.py) in the same pass.
 
 Memory trade-off: the whole model is held on the device (or spread over GPUs by `accelerate`'s
 device_map when it is installed), and x and g cost 2 · n_moe_layers · T · H values (bf16 by default:

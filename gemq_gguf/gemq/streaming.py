@@ -10,7 +10,10 @@ seeded generator) and its gradient at the last boundary. Backward: from the top 
 layer's forward is recomputed from its saved input with gradients on, and the boundary gradient is
 pushed through it. The MoE hooks of `stats.StatsRecorder` fire during that recomputation, so x, the
 routing, the imatrix sums and g at every MoE block's output are exactly those of the whole-model pass
-(same computations on the same values, layer by layer instead of model by model).
+(same computations on the same values, layer by layer instead of model by model). The non-expert
+records (tensor_stats.py) come from the same recomputation (the LM head's from the head pass); the
+gradient at the embedding's output from one more pass through the embeddings, fed the gradient at the
+first layer's input.
 
 What each decoder layer is called with besides its hidden states (position ids, rotary cos/sin, the
 causal mask, ...) is produced by the model's own forward: probes stand in for the decoder layers and
