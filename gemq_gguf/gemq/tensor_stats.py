@@ -145,9 +145,9 @@ def new_tensor_stats(model: nn.Module, n_layers: int, tokens: torch.Tensor, tens
             continue
         if tensor_category(name, 2) in COSTED:
             found.append((mname, m, name, EMBEDDING if m is embed else LINEAR))
-    elem = torch.empty(0, dtype=store_dtype).element_size()
-    size = sum(k * (_weight_shape(m)[0 if kind == LINEAR else 1] + (_weight_shape(m)[1] if kind == LINEAR else 0))
-               for _, m, _, kind in found) * elem
+    # values per sampled token: g and x of a linear (an upper bound: shared inputs are stored once), g of the lookup
+    per_token = sum(sum(_weight_shape(m)) if kind == LINEAR else _weight_shape(m)[1] for _, m, _, kind in found)
+    size = k * per_token * torch.empty(0, dtype=store_dtype).element_size()
     spill_dir = spill_directory(work_dir, "gemq-tensors-") if size > ram_limit else None
     uses, by_module = [], {}
     for i, (mname, m, name, kind) in enumerate(found):
