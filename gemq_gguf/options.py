@@ -35,6 +35,9 @@ class CalibOptions:
     fisher: str = FISHER_LABELS[0]       # "sampled": measured better than "data" (docs/allocation.md)
     imatrix: Path | None = None          # a llama.cpp imatrix to quantize with instead of ours
     memory: str = CALIB_MEMORY[0]
+    #: tokens (whole sequences, spread over the text) on which the non-expert weights' inputs and output
+    #: gradients are kept for their costs (gemq.tensor_stats); 0: not recorded
+    tensor_tokens: int = 2048
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,7 @@ def calibrate(model_dir: Path, adapter: ArchAdapter, calib: CalibOptions, work_d
     model = None
     if stats is None:
         kwargs = dict(progress=True, work_dir=work_dir, datasets=list(calib.texts) or ["gemq-gguf built-in mix"],
-                      labels=calib.fisher, seed=calib.seed)
+                      labels=calib.fisher, seed=calib.seed, tensor_tokens=calib.tensor_tokens)
         if stream:
             log.info("calibration: layer-streamed (one decoder layer's weights at a time)")
             source = open_layer_source(model_dir, adapter)
@@ -265,7 +265,9 @@ def allocate_whole_file(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, 
     report: dict[str, Any] = {"calibration": {"sequences": c.stats.n_seq, "seq_len": c.stats.seq_len,
                                               "loss": c.stats.loss, "datasets": c.stats.datasets}}
     table, cache = cost_table(c, adapter, shape, types, opts.granularity, store)
-    tcost = tensor_cost_table(c.stats, float_gguf, tensor_types)
+    tstore = store.tensor_costs(c.cache_key, tensor_types, c.imatrix, float_gguf, _numerics()) \
+        if store is not None and c.cache_key is not None else None
+    tcost = tensor_cost_table(c.stats, float_gguf, tensor_types, imatrix=c.imatrix, store=tstore)
     del c.stats
     joint = joint_problem(table.problem(), tcost.names, tcost.types, tcost.cost, tcost.bits, tcost.params)
     target, what, with_overhead = parts.target_bits(opts.target)
