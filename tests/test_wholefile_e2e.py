@@ -1,23 +1,18 @@
 """`--target-size` / `--target-bpw` and whole-file plans end to end on a tiny model: the file never exceeds
-its target, the size bound holds on real files, and a whole-file report replays as a plan. The non-expert
-costs come from a synthetic table here (gemq/tensor_costs.py measures them; this file tests the
-allocation, writer and report around it)."""
+its target, the size bound holds on real files, and a whole-file report replays as a plan (real costs:
+calibration, expert and non-expert cost tables, joint ILP)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from gguf import GGUFReader
 from tiny_models import make_tiny_model
 
-from gemq_gguf.allocate import bpw_of
 from gemq_gguf.cli import main as convert_main
-from gemq_gguf.convert.file_size import plan_size_bound, quantized_shapes
-from gemq_gguf.gemq import tensor_costs
-from gemq_gguf.gemq.tensor_costs import TensorCostTable
-from gemq_gguf.ggml.types import fitting_type, matrix_bits, type_info
+from gemq_gguf.convert.file_size import plan_size_bound
+from gemq_gguf.ggml.types import fitting_type
 from gemq_gguf.plan import load_plan
 from gemq_gguf.policy import TensorPolicy
 
@@ -28,26 +23,6 @@ CALIB = ["--calib-tokens", "1024", "--seq-len", "128", "--no-verify"]
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return make_tiny_model("qwen2_moe", tmp_path_factory.mktemp("q") / "hf")
-
-
-def _synthetic_table(stats, float_gguf: Path, types) -> TensorCostTable:
-    """Every tensor the policy quantizes, exact bits, costs of the usual shape (4^-bpw, seeded)."""
-    shapes = quantized_shapes(float_gguf, TensorPolicy())
-    names = sorted(shapes)
-    rng = np.random.default_rng(0)
-    bpw = bpw_of(list(types))
-    cost = rng.lognormal(0, 1, (len(names), 1)) * 4.0 ** -bpw[None, :]
-    bits = np.array([[matrix_bits(*shapes[n], fitting_type(t, shapes[n][1])) for t in types] for n in names], float)
-    params = np.array([shapes[n][0] * shapes[n][1] for n in names], dtype=np.int64)
-    imatrix = stats.imatrix()  # types that need one only where there is one (as tensor_costs does)
-    needs = np.array([type_info(t).requires_imatrix for t in types])
-    cost[np.array([n not in imatrix.sums for n in names])[:, None] & needs[None, :]] = np.inf
-    return TensorCostTable(names, list(types), cost, bits, params, [])
-
-
-@pytest.fixture
-def synthetic_costs(monkeypatch):
-    monkeypatch.setattr(tensor_costs, "tensor_cost_table", _synthetic_table, raising=False)
 
 
 def _types(path: Path) -> dict[str, str]:
@@ -80,7 +55,7 @@ def test_plan_with_tensor_types_and_size_bound(model, tmp_path) -> None:
     assert real <= bound <= real + 8192
 
 
-def test_target_size_is_never_exceeded_and_replays(model, tmp_path, synthetic_costs) -> None:
+def test_target_size_is_never_exceeded_and_replays(model, tmp_path) -> None:
     out = tmp_path / "s.gguf"
     target = 2_000_000  # feasible: about 1.0-3.4 MB
     imat = tmp_path / "imatrix.gguf"
@@ -104,7 +79,7 @@ def test_target_size_is_never_exceeded_and_replays(model, tmp_path, synthetic_co
     assert _types(again) == types and again.read_bytes()[-200000:] == out.read_bytes()[-200000:]
 
 
-def test_target_bpw_is_llama_cpp_bpw(model, tmp_path, synthetic_costs) -> None:
+def test_target_bpw_is_llama_cpp_bpw(model, tmp_path) -> None:
     out = tmp_path / "b.gguf"
     assert convert_main([str(model), "--target-bpw", "5.0", "-o", str(out), *CALIB]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
