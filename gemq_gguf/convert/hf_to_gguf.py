@@ -20,7 +20,6 @@ import contextlib
 import io
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +27,9 @@ import numpy as np
 
 from ..archs import adapter_for, supported
 from ..errors import GemqError
-from ..runtime import converter_dir
+from ..runtime import import_converter
 
 FLOAT_OUTTYPES = ("f32", "f16", "bf16")
-
-
-def _import_converter() -> Any:
-    d = converter_dir()
-    if str(d) not in sys.path:
-        sys.path.insert(0, str(d))
-    try:
-        import conversion  # type: ignore[import-not-found]
-    except ImportError as e:
-        raise GemqError(f"llama.cpp's converter could not be imported from {d} ({e}).",
-                        "run ./setup.sh, which installs it next to the patched runtime.") from None
-    return conversion
 
 
 #: pre-tokenizer regexes (as tokenizer.json writes them) -> llama.cpp's name for the same splitting
@@ -220,7 +207,7 @@ def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verb
     if outtype not in FLOAT_OUTTYPES:
         raise ValueError(f"outtype must be one of {FLOAT_OUTTYPES}")
     check_tokenizer(model_dir)
-    conversion = _import_converter()
+    conversion = import_converter()
     import gguf
     import torch
 

@@ -18,7 +18,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from gguf import (
@@ -124,8 +124,10 @@ class _Planner:
     """Turns source tensors into output tensors (names, types, byte shapes, lazy bytes)."""
 
     def __init__(self, plan: ExpertPlan, policy: TensorPolicy, imatrix: dict[str, np.ndarray] | None,
-                 routers: dict[str, np.ndarray] | None, strict_plan: bool, cache: QuantCache | None) -> None:
+                 routers: dict[str, np.ndarray] | None, strict_plan: bool, cache: QuantCache | None,
+                 tensor_types: Mapping[str, str] | None = None) -> None:
         self.plan, self.policy, self.imatrix = plan, policy, imatrix or {}
+        self.tensor_types = dict(tensor_types or {})
         self.routers, self.strict, self.cache = routers or {}, strict_plan, cache if cache is not None else {}
         self.fitted: dict[tuple[int, str], list[str]] = {}  # (layer, proj) -> each expert's type as written
         self.orders: dict[int, list[int]] = {}  # set by fit_experts_and_order
@@ -159,7 +161,7 @@ class _Planner:
             if n != len(order):
                 raise ValueError(f"{name}: {n} rows on the expert axis, the layer has {len(order)} experts")
             rows = np.asarray(rows).reshape(len(order), -1)[order].reshape(rows.shape)
-        want = self.policy.type_for(name, data.ndim)
+        want = self.tensor_types.get(name) or self.policy.type_for(name, data.ndim)
         t = self._fit(name, want, rows.shape[1], strict=False)
         imat = self.imatrix.get(name)
         nbytes_row = type_info(t).row_bytes(rows.shape[1])
@@ -246,12 +248,19 @@ class _Planner:
 def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
                imatrix: dict[str, np.ndarray] | None = None, routers: dict[str, np.ndarray] | None = None,
                origin: PlanOrigin = PlanOrigin("uniform", "tensor"), strict_plan: bool = False,
-               quant_cache: QuantCache | None = None, progress: bool = True) -> WriteSummary:
-    """Write `dst` from the float GGUF `src` with every tensor typed by `plan` (experts) and `policy`."""
+               quant_cache: QuantCache | None = None, progress: bool = True,
+               tensor_types: Mapping[str, str] | None = None, max_bytes: int | None = None) -> WriteSummary:
+    """Write `dst` from the float GGUF `src` with every tensor typed by `plan` (experts), `tensor_types`
+    (non-expert tensors a whole-file allocation decided: they win over the policy) and `policy`.
+    `max_bytes` (--target-size): a file larger than this is removed and the run fails."""
     reader = GGUFReader(src)
     arch = str(reader.fields[Keys.General.ARCHITECTURE].contents())
     field = reader.fields.get(Keys.LLM.EXPERT_GROUP_COUNT.format(arch=arch))
-    planner = _Planner(plan, policy, imatrix, routers, strict_plan, quant_cache)
+    unknown = sorted(set(tensor_types or {}) - {t.name for t in reader.tensors})
+    if unknown:
+        raise GemqError(f"the plan types tensors the model does not have: {', '.join(unknown[:3])}.",
+                        "use a plan written for this model.")
+    planner = _Planner(plan, policy, imatrix, routers, strict_plan, quant_cache, tensor_types)
     planner.fit_experts_and_order(reader, int(field.contents()) if field is not None else 1)
     outs: list[_Out] = []
     for t in reader.tensors:
@@ -290,6 +299,10 @@ def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
                 writer.write_tensor_data(arr)
                 bar.update(o.nbytes)
         writer.close()
+        size = tmp.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise GemqError(f"the written file would take {size:,} bytes, over the target of {max_bytes:,}; "
+                            "it was removed.", "report this as a bug (the size bound missed something).")
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):  # keep the original error
