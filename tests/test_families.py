@@ -75,6 +75,17 @@ def test_tokenizer_agrees_with_hf(family: str, tiny_family, family_f32) -> None:
         AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False)["input_ids"]
 
 
+def test_refused_classes_say_why() -> None:
+    """A known MoE class we cannot convert faithfully is refused with its reason and the supported list."""
+    from gemq_gguf.archs.registry import _REFUSED, supported
+    from gemq_gguf.errors import GemqError
+    assert _REFUSED and not set(_REFUSED) & set(supported())
+    for hf_class, why in _REFUSED.items():
+        with pytest.raises(GemqError) as err:
+            adapter_for([hf_class])
+        assert why in str(err.value) and "MixtralForCausalLM" in str(err.value)
+
+
 def test_converter_gets_the_keys_transformers_drops() -> None:
     """DeepSeek-V3 re-saved by transformers has no `scoring_func`: without it llama.cpp routes by softmax."""
     from gemq_gguf.archs import adapter_for
