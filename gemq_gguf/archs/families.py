@@ -10,9 +10,11 @@ import re
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import ArchAdapter
+from ..ggml.names import ROUTER
 from .experts import ExpertsCall, ExpertsView, Layout
 from .registry import register
 
@@ -441,3 +443,36 @@ class Dots3(SigmoidScores):
             extra["rope_parameters"] = {**rope, "full_attention": rope["indexed_attention"]}
         return extra
 
+
+
+@register
+class Gemma4(ArchAdapter):
+    """Gemma 4 MoE (26B-A4B): the decoder layer is the block; beside the dense MLP, the experts read the
+    residual through their own norm (`pre_feedforward_layernorm_2`) and their output is normed again
+    before it joins the MLP's. The router reads the residual (not the experts' input) through its own
+    scale-free norm, `scale` and 1/sqrt(hidden); a per-expert scale multiplies the renormalised top-k
+    weights (in the experts call, so calibration and costs see it). Costs take the gradient at the experts'
+    output (the default experts hooks); router tuning reads the router's own input."""
+
+    hf_classes = ("Gemma4ForCausalLM",)
+    name = "gemma4"
+
+    def block_of(self, layer_module: nn.Module) -> nn.Module | None:
+        return layer_module if getattr(layer_module, "enable_moe_block", False) else None
+
+    def experts_module(self, block: nn.Module) -> nn.Module:
+        return block.experts
+
+    def router(self, block: nn.Module) -> nn.Module:
+        return block.router.proj
+
+    def router_params(self, block: nn.Module) -> dict[str, nn.Parameter]:
+        return {ROUTER: block.router.proj.weight}
+
+    def router_input_module(self, block: nn.Module) -> nn.Module:
+        return block.router
+
+    def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        r = block.router
+        h = r.norm(x.reshape(-1, x.shape[-1])) * r.scale * r.scalar_root_size
+        return F.linear(h.to(r.proj.weight.dtype), r.proj.weight)
