@@ -193,6 +193,24 @@ def test_shortcut_cost_equals_block_rerun(family: str, tiny_family) -> None:
     assert checked == 2
 
 
+@pytest.mark.parametrize("family", ["gemma4", "qwen3_next"])
+def test_router_logits_reproduce_the_routing(family: str, tiny_family) -> None:
+    """Router tuning's logits (`router_logits` of the input `router_input_hooks` records) pick the experts the
+    model's experts call receives; Gemma 4's router reads the residual through its own norm and scale, not
+    the block's (the decoder layer's) input."""
+    from gemq_gguf.gemq.router_ft import record_routing
+    path = tiny_family(family)
+    model = load_hf(path)
+    adapter = adapter_for(model.config.architectures)
+    with record_routing(model, adapter, logits=True) as routes, torch.no_grad():
+        model(input_ids=torch.tensor([sample_tokens(path, 64)]))
+    for layer in adapter.moe_shape(model.config).moe_layers:
+        ids = routes.ids[layer][0].sort(dim=1).values
+        z = routes.logits[layer][0].float()
+        top = z.topk(ids.shape[1], dim=1).indices.sort(dim=1).values
+        assert (top == ids).all(dim=1).float().mean() >= 0.95, (family, layer)
+
+
 # ---------------------------------------------------------------- grouped files in the patched runtime
 
 @pytest.fixture(scope="session")
