@@ -161,7 +161,8 @@ CONFIGS: dict[str, dict] = {
                    global_head_dim=128, intermediate_size=256, enable_moe_block=True, num_experts=8, top_k_experts=2,
                    moe_intermediate_size=256, hidden_size_per_layer_input=0, vocab_size_per_layer_input=GEMMA_VOCAB,
                    layer_types=["sliding_attention", "full_attention"], sliding_window=33, num_kv_shared_layers=0,
-                   tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2),
+                   tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                   final_logit_softcapping=30.0),  # llama.cpp caps at 30 when config.json has no value
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
