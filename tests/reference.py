@@ -44,7 +44,7 @@ def stable_positions(model: torch.nn.Module, tokens: list[int], *, noise: float 
 
     llama.cpp quantizes activations to 8 bits, which flips near-ties; a flipped expert is a different model,
     not a conversion error. A routing choice is near a tie when noise of `noise` x the RMS on every MoE
-    block's input changes the experts a position picks in any layer (over `draws` seeded draws): this
+    block's router input changes the experts a position picks in any layer (over `draws` seeded draws): this
     covers every family's scoring (softmax, sigmoid with bias correction, group-limited top-k) without
     re-implementing it. The top-1 token is near a tie when its logit leads the second by less than
     `top1_margin` x the logits' standard deviation."""
@@ -65,7 +65,8 @@ def stable_positions(model: torch.nn.Module, tokens: list[int], *, noise: float 
             x = x + scale * x.pow(2).mean().sqrt() * torch.randn(x.shape, generator=gen, dtype=x.dtype)
             return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
         layers = adapter.moe_shape(model.config).moe_layers
-        handles = [adapter.moe_block(model, l).register_forward_pre_hook(perturb, with_kwargs=True)
+        handles = [adapter.router_input_module(adapter.moe_block(model, l)).register_forward_pre_hook(
+                   perturb, with_kwargs=True)
                    for l in layers] if scale else []
         try:
             with experts_hooks(model, adapter, make_hook):

@@ -2,7 +2,8 @@
 
 1. `--uniform Q8_0` matches the Hugging Face model (mean KL <= 1e-3, top-1 >= 95 %) at token positions
    where no routing choice or top-1 token is near a tie (llama.cpp's 8-bit activations flip those);
-2. GEMQ's shortcut cost of an expert equals re-running the whole MoE block with it quantized;
+2. GEMQ's shortcut cost of an expert equals re-running the model with it quantized (the change where
+   calibration takes the gradient: the experts' output, or the block's where a shared expert joins it);
 3. a `--budget` run writes a truly mixed grouped file that the patched runtime loads and runs as close
    to its own dequantized reference as the quantization allows, and the same Q4_K bytes split into
    3 groups give the same logits as a uniform file.
@@ -23,7 +24,7 @@ FAMILIES = ["deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe", "
             "lfm2_moe", "glm4_moe_lite", "granitemoeshared", "granitemoehybrid", "exaone_moe", "solar_open", "hy_v3",
             "llama4", "ernie4_5_moe", "jamba", "dbrx", "nemotron_h", "cohere2_moe",
             "kimi_linear", "glm_moe_dsa", "mimo_v2_flash", "granitemoe_swa",
-            "deepseek_v32", "dots3"]
+            "deepseek_v32", "dots3", "gemma4"]
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +74,17 @@ def test_tokenizer_agrees_with_hf(family: str, tiny_family, family_f32) -> None:
     llm = Llama(str(gguf), vocab_only=True, verbose=False)
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
         AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False)["input_ids"]
+
+
+def test_refused_classes_say_why() -> None:
+    """A known MoE class we cannot convert faithfully is refused with its reason and the supported list."""
+    from gemq_gguf.archs.registry import _REFUSED, supported
+    from gemq_gguf.errors import GemqError
+    assert _REFUSED and not set(_REFUSED) & set(supported())
+    for hf_class, why in _REFUSED.items():
+        with pytest.raises(GemqError) as err:
+            adapter_for([hf_class])
+        assert why in str(err.value) and "MixtralForCausalLM" in str(err.value)
 
 
 def test_converter_gets_the_keys_transformers_drops() -> None:
@@ -127,9 +139,19 @@ def test_recurrent_convolutions_stay_float() -> None:
 
 # ---------------------------------------------------------------- costs: shortcut == re-run of the block
 
-def _block_out(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = block(x)
-    return out[0] if isinstance(out, tuple) else out  # gpt-oss and others also return router scores
+def _moe_out(model: torch.nn.Module, adapter, layer: int, tokens: torch.Tensor) -> torch.Tensor:
+    """The tensor at `layer` whose gradient calibration records as g (`hook_experts`), from a re-run of the
+    whole model: the block computes its own routing from its own inputs, whatever feeds its router
+    (the block's input, or the residual where the block is the decoder layer: Gemma 4)."""
+    out: list[torch.Tensor] = []
+    handles = adapter.hook_experts(adapter.moe_block(model, layer), lambda call: None, out.append)
+    try:
+        with torch.no_grad():
+            model(input_ids=tokens, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return out[0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -142,15 +164,16 @@ def test_shortcut_cost_equals_block_rerun(family: str, tiny_family) -> None:
     path = tiny_family(family)
     model = _load(path)
     adapter = adapter_for(model.config.architectures)
-    stats = collect_stats(model, adapter, _tokens(path, 2, 64), store_dtype=torch.float64)
+    tokens = _tokens(path, 2, 64)
+    stats = collect_stats(model, adapter, tokens, store_dtype=torch.float64)
     cache: dict = {}
     table = estimate_costs(model, adapter, stats, stats.imatrix().means(), types=("Q2_K",),
                            dtype=torch.float64, cache=cache)
     layer = next(iter(stats.layers))
     block, s = adapter.moe_block(model, layer), stats.layers[layer]
     view = adapter.experts(block)
-    x = s.x.reshape(1, -1, s.x.shape[1])
     width = {p: w.shape[1] for p, w in view.weights(0).items()}
+    y = _moe_out(model, adapter, layer, tokens)
     checked = 0
     for expert in range(view.n_experts):
         if int(s.counts[expert]) == 0:
@@ -158,11 +181,9 @@ def test_shortcut_cost_equals_block_rerun(family: str, tiny_family) -> None:
         for j, t in enumerate(table.types):
             wq = {p: _dequantized(cache, layer, expert, p, t, width[p]) for p in view.projs}
             orig = {p: w.detach().clone() for p, w in view.weights(expert).items()}
-            with torch.no_grad():
-                y = _block_out(block, x)
-                view.set_weights(expert, wq)
-                y_q = _block_out(block, x)
-                view.set_weights(expert, orig)
+            view.set_weights(expert, wq)
+            y_q = _moe_out(model, adapter, layer, tokens)
+            view.set_weights(expert, orig)
             want = float(((s.g * (y - y_q).reshape(s.g.shape)) ** 2).sum())
             got = table.cost[table.units.index((layer, expert, None)), j]
             assert want > 0 and abs(got - want) <= 1e-5 * want, (family, expert, t, got, want)
@@ -170,6 +191,24 @@ def test_shortcut_cost_equals_block_rerun(family: str, tiny_family) -> None:
         if checked == 2:
             break
     assert checked == 2
+
+
+@pytest.mark.parametrize("family", ["gemma4", "qwen3_next"])
+def test_router_logits_reproduce_the_routing(family: str, tiny_family) -> None:
+    """Router tuning's logits (`router_logits` of the input `router_input_hooks` records) pick the experts the
+    model's experts call receives; Gemma 4's router reads the residual through its own norm and scale, not
+    the block's (the decoder layer's) input."""
+    from gemq_gguf.gemq.router_ft import record_routing
+    path = tiny_family(family)
+    model = load_hf(path)
+    adapter = adapter_for(model.config.architectures)
+    with record_routing(model, adapter, logits=True) as routes, torch.no_grad():
+        model(input_ids=torch.tensor([sample_tokens(path, 64)]))
+    for layer in adapter.moe_shape(model.config).moe_layers:
+        ids = routes.ids[layer][0].sort(dim=1).values
+        z = routes.logits[layer][0].float()
+        top = z.topk(ids.shape[1], dim=1).indices.sort(dim=1).values
+        assert (top == ids).all(dim=1).float().mean() >= 0.95, (family, layer)
 
 
 # ---------------------------------------------------------------- grouped files in the patched runtime

@@ -9,13 +9,14 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from gemq_gguf.archs import adapter_for
 from gemq_gguf.data import calib_texts
 
 VOCAB = 384
+GEMMA_VOCAB = 640  # 4 specials, 256 byte-fallback pieces, merges
 COMMON = dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
               pad_token_id=1, rms_norm_eps=1e-6)
@@ -155,6 +156,13 @@ CONFIGS: dict[str, dict] = {
                   swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=128, swa_kv_lora_rank=128,
                   swa_head_dim=96, swa_qk_nope_head_dim=64, swa_v_head_dim=64,
                   swa_qk_rope_head_dim=32),  # ranks below hidden: its latents' rescale sqrt(hidden / rank) matters
+    # a Gemma-style tokenizer (_gemma_tokenizer); both layer kinds, tied embeddings, no per-layer inputs
+    "gemma4": dict(model_type="gemma4_text", vocab_size=GEMMA_VOCAB, num_key_value_heads=2, head_dim=64,
+                   global_head_dim=128, intermediate_size=256, enable_moe_block=True, num_experts=8, top_k_experts=2,
+                   moe_intermediate_size=256, hidden_size_per_layer_input=0, vocab_size_per_layer_input=GEMMA_VOCAB,
+                   layer_types=["sliding_attention", "full_attention"], sliding_window=33, num_kv_shared_layers=0,
+                   tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                   final_logit_softcapping=30.0),  # llama.cpp caps at 30 when config.json has no value
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
@@ -175,6 +183,8 @@ TOKENIZER_CONFIG: dict[str, dict] = {"deepseek_v32": {"add_bos_token": True}}
 
 #: families whose llama.cpp converter takes only a SentencePiece tokenizer.model
 SPM = ("ernie4_5_moe", "jamba")
+#: families whose llama.cpp converter takes a Gemma-style tokenizer.json (`▁` for spaces, byte fallback)
+GEMMA_TOK = ("gemma4",)
 
 
 @cache
@@ -203,6 +213,22 @@ def _write_spm_tokenizer(out_dir: Path) -> None:
 
 
 @cache
+def _gemma_tokenizer() -> PreTrainedTokenizerFast:
+    """Gemma's tokenizer.json form, which llama.cpp's Gemma 4 converter reads: spaces normalised to `▁`, a
+    split at newlines only, BPE with byte fallback. Ids: <pad> 0, <eos> 1, <bos> 2, <unk> 3, bytes 4-259."""
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[^\\n]+|[\\n]+"), behavior="isolated")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=GEMMA_VOCAB, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator([t[:60_000] for t in calib_texts().values()], trainer)
+    assert tok.get_vocab_size() == GEMMA_VOCAB, tok.get_vocab_size()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@cache
 def _tokenizer(specials: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -225,6 +251,14 @@ def _spread_routers(model: torch.nn.Module) -> None:
         for name, p in [*block.named_parameters(), *block.named_buffers()]:
             if name.endswith(("shared_expert_gate.weight", "e_score_correction_bias", "expert_bias")):
                 p.normal_(0.0, 0.5 if name.endswith("weight") else 0.05)
+            elif name.endswith(("router.scale", "router.per_expert_scale")):  # Gemma 4's, ones at init
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) and \
+                    getattr(getattr(block, "self_attn", None), "scaling", None) == 1.0:
+                # Gemma 4 attends with unit-RMS q and k and no 1/sqrt(d): with its init (ones) every score is
+                # ~sqrt(d) wide and attention near argmax, so a Q8_0 round trip of the embedding alone moves
+                # the HF model's own logits by KL 1e-3; trained norms keep scores in range
+                p.uniform_(0.2, 0.4)
 
 
 def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
@@ -237,6 +271,8 @@ def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype 
     model.save_pretrained(out_dir)
     if arch in SPM:
         _write_spm_tokenizer(out_dir)
+    elif arch in GEMMA_TOK:
+        _gemma_tokenizer().save_pretrained(out_dir)
     else:
         _tokenizer(SPECIALS.get(arch, ())).save_pretrained(out_dir)
     if arch in TOKENIZER_CONFIG:

@@ -22,7 +22,8 @@ from ..ggml.names import ROUTER, SHEXP_GATE
 from .experts import ExpertsCall, ExpertsView, is_experts_module
 
 #: config keys that give the number of experts a token uses, in the order families use them
-TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "top_k", "num_selected_experts", "n_activated_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "top_k", "num_selected_experts", "n_activated_experts",
+              "top_k_experts")
 #: child names of a shared-expert gate (a [1, hidden] linear whose sigmoid scales the shared expert)
 SHEXP_GATE_NAMES = ("shared_expert_gate", "shared_experts_gate")
 
@@ -154,6 +155,12 @@ class ArchAdapter:
         raise ValueError(f"{type(block).__name__} has no [n_experts, hidden] router")
 
     # -- routers (tuning) --------------------------------------------------------------------------
+    def router_input_module(self, block: nn.Module) -> nn.Module:
+        """The module whose call's first argument is the router's input (what `router_logits` takes): the
+        block itself where the router reads the block's input, the router where it reads something else
+        (Gemma 4: the residual, while the block is the whole decoder layer)."""
+        return block
+
     def router_params(self, block: nn.Module) -> dict[str, nn.Parameter]:
         """Trainable router tensors keyed by their GGUF name suffix (`ffn_gate_inp`, `ffn_gate_inp_shexp`)."""
         params = {ROUTER: self.router(block).weight}
@@ -164,8 +171,8 @@ class ArchAdapter:
         return params
 
     def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Router logits [T, n_experts] (differentiable in the router weight): the routing-match loss
-        compares their softmax with full precision's."""
+        """Router logits [T, n_experts] of the router's input x (`router_input_module`), differentiable in
+        the router weight: the routing-match loss compares their softmax with full precision's."""
         r = self.router(block)
         bias = getattr(r, "bias", None)
         return F.linear(x.reshape(-1, x.shape[-1]).to(r.weight.dtype), r.weight,

@@ -10,11 +10,13 @@ import re
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import ArchAdapter
+from ..ggml.names import ROUTER
 from .experts import ExpertsCall, ExpertsView, Layout
-from .registry import refuse, register
+from .registry import register
 
 
 def leading_dense(hparams: dict[str, Any]) -> dict[str, Any]:
@@ -442,23 +444,35 @@ class Dots3(SigmoidScores):
         return extra
 
 
-# Known MoE families that are refused, and why (docs/families.md)
-refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not its sparsemixer weighting, so even "
-       "an F32 conversion differs from the model")
-refuse("HunYuanMoEV1ForCausalLM", "llama.cpp's converter loads its tokenizer with trust_remote_code (tiktoken ranks), "
-       "and gemq-gguf runs no code from checkpoints")
-refuse("Llama4ForConditionalGeneration", "not tested yet (the vision-language checkpoint); its text model, "
-       "Llama4ForCausalLM, is supported")
-refuse("LagunaForCausalLM", "llama.cpp's conversion of a transformers-saved checkpoint differs from the model "
-       "(F32 logits 28 % off on a test checkpoint)")
-refuse("MellumForCausalLM", "llama.cpp's Mellum graph ropes the sliding-window layers with the global rope base, "
-       "not their own (rope_parameters.sliding_attention), so even an F32 conversion differs from the model")
-refuse("AfmoeForCausalLM", "not supported yet: llama.cpp's conversion of a transformers-saved tiny checkpoint differs "
-       "from the model (Q8_0 KL 1.5e-2, top-1 36 %); cause not found")
-refuse("HYV4ForCausalLM", "transformers rotates HY-V4's rope by halves and llama.cpp's graph by consecutive pairs (as "
-       "the reference code), so the model GEMQ calibrates differs from the GGUF (F32 logits 19 % off on a test "
-       "checkpoint)")
-refuse("Qwen4ExpForCausalLM", "llama.cpp's conversion of a transformers-saved test checkpoint differs from the model "
-       "(F32 logits 32 % off, 2 % at the first token); cause not investigated")
-refuse("DeepseekV4ForCausalLM", "llama.cpp's DeepSeek-V4 converter takes only the released MXFP4 experts (a weight and "
-       "a scale per expert) under DeepSeek's own tensor names; it cannot convert a float checkpoint")
+
+@register
+class Gemma4(ArchAdapter):
+    """Gemma 4 MoE (26B-A4B): the decoder layer is the block; beside the dense MLP, the experts read the
+    residual through their own norm (`pre_feedforward_layernorm_2`) and their output is normed again
+    before it joins the MLP's. The router reads the residual (not the experts' input) through its own
+    scale-free norm, `scale` and 1/sqrt(hidden); a per-expert scale multiplies the renormalised top-k
+    weights (in the experts call, so calibration and costs see it). Costs take the gradient at the experts'
+    output (the default experts hooks); router tuning reads the router's own input."""
+
+    hf_classes = ("Gemma4ForCausalLM",)
+    name = "gemma4"
+
+    def block_of(self, layer_module: nn.Module) -> nn.Module | None:
+        return layer_module if getattr(layer_module, "enable_moe_block", False) else None
+
+    def experts_module(self, block: nn.Module) -> nn.Module:
+        return block.experts
+
+    def router(self, block: nn.Module) -> nn.Module:
+        return block.router.proj
+
+    def router_params(self, block: nn.Module) -> dict[str, nn.Parameter]:
+        return {ROUTER: block.router.proj.weight}
+
+    def router_input_module(self, block: nn.Module) -> nn.Module:
+        return block.router
+
+    def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        r = block.router
+        h = r.norm(x.reshape(-1, x.shape[-1])) * r.scale * r.scalar_root_size
+        return F.linear(h.to(r.proj.weight.dtype), r.proj.weight)

@@ -3,7 +3,8 @@
 c[l, e, t] = Σ_tokens Σ_d (w_e(x)·g_d)² (E_e(x) − E_e,q(x))_d², over the tokens routed
 to expert e, with only that expert (or one of its projections) quantized to t by ggml's own
 quantizer with the expert's imatrix: the exact bytes that will ship. Quantizing one expert does not
-change the router's input, so this equals re-running the whole block, without re-running it.
+change the router's input, so this equals re-running the model with it quantized, read where calibration
+takes g (the experts' output, or the block's where a shared expert joins it), without re-running it.
 
 Units by granularity:
 - 'expert': gate, up and down quantized together (the paper's choice). A type a projection's row

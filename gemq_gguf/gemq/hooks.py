@@ -1,15 +1,14 @@
-"""Model plumbing shared by calibration and router tuning: freezing parameters, and hooks on every MoE block."""
+"""Model plumbing shared by calibration and router tuning: freezing parameters, and hooks on every MoE block's
+router input and experts call."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from ..archs import ArchAdapter, ExpertsCall, ExpertsView
-
-BlockHook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]
 
 
 @contextlib.contextmanager
@@ -32,22 +31,28 @@ def frozen(model: nn.Module, trainable: Iterable[nn.Parameter] = ()) -> Iterator
         model.train(was_training)
 
 
+#: called with a MoE block's router input, during the forward
+RouterInputHook = Callable[[torch.Tensor], None]
+
+
 @contextlib.contextmanager
-def moe_block_hooks(model: nn.Module, adapter: ArchAdapter, make_hook: Callable[[int], BlockHook]) -> Iterator[None]:
-    """`make_hook(layer)` as a forward hook (with kwargs) on every MoE block, removed afterwards."""
+def router_input_hooks(model: nn.Module, adapter: ArchAdapter,
+                       make_hook: Callable[[int, nn.Module], RouterInputHook]) -> Iterator[None]:
+    """`make_hook(layer, block)` called with the router's input of every MoE block (the first argument of
+    `adapter.router_input_module(block)`'s call), removed afterwards."""
     shape = adapter.moe_shape(model.config)
-    handles = [adapter.moe_block(model, l).register_forward_hook(make_hook(l), with_kwargs=True)
-               for l in shape.moe_layers]
+    handles = []
+    for l in shape.moe_layers:
+        block = adapter.moe_block(model, l)
+        hook = make_hook(l, block)
+        handles.append(adapter.router_input_module(block).register_forward_hook(
+            lambda m, args, kwargs, out, hook=hook: hook(args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True))
     try:
         yield
     finally:
         for h in handles:
             h.remove()
-
-
-def block_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    """The hidden states a MoE block was called with."""
-    return args[0] if args else kwargs["hidden_states"]
 
 
 #: called with each experts call and its output, during the forward

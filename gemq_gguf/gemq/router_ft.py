@@ -50,7 +50,7 @@ from ..ggml.quant import QuantCache, dequantize, roundtrip
 from ..ggml.types import fitting_type
 from ..options import LOSSES, SELECT, TuneOptions
 from ..plan import ExpertPlan
-from .hooks import block_input, experts_hooks, frozen, moe_block_hooks
+from .hooks import experts_hooks, frozen, router_input_hooks
 
 ROUTE_WEIGHT = 1.0
 ROUTE_TEMPERATURE = 0.5  # in units of the per-token std of the full-precision router logits
@@ -109,16 +109,15 @@ class Routes:
 def record_routing(model: nn.Module, adapter: ArchAdapter, *, logits: bool = False,
                    grad: bool = False) -> Iterator[Routes]:
     """Hook every MoE block and record its routing per forward, in call order: the expert ids as the
-    model's experts call receives them, and router logits of the block's input.
+    model's experts call receives them, and router logits of the router's input.
 
     `grad=True` keeps the router logits on the device and in the autograd graph (for the routing-match
     loss) and skips the ids."""
     shape = adapter.moe_shape(model.config)
     out = Routes({l: [] for l in shape.moe_layers}, {l: [] for l in shape.moe_layers})
 
-    def logits_hook(layer: int) -> Callable[..., None]:
-        def f(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            x = block_input(args, kwargs)
+    def logits_hook(layer: int, block: nn.Module) -> Callable[[torch.Tensor], None]:
+        def f(x: torch.Tensor) -> None:
             if grad:
                 out.logits[layer].append(adapter.router_logits(block, x).float())
                 return
@@ -131,7 +130,7 @@ def record_routing(model: nn.Module, adapter: ArchAdapter, *, logits: bool = Fal
         return lambda call, output: out.ids[layer].append(call.ids.detach().cpu())
     with contextlib.ExitStack() as stack:
         if grad or logits:
-            stack.enter_context(moe_block_hooks(model, adapter, logits_hook))
+            stack.enter_context(router_input_hooks(model, adapter, logits_hook))
         if not grad:
             stack.enter_context(experts_hooks(model, adapter, ids_hook))
         yield out

@@ -1,13 +1,13 @@
 """Calibration statistics for GEMQ, from one forward + backward pass over the calibration tokens.
 
 For every MoE layer we keep what the cost of quantizing any expert needs:
-the block input x [T, H], the gradient g [T, H] of the LM loss w.r.t. the block output (routed plus
-shared part, i.e. what the block returns), the routing (ids, weights [T, k]), and per expert the
+the experts' input x [T, H], the gradient g [T, H] of the LM loss w.r.t. the experts' summed output (or
+the block's, routed plus shared part, where the adapter hooks that: `ArchAdapter.hook_experts`), the routing (ids, weights [T, k]), and per expert the
 importance matrix sums (Σ x² for gate/up inputs, Σ (act(gate x)·up x)² for down inputs) and token
 counts, exactly what llama.cpp's imatrix tool accumulates.
 
-How: a forward hook on each MoE block records x and the routing and accumulates the imatrix; a tensor
-hook on the block output records g during backward. The loss is Σ_seq mean_token CE, so g does not
+How: a hook on each MoE block's experts call records x and the routing and accumulates the imatrix; a
+tensor hook on its output records g during backward. The loss is Σ_seq mean_token CE, so g does not
 depend on the batch size. Parameters get no gradients (only activations do), which keeps backward
 memory at one batch's activations. With `tensor_tokens`, hooks on the other linears and the embedding
 record what their costs need (tensor_stats.py) in the same pass.

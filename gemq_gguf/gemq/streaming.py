@@ -67,9 +67,9 @@ class _Probe(nn.Module):
         self.index, self.calls, self.replace, self.stop = index, calls, replace, stop
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args:
+        if any(a is not None for a in args):  # recorded once per batch shape: nothing may depend on the tokens
             raise TypeError("decoder layers called with positional arguments beyond the hidden states")
-        self.calls[self.index] = {"input": hidden_states, **kwargs}
+        self.calls[self.index] = {"input": hidden_states, "args": args, **kwargs}
         if self.stop:
             raise _Stop
         return hidden_states if self.replace is None else self.replace
@@ -140,11 +140,12 @@ def stream_stats(source: LayerSource, adapter: ArchAdapter, tokens: torch.Tensor
                 h0 = bounds.h[0]
             h0[rows[s]] = calls[0]["input"].reshape(-1, h0.shape[-1]).cpu()
             kwargs.setdefault(batch.shape[0], [{k: v for k, v in calls[i].items() if k != "input"}
-                                               for i in range(n_layers)])
+                                               for i in range(n_layers)])  # "args": Nones (Gemma 4's per_layer_input)
     steps.update()
 
     def run(i: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return _layer_output(layer(x, **kwargs[x.shape[0]][i]))
+        kw = dict(kwargs[x.shape[0]][i])
+        return _layer_output(layer(x, *kw.pop("args"), **kw))
 
     for i in range(n_layers):  # forward, layer by layer
         with source.loaded(i) as layer, torch.no_grad():
