@@ -131,3 +131,13 @@ def test_costs_on_the_skeleton(tmp_path: Path) -> None:
     source.release()
     assert all(p.device.type == "meta" for p in source.model.parameters())
     assert (full.cost > 0).all() and torch.equal(torch.from_numpy(full.cost), torch.from_numpy(table.cost))
+
+
+def test_per_token_layer_inputs_are_a_clear_error() -> None:
+    """A decoder layer fed per-token tensors besides the hidden states (Gemma's per-layer inputs) cannot be
+    streamed with arguments recorded once per batch shape: one line naming the fix, not a TypeError."""
+    from gemq_gguf.gemq.streaming import _Probe
+    probe = _Probe(0, {})
+    probe(torch.zeros(1, 2, 4), None)  # None placeholders are fine
+    with pytest.raises(GemqError, match="--calib-memory full"):
+        probe(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))

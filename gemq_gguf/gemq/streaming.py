@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..archs import ArchAdapter
+from ..errors import GemqError
 from ..options import CALIB_MEMORY, FISHER_LABELS
 from .hooks import experts_hooks
 from .layer_source import LayerSource, safetensors_files
@@ -68,7 +69,9 @@ class _Probe(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if any(a is not None for a in args):  # recorded once per batch shape: nothing may depend on the tokens
-            raise TypeError("decoder layers called with positional arguments beyond the hidden states")
+            raise GemqError("layer-streamed calibration cannot take this model: its decoder layers get per-token "
+                            "inputs besides the hidden states (e.g. Gemma's per-layer inputs).",
+                            "pass --calib-memory full (the whole model in memory).")
         self.calls[self.index] = {"input": hidden_states, "args": args, **kwargs}
         if self.stop:
             raise _Stop
