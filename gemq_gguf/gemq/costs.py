@@ -43,7 +43,7 @@ from ..ggml.quant import QuantCache, dequantize, quantize
 from ..ggml.types import fitting_type, type_info
 from ..options import DEFAULT_TYPES
 from ..plan import ExpertPlan
-from .experts_math import batched_sse, expert_delta, expert_fn, expert_pass
+from .experts_math import expert_delta, expert_fn, expert_pass
 from .stats import CalibStats, LayerStats
 from .units import Widths, effective_type, unit_bits, unit_keys
 
@@ -163,15 +163,11 @@ def _expert_costs(jobs: _LayerJobs, s: LayerStats, e: int, types: Sequence[str],
         return memo[combo]
 
     if granularity == "expert":
-        combos = {t: tuple((p, jobs.eff[p][t]) for p in projs) for t in types}
-        allowed = [c for c in dict.fromkeys(combos.values()) if all(et is not None for _, et in c)]
-        batch = batched_sse(base, [{p: wq(p, et) for p, et in c} for c in allowed], gw)
-        if batch is not None:  # every candidate in one pass (the common SwiGLU expert)
-            memo.update(zip(allowed, batch))
         out = np.full(len(types), np.inf)
         for j, t in enumerate(types):
-            if combos[t] in allowed:
-                out[j] = cost(combos[t])
+            combo = tuple((p, jobs.eff[p][t]) for p in projs)
+            if all(et is not None for _, et in combo):
+                out[j] = cost(combo)
         return out
     out = np.full((len(projs), len(types)), np.inf)
     for i, p in enumerate(projs):

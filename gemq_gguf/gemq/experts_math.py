@@ -93,33 +93,3 @@ def expert_delta(base: ExpertPass, wq: dict[str, torch.Tensor]) -> torch.Tensor:
         d = dh @ w_down_q.T
         delta = d if delta is None else delta + d
     return delta
-
-
-def batched_sse(base: ExpertPass, wqs: list[dict[str, torch.Tensor]], gw: torch.Tensor,
-                chunk: int = 4096) -> list[float] | None:
-    """Σ (gw ⊙ (E(x) − E_q(x)))² of several variants with every projection quantized, all at once: one
-    GEMM per projection for all variants (the variants' matrices side by side) instead of four small
-    ones per variant, which on the CPU costs about a third less for 8 candidate types. The same
-    difference form as `expert_delta`; the sums differ from it by float rounding only.
-
-    None where this path does not apply (a GLU that is not act(gate)·up, a norm after down, a variant
-    that keeps a projection exact): then `expert_delta` does one variant at a time."""
-    fn, w = base.fn, base.w
-    if base.a is None or fn.act is None or fn.finish is not None or not wqs or any(set(q) != {"gate", "up", "down"} for q in wqs):
-        return None
-    k, n_ffn, hidden = len(wqs), w["up"].shape[0], w["down"].shape[0]
-    gate_q = torch.cat([q["gate"] for q in wqs])                # [k·I, H]
-    up_d = torch.cat([w["up"] - q["up"] for q in wqs])          # [k·I, H]
-    down_d = torch.cat([w["down"] - q["down"] for q in wqs])    # [k·H, I]
-    down_q = torch.stack([q["down"].T for q in wqs])            # [k, I, H]
-    gate_b = fn.bias["gate"].repeat(k) if "gate" in fn.bias else None
-    total = torch.zeros(k, dtype=torch.float64, device=gw.device)
-    for r in range(0, base.x.shape[0], chunk):
-        x, a, up, h = (t[r:r + chunk] for t in (base.x, base.a, base.pre["up"], base.h))  # type: ignore[index]
-        n = x.shape[0]
-        pre = x @ gate_q.T
-        a_q = fn.act(pre if gate_b is None else pre + gate_b).view(n, k, n_ffn)
-        dh = (a[:, None] - a_q) * up[:, None] + a_q * (x @ up_d.T).view(n, k, n_ffn)  # h − h_q per variant
-        d = torch.baddbmm((h @ down_d.T).view(n, k, hidden).transpose(0, 1), dh.transpose(0, 1), down_q)
-        total += (d * gw[r:r + chunk]).square().sum(dim=(1, 2)).double()
-    return total.tolist()
