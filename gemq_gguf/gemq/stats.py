@@ -98,8 +98,6 @@ class CalibStats:
 
 def _accumulate_imatrix(view: ExpertsView, call: ExpertsCall, x: torch.Tensor, s: LayerStats) -> None:
     ids = call.ids
-    # every token's x² once, not once per chosen expert (the same values: a row gather of them)
-    x2 = None if view.input_weighted else x.double() ** 2
     for e in ids.unique().tolist():
         hit = ids == e
         tok = hit.any(dim=1)
@@ -107,7 +105,7 @@ def _accumulate_imatrix(view: ExpertsView, call: ExpertsCall, x: torch.Tensor, s
         if view.input_weighted:  # the expert's input is w x (what llama.cpp's imatrix sees too)
             xe = xe * (call.weights * hit).sum(dim=1)[tok, None].to(xe.dtype)
         h = expert_hidden(view, xe, view.weights(e), e)
-        s.in_sum2[e] += (xe.double() ** 2 if x2 is None else x2[tok]).sum(0).cpu()
+        s.in_sum2[e] += (xe.double() ** 2).sum(0).cpu()
         s.down_sum2[e] += (h.double() ** 2).sum(0).cpu()
         s.counts[e] += int(tok.sum())
 
