@@ -39,7 +39,7 @@ from .options import (
 from .pipeline import convert
 
 EXAMPLES = """examples:
-  python convert.py demo --budget 3.0 -o demo-gemq-3.0.gguf
+  python convert.py demo --budget 3.0 --calib-tokens 4096 -o demo-gemq-3.0.gguf
   python convert.py ./Qwen3-30B-A3B --budget 3.0 -o qwen3-30b-a3b-gemq-3.0.gguf
   python convert.py ./Qwen3-30B-A3B --budget 3.0 --granularity tensor -o stock-compatible.gguf
   python convert.py ./Mixtral-8x7B --uniform Q4_K --tensor-type attn=Q8_0 -o mixtral-q4k.gguf
