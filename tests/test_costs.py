@@ -323,5 +323,6 @@ def test_sampled_costs_keep_no_partial_matrices(tiny) -> None:
     sampled = estimate_costs(model, adapter, stats, stats.imatrix().means(), types=TYPES, dtype=torch.float64,
                              cache=quant, rows=0.5)
     assert not quant and np.array_equal(sampled.bits, table.bits) and sampled.units == table.units
-    with pytest.raises(GemqError, match="cost-rows"):
-        estimate_costs(model, adapter, stats, None, types=TYPES, rows=0.0)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(GemqError, match="cost-rows"):
+            estimate_costs(model, adapter, stats, None, types=TYPES, rows=bad)

@@ -28,7 +28,7 @@ from ..plan import ExpertTypes, PlanOrigin, plan_from_allocation
 from ..report import plot_heatmap, print_allocation, report_dict, tensor_section
 from .calib import calibration_tokens
 from .cache import StatsCache, open_cache
-from .costs import CostTable, estimate_costs, prune_cache
+from .costs import CostTable, check_cost_rows, estimate_costs, prune_cache
 from .stats import CalibStats, collect_stats, load_for_calibration
 from .streaming import LayerWindowAdapter, open_layer_source, stream_stats, use_streaming
 from .units import Widths, unit_bits, unit_keys, unit_projs
@@ -57,11 +57,6 @@ def size_problem(shape: MoeShape, types: list[str], granularity: str, has_imatri
                                      dict.fromkeys(shape.projs, has_imatrix))
         cost[u, ~allowed] = np.inf
     return AllocationProblem.build(units, types, cost, params, bits=bits)
-
-
-def check_cost_rows(rows: float) -> None:
-    if not (np.isfinite(rows) and 0.0 < rows <= 1.0):
-        raise GemqError(f"--cost-rows {rows:g} is not a fraction in (0, 1].", "use e.g. --cost-rows 0.25 (1 = exact costs).")
 
 
 def check_request(opts: AllocOptions, shape: MoeShape) -> list[str]:

@@ -105,6 +105,12 @@ class _LayerJobs:
     rows: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # (expert, proj) -> sampled rows
 
 
+def check_cost_rows(rows: float) -> None:
+    if not (np.isfinite(rows) and 0.0 < rows <= 1.0):
+        raise GemqError(f"--cost-rows {rows:g} is not a fraction in (0, 1].",
+                        "use e.g. --cost-rows 0.25 (1 = exact costs).")
+
+
 def sample_rows(n_rows: int, fraction: float, layer: int, expert: int, proj: str) -> np.ndarray | None:
     """The sorted rows of one matrix that a sampled cost quantizes (None: all of them); seeded by the
     matrix, so every candidate type, run and resumed pass sees the same rows."""
@@ -358,8 +364,7 @@ def estimate_costs(model: nn.Module, adapter: ArchAdapter, stats: CalibStats,
     types = [type_info(t).name for t in types]
     fallback = granularity == "expert"
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if not 0.0 < rows <= 1.0:
-        raise GemqError(f"--cost-rows {rows:g} is not a fraction in (0, 1].", "use e.g. --cost-rows 0.25 (1 = exact).")
+    check_cost_rows(rows)
     done = {l: r for l in layers if store is not None and (r := store.load(l)) is not None}
     todo = [l for l in layers if l not in done]
     keep = store is None and cache is not None and rows >= 1.0 and \
