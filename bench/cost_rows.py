@@ -3,6 +3,8 @@
 Calibrates once (cached in CACHE_DIR), then per fraction runs the CLI's own `cost_table` (CPU seconds of
 this process, all threads: `getrusage`), solves each budget, and reports the share of units whose type
 differs from the exact costs' allocation (fraction 1) and the written file's KLD against the F32 GGUF.
+For the CPU column run it with OMP_NUM_THREADS=1 (and --no-eval): on a loaded machine torch's OpenMP threads
+spin between the cost arithmetic's small ops, and that spinning, not the sampling, then dominates CPU time.
 
     python bench/cost_rows.py MODEL [--calib-tokens 8192] [--fractions 1,0.25,0.125] [--budgets 2.5,3.5]
         [--out-dir /tmp/cost-rows] [--cache-dir DIR] [--eval-chunks 4] [--no-eval]
