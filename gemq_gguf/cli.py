@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {','.join(NON_EXPERT_TYPES)})")
     g.add_argument("--max-types", type=int, default=AllocOptions.max_types,
                    help=f"at most this many types per layer-projection (default {AllocOptions.max_types})")
+    g.add_argument("--cost-rows", type=float, default=AllocOptions.cost_rows, metavar="FRACTION",
+                   help="estimate the costs from this seeded fraction of each expert matrix's rows (each candidate "
+                        "type quantizes only those; the file's types are still quantized in full); "
+                        f"default {AllocOptions.cost_rows:g} = exact costs")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", nargs="+", default=[], metavar="FILE[:WEIGHT]", help="text or jsonl files (default: built-in mix)")
     c.add_argument("--calib-tokens", type=int, default=CalibOptions.tokens)
@@ -139,9 +143,9 @@ def _expert_typing(ns: argparse.Namespace) -> ExpertTyping:
         tensor_types = (tuple(s.strip().upper() for s in ns.tensor_candidates.split(","))
                         if ns.tensor_candidates else NON_EXPERT_TYPES)
         return WholeFileOptions(target=target, granularity=ns.granularity, types=types, tensor_types=tensor_types,
-                                max_types=ns.max_types, strategy=ns.strategy)
+                                max_types=ns.max_types, strategy=ns.strategy, cost_rows=ns.cost_rows)
     return AllocOptions(budget=ns.budget, strategy=ns.strategy, granularity=ns.granularity, types=types,
-                        max_types=ns.max_types)
+                        max_types=ns.max_types, cost_rows=ns.cost_rows)
 
 
 def request_from_args(ns: argparse.Namespace) -> ConvertRequest:

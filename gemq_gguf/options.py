@@ -49,6 +49,7 @@ class AllocOptions:
     granularity: str = GRANULARITIES[0]
     types: tuple[str, ...] = DEFAULT_TYPES
     max_types: int = 3
+    cost_rows: float = 1.0               # fraction of each matrix's rows the costs quantize (1: exact costs)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class WholeFileOptions:
     tensor_types: tuple[str, ...] = NON_EXPERT_TYPES  # candidates of the other tensors
     max_types: int = 3
     strategy: str = STRATEGIES[0]                     # only gemq solves the joint problem
+    cost_rows: float = 1.0                            # as AllocOptions.cost_rows
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

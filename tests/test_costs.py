@@ -12,10 +12,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from gemq_gguf.archs import adapter_for
 from gemq_gguf.gemq.calib import calibration_tokens
-from gemq_gguf.gemq.costs import _fill_never_routed, estimate_costs, prune_cache
+from gemq_gguf.errors import GemqError
+from gemq_gguf.gemq.costs import _fill_never_routed, estimate_costs, prune_cache, sample_rows, sample_scale
 from gemq_gguf.gemq.stats import gradient_targets, collect_stats
 from gemq_gguf.ggml.names import PROJS, expert_tensor_name
-from gemq_gguf.ggml.quant import dequantize
+from gemq_gguf.ggml.imatrix import expert_imatrix
+from gemq_gguf.ggml.quant import dequantize, quantize
 from gemq_gguf.ggml.types import type_info
 
 TYPES = ("Q2_K", "Q4_K", "Q6_K")
@@ -280,3 +282,47 @@ def test_table_feeds_the_allocator(tiny) -> None:
     for alloc in (gemq, uniform):
         assert alloc.unit_bits.sum() <= 4.5 * table.params.sum() + 1e-6
     assert gemq.unit_cost.sum() <= uniform.unit_cost.sum()
+
+
+def test_sampled_costs_are_the_sampled_rows_exact_cost_scaled(tiny) -> None:
+    """--cost-rows: each candidate quantizes only sampled rows (ggml's rows are independent: the same bytes as
+    those rows of the whole matrix), and the cost is the block's exact cost with only those rows quantized,
+    times rows / sampled (for down: the exact per-row costs of the sampled rows, summed and scaled)."""
+    model, adapter, stats, _, cache = tiny
+    layer, expert, frac = next(iter(stats.layers)), 1, 0.5
+    table = estimate_costs(model, adapter, stats, stats.imatrix().means(), types=("Q2_K",), granularity="expert-proj",
+                           dtype=torch.float64, cache={}, rows=frac)
+    weights = adapter.experts(adapter.moe_block(model, layer)).weights(expert)
+    imat = stats.imatrix().means()
+    for p in PROJS:
+        w = weights[p].detach().to(torch.float32).numpy()
+        idx = sample_rows(w.shape[0], frac, layer, expert, p)
+        assert idx is not None and len(idx) == round(frac * w.shape[0])
+        im = expert_imatrix(imat, layer, p, 6)[expert]
+        full = quantize(w, "Q2_K", im, 1)
+        assert np.array_equal(quantize(np.ascontiguousarray(w[idx]), "Q2_K", im, 1), full[idx])
+        wq = weights[p].detach().clone().double()
+        wq[torch.from_numpy(idx)] = torch.from_numpy(dequantize(full, "Q2_K", w.shape[1])).double()[torch.from_numpy(idx)]
+        want = w.shape[0] / len(idx) * _block_cost(model, adapter, stats, layer, expert, {p: wq})
+        got = table.cost[table.units.index((layer, expert, p)), 0]
+        assert want > 0 and got == pytest.approx(want, rel=1e-5), (p, got, want)
+
+
+def test_sample_rows_and_scale() -> None:
+    assert sample_rows(100, 1.0, 0, 0, "up") is None
+    a = sample_rows(768, 0.125, 3, 5, "down")
+    assert len(a) == 96 and np.array_equal(a, np.unique(a)) and np.array_equal(a, sample_rows(768, 0.125, 3, 5, "down"))
+    assert not np.array_equal(a, sample_rows(768, 0.125, 3, 6, "down"))
+    assert sample_scale([(768, 2048), (2048, 768)], [np.arange(96), np.arange(256)]) == pytest.approx(8.0)
+    assert sample_scale([(10, 4), (10, 4)], [None, np.arange(5)]) == pytest.approx(1.5)
+
+
+def test_sampled_costs_keep_no_partial_matrices(tiny) -> None:
+    model, adapter, stats, table, _ = tiny
+    quant: dict = {}
+    sampled = estimate_costs(model, adapter, stats, stats.imatrix().means(), types=TYPES, dtype=torch.float64,
+                             cache=quant, rows=0.5)
+    assert not quant and np.array_equal(sampled.bits, table.bits) and sampled.units == table.units
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(GemqError, match="cost-rows"):
+            estimate_costs(model, adapter, stats, None, types=TYPES, rows=bad)

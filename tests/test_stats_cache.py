@@ -141,3 +141,18 @@ def test_quant_files_mapping(tmp_path: Path, tiny) -> None:
     assert key not in files and len(files) == len(quant) - 1
     files[key] = quant[key]
     assert key in files
+
+
+def test_cost_key_sees_the_sampled_fraction(tmp_path: Path, tiny) -> None:
+    _, model, adapter, _, stats, table, _ = tiny
+    means = stats.imatrix().means()
+    cache, args = StatsCache(tmp_path), ("k", TYPES, "expert", means, "cpu", list(stats.layers))
+    exact = cache.costs(*args)
+    assert cache.costs(*args, rows=1.0).path == exact.path
+    sampled = cache.costs(*args, rows=0.25)
+    assert sampled.path != exact.path and cache.costs(*args, rows=0.125).path != sampled.path
+    estimate_costs(model, adapter, stats, means, types=TYPES, store=sampled, rows=0.25)
+    assert not any(sampled.path.glob("*.quant.safetensors"))  # partial candidates: the writer quantizes in full
+    assert len(sampled.quant_cache()) == 0
+    again = cache.costs(*args, rows=0.25).table(6, stats.projs)
+    assert again is not None and np.array_equal(again.bits, table.bits) and not np.array_equal(again.cost, table.cost)

@@ -28,7 +28,7 @@ from ..plan import ExpertTypes, PlanOrigin, plan_from_allocation
 from ..report import plot_heatmap, print_allocation, report_dict, tensor_section
 from .calib import calibration_tokens
 from .cache import StatsCache, open_cache
-from .costs import CostTable, estimate_costs, prune_cache
+from .costs import CostTable, check_cost_rows, estimate_costs, prune_cache
 from .stats import CalibStats, collect_stats, load_for_calibration
 from .streaming import LayerWindowAdapter, open_layer_source, stream_stats, use_streaming
 from .units import Widths, unit_bits, unit_keys, unit_projs
@@ -62,6 +62,7 @@ def size_problem(shape: MoeShape, types: list[str], granularity: str, has_imatri
 def check_request(opts: AllocOptions, shape: MoeShape) -> list[str]:
     """Validate types and budget before any heavy work; returns the candidate types."""
     types = [canonical(t) for t in opts.types]
+    check_cost_rows(opts.cost_rows)
     problem = size_problem(shape, types, opts.granularity, has_imatrix=True)
     check_budget(problem, opts.budget)
     hi = problem.bpw_range()[1]
@@ -81,6 +82,7 @@ def check_whole_file(opts: WholeFileOptions, shape: MoeShape) -> tuple[list[str]
     if opts.target.bpw is not None and not (np.isfinite(opts.target.bpw) and opts.target.bpw > 0):
         raise GemqError(f"--target-bpw {opts.target.bpw:g} is not a positive number.", "use e.g. --target-bpw 4.5.")
     types = [canonical(t) for t in opts.types]
+    check_cost_rows(opts.cost_rows)
     size_problem(shape, types, opts.granularity, has_imatrix=True)  # every expert unit has an allowed type
     return types, [canonical(t) for t in opts.tensor_types]
 
@@ -163,17 +165,17 @@ def calibrate(model_dir: Path, adapter: ArchAdapter, calib: CalibOptions, work_d
 
 
 def cost_table(c: Calibration, adapter: ArchAdapter, shape: MoeShape, types: list[str], granularity: str,
-               cache: StatsCache | None) -> tuple[CostTable, QuantCache]:
+               cache: StatsCache | None, rows: float = 1.0) -> tuple[CostTable, QuantCache]:
     """The GEMQ costs `--budget` solves (from the cache when there, finishing an interrupted pass from its
     last layer) and the quantized candidates for the writer. The benchmarks call this too, so what they
     measure is what ships (e.g. never-routed experts counted as in `estimate_costs`, at every granularity)."""
     if cache is None or c.cache_key is None:
         quant: QuantCache = {}
-        return c.costs(adapter, types=types, granularity=granularity, cache=quant, progress=True), quant
-    entry = cache.costs(c.cache_key, types, granularity, c.imatrix, _numerics(), list(shape.moe_layers))
+        return c.costs(adapter, types=types, granularity=granularity, cache=quant, progress=True, rows=rows), quant
+    entry = cache.costs(c.cache_key, types, granularity, c.imatrix, _numerics(), list(shape.moe_layers), rows)
     table = entry.table(shape.n_experts, shape.projs)
     if table is None:
-        table = c.costs(adapter, types=types, granularity=granularity, store=entry, progress=True)
+        table = c.costs(adapter, types=types, granularity=granularity, store=entry, progress=True, rows=rows)
     return table, entry.quant_cache()
 
 
@@ -193,7 +195,7 @@ def allocate_experts(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, flo
     if opts.strategy == "uniform":
         problem = size_problem(shape, types, opts.granularity, has_imatrix=True)
     else:
-        table, cache = cost_table(c, adapter, shape, types, opts.granularity, store)
+        table, cache = cost_table(c, adapter, shape, types, opts.granularity, store, opts.cost_rows)
         problem = table.problem()
         report.update(never_routed_experts=[f"L{l}.E{e}" for l, e in table.never_routed], cost_notes=table.notes,
                       cost_seconds=table.seconds)
@@ -264,7 +266,7 @@ def allocate_whole_file(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, 
         log.info("imatrix: %s", output.save_imatrix)
     report: dict[str, Any] = {"calibration": {"sequences": c.stats.n_seq, "seq_len": c.stats.seq_len,
                                               "loss": c.stats.loss, "datasets": c.stats.datasets}}
-    table, cache = cost_table(c, adapter, shape, types, opts.granularity, store)
+    table, cache = cost_table(c, adapter, shape, types, opts.granularity, store, opts.cost_rows)
     tstore = store.tensor_costs(c.cache_key, tensor_types, c.imatrix, float_gguf, _numerics()) \
         if store is not None and c.cache_key is not None else None
     tcost = tensor_cost_table(c.stats, float_gguf, tensor_types, imatrix=c.imatrix, store=tstore)

@@ -101,8 +101,10 @@ class StatsCache:
         return CalibEntry(self.root / f"calib-{key[:_KEY_CHARS]}", key)
 
     def costs(self, calib_key: str, types: Sequence[str], granularity: str, imatrix: dict[str, np.ndarray] | None,
-              device: str, layers: Sequence[int]) -> "CostEntry":
-        key = digest("costs", calib_key, list(types), granularity, arrays_digest(imatrix), device)
+              device: str, layers: Sequence[int], rows: float = 1.0) -> "CostEntry":
+        """`rows`: the sampled fraction of rows (`--cost-rows`); 1 keeps the exact costs' key."""
+        key = digest("costs", calib_key, list(types), granularity, arrays_digest(imatrix), device,
+                     *([] if rows >= 1.0 else [f"rows={rows!r}"]))
         return CostEntry(self.root / f"costs-{key[:_KEY_CHARS]}", list(types), granularity, list(layers))
 
     def tensor_costs(self, calib_key: str, types: Sequence[str], imatrix: dict[str, np.ndarray] | None,

@@ -22,6 +22,16 @@ expert); they are listed in `CostTable.never_routed` and `notes`.
 Quantization is the CPU hot spot: each distinct (matrix, effective type) is quantized once, in a
 thread pool (ggml releases the GIL), one layer ahead of the cost arithmetic; results go into the
 writer's `QuantCache` when they fit `cache_limit` bytes, so the final write re-quantizes nothing.
+
+Sampled rows (`rows` < 1, `--cost-rows`): ggml quantizes row by row (a row's bytes depend only on that
+row and the per-column imatrix), so each candidate quantizes only a seeded sample of each matrix's rows;
+the cost is that of the expert with only the sampled rows quantized (the others exact), times
+rows/sampled. For down, whose rows are output coordinates, the cost is a sum over rows: the estimate is
+exactly unbiased. A gate/up row is one intermediate channel; its error reaches every output through down,
+so the cost is a quadratic form over channels: the diagonal (each channel's own error) is estimated
+without bias, the cross terms between channels (and, for a whole expert, between down's and gate/up's
+errors: products of independent quantization errors, near zero on average) are shrunk by the fraction.
+The partial matrices stay out of the caches: the writer quantizes the chosen type of each matrix in full.
 """
 from __future__ import annotations
 
@@ -39,7 +49,7 @@ from ..allocate import AllocationProblem, UnitKey
 from ..archs import ArchAdapter, ExpertsView
 from ..errors import GemqError
 from ..ggml.imatrix import expert_imatrix
-from ..ggml.names import expert_tensor_name, parse_expert_name
+from ..ggml.names import PROJS, expert_tensor_name, parse_expert_name
 from ..ggml.quant import QuantCache, dequantize, quantize
 from ..ggml.types import fitting_type, type_info
 from ..options import DEFAULT_TYPES
@@ -93,10 +103,43 @@ class _LayerJobs:
     futures: dict[tuple[str, int, str], Future]      # QuantCache key -> quantized bytes
     fallback: bool                                   # a type the rows cannot take becomes llama.cpp's fallback
     has_imatrix: dict[str, bool]                     # proj -> an imatrix exists (types that need one allowed)
+    rows: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # (expert, proj) -> sampled rows
+
+
+def check_cost_rows(rows: float) -> None:
+    if not (np.isfinite(rows) and 0.0 < rows <= 1.0):
+        raise GemqError(f"--cost-rows {rows:g} is not a fraction in (0, 1].",
+                        "use e.g. --cost-rows 0.25 (1 = exact costs).")
+
+
+def sample_rows(n_rows: int, fraction: float, layer: int, expert: int, proj: str) -> np.ndarray | None:
+    """The sorted rows of one matrix that a sampled cost quantizes (None: all of them); seeded by the
+    matrix, so every candidate type, run and resumed pass sees the same rows."""
+    if fraction >= 1.0:
+        return None
+    m = min(n_rows, max(1, round(fraction * n_rows)))
+    rng = np.random.default_rng([layer, expert, PROJS.index(proj) if proj in PROJS else len(PROJS)])
+    return np.sort(rng.choice(n_rows, size=m, replace=False))
+
+
+def with_rows(w: torch.Tensor, rows: np.ndarray | None, wq_rows: torch.Tensor) -> torch.Tensor:
+    """`w` with the sampled `rows` replaced by their quantized values (all of it when rows is None)."""
+    if rows is None:
+        return wq_rows
+    out = w.clone()
+    out[torch.from_numpy(rows)] = wq_rows
+    return out
+
+
+def sample_scale(shapes: Sequence[tuple[int, int]], rows: Sequence[np.ndarray | None]) -> float:
+    """rows / sampled rows of a unit's matrices, weighted by their sizes (1 when not sampled)."""
+    total = sum(r * c for r, c in shapes)
+    return sum(r * c * (1.0 if s is None else r / len(s)) for (r, c), s in zip(shapes, rows)) / total
 
 
 def _submit_layer(pool: ThreadPoolExecutor, view: ExpertsView, layer: int, types: Sequence[str],
-                  means: dict[str, np.ndarray] | None, fallback: bool, cache: QuantCache) -> _LayerJobs:
+                  means: dict[str, np.ndarray] | None, fallback: bool, cache: QuantCache,
+                  fraction: float = 1.0) -> _LayerJobs:
     n_experts, projs = view.n_experts, view.projs
     weights = [{p: w.detach().to("cpu", torch.float32).numpy() for p, w in view.weights(e).items()}
                for e in range(n_experts)]
@@ -104,17 +147,22 @@ def _submit_layer(pool: ThreadPoolExecutor, view: ExpertsView, layer: int, types
     eff = {p: {t: effective_type(t, weights[0][p].shape[1], fallback, imat[p] is not None) for t in types}
            for p in projs}
     futures: dict[tuple[str, int, str], Future] = {}
+    rows: dict[tuple[int, str], np.ndarray] = {}
     for e in range(n_experts):
         for p in projs:
             name = expert_tensor_name(layer, p)
+            idx = sample_rows(weights[e][p].shape[0], fraction, layer, e, p)
+            if idx is not None:
+                rows[(e, p)] = idx
+            w = weights[e][p] if idx is None else np.ascontiguousarray(weights[e][p][idx])
             for et in {v for v in eff[p].values() if v is not None}:
                 key = (name, e, et)
-                if key in cache:
-                    futures[key] = _done(cache[key])
+                if key in cache:  # ggml's rows are independent: the sampled rows of a full matrix are the same bytes
+                    futures[key] = _done(cache[key] if idx is None else np.ascontiguousarray(cache[key][idx]))
                 else:
                     im = None if imat[p] is None else imat[p][e]
-                    futures[key] = pool.submit(quantize, weights[e][p], et, im, 1)
-    return _LayerJobs(layer, view, weights, eff, futures, fallback, {p: imat[p] is not None for p in projs})
+                    futures[key] = pool.submit(quantize, w, et, im, 1)
+    return _LayerJobs(layer, view, weights, eff, futures, fallback, {p: imat[p] is not None for p in projs}, rows)
 
 
 def _done(value: np.ndarray) -> Future:
@@ -125,10 +173,11 @@ def _done(value: np.ndarray) -> Future:
 
 def _layer_jobs(pool: ThreadPoolExecutor, model: nn.Module, adapter: ArchAdapter, layers: Sequence[int],
                 types: Sequence[str], means: dict[str, np.ndarray] | None, fallback: bool,
-                cache: QuantCache) -> Iterator[_LayerJobs]:
+                cache: QuantCache, fraction: float = 1.0) -> Iterator[_LayerJobs]:
     """Yield each layer's jobs while the next layer's quantizations are already queued."""
     def submit(l: int) -> _LayerJobs:
-        return _submit_layer(pool, adapter.experts(adapter.moe_block(model, l)), l, types, means, fallback, cache)
+        return _submit_layer(pool, adapter.experts(adapter.moe_block(model, l)), l, types, means, fallback, cache,
+                             fraction)
     pending = submit(layers[0]) if layers else None
     for i in range(len(layers)):
         current = pending
@@ -153,14 +202,16 @@ def _expert_costs(jobs: _LayerJobs, s: LayerStats, e: int, types: Sequence[str],
     def wq(p: str, et: str) -> torch.Tensor:
         if (p, et) not in deq:
             data = jobs.futures[(expert_tensor_name(jobs.layer, p), e, et)].result()
-            deq[(p, et)] = torch.from_numpy(dequantize(data, et, w[p].shape[1])).to(device, dtype)
+            q = torch.from_numpy(dequantize(data, et, w[p].shape[1])).to(device, dtype)
+            deq[(p, et)] = with_rows(w[p], jobs.rows.get((e, p)), q)
         return deq[(p, et)]
 
     memo: dict[tuple, float] = {}
 
     def cost(combo: tuple[tuple[str, str], ...]) -> float:
         if combo not in memo:
-            memo[combo] = weighted_sse(expert_delta(base, {p: wq(p, et) for p, et in combo}), gw)
+            scale = sample_scale([tuple(w[p].shape) for p, _ in combo], [jobs.rows.get((e, p)) for p, _ in combo])
+            memo[combo] = scale * weighted_sse(expert_delta(base, {p: wq(p, et) for p, et in combo}), gw)
         return memo[combo]
 
     if granularity == "expert":
@@ -293,7 +344,7 @@ def estimate_costs(model: nn.Module, adapter: ArchAdapter, stats: CalibStats,
                    granularity: str = "expert", cache: QuantCache | None = None,
                    cache_limit: int = DEFAULT_CACHE_LIMIT, device: str | torch.device | None = None,
                    dtype: torch.dtype = torch.float32, threads: int | None = None,
-                   store: LayerStore | None = None, progress: bool = False) -> CostTable:
+                   store: LayerStore | None = None, progress: bool = False, rows: float = 1.0) -> CostTable:
     """The GEMQ cost table of every unit and candidate type.
 
     imatrix: per-matrix means keyed by GGUF name ([E, n_in] for expert tensors), e.g.
@@ -302,6 +353,8 @@ def estimate_costs(model: nn.Module, adapter: ArchAdapter, stats: CalibStats,
     matrix when they all fit `cache_limit` bytes (existing entries are reused, never recomputed).
     `store`: layers finished earlier are taken from it, and each new layer goes to it with its
     quantized candidates (which then stay out of `cache`: the store hands them to the writer).
+    `rows` < 1: costs estimated from that fraction of each matrix's rows (module docstring); the partial
+    candidates go to neither `cache` nor `store`.
     """
     t0 = time.perf_counter()
     shape = adapter.moe_shape(model.config)
@@ -312,24 +365,25 @@ def estimate_costs(model: nn.Module, adapter: ArchAdapter, stats: CalibStats,
     types = [type_info(t).name for t in types]
     fallback = granularity == "expert"
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_cost_rows(rows)
     done = {l: r for l in layers if store is not None and (r := store.load(l)) is not None}
     todo = [l for l in layers if l not in done]
-    keep = store is None and cache is not None and \
+    keep = store is None and cache is not None and rows >= 1.0 and \
         _quant_bytes(adapter, model, layers, shape.n_experts, types, fallback) <= cache_limit
     cache = {} if cache is None else cache
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-        it = _layer_jobs(pool, model, adapter, todo, types, imatrix, fallback, cache)
+        it = _layer_jobs(pool, model, adapter, todo, types, imatrix, fallback, cache, rows)
         if progress:
             from tqdm import tqdm
             it = tqdm(it, total=len(todo), desc="GEMQ costs", unit="layer")
         for jobs in it:
             rec = _layer_costs(jobs, stats.layers[jobs.layer], types, granularity, device, dtype)
             if store is not None:
-                store.save(rec, {key: f.result() for key, f in jobs.futures.items()})
+                store.save(rec, {key: f.result() for key, f in jobs.futures.items()} if rows >= 1.0 else {})
             _keep(cache, jobs, keep)
             done[jobs.layer] = rec
     return assemble_table([done[l] for l in layers], shape.n_experts, shape.projs, types, granularity,
-                          kept=keep or store is not None, seconds=time.perf_counter() - t0)
+                          kept=keep or (store is not None and rows >= 1.0), seconds=time.perf_counter() - t0)
 
 
 def _layer_notes(jobs: _LayerJobs, types: Sequence[str], fallback: bool) -> list[str]:

@@ -92,7 +92,8 @@ def progressive_allocation(model: nn.Module, adapter: ArchAdapter, float_gguf: P
                                   labels=calib.fisher, seed=calib.seed + i)
             restore_experts_(model, adapter, float_gguf)
             problem = estimate_costs(model, adapter, stats, imatrix, types=problem.types,
-                                     granularity=alloc_opts.granularity, cache=cache, progress=True).problem()
+                                     granularity=alloc_opts.granularity, cache=cache, progress=True,
+                                     rows=alloc_opts.cost_rows).problem()
             del stats
         alloc = solve(alloc_opts.strategy, problem, budget, max_types=alloc_opts.max_types)
         quantize_experts_(model, adapter, plan_from_allocation(alloc, list(shape.moe_layers), shape.n_experts), imatrix, cache)
