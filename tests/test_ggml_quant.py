@@ -73,3 +73,16 @@ def test_guards(rows: np.ndarray) -> None:
                                                  ("Q4_K", 1024, "Q4_K"), ("Q4_K", 100, "F16")])
 def test_fitting_type_follows_llama_quantize(name: str, width: int, expected: str) -> None:
     assert types.fitting_type(name, width) == expected
+
+
+def test_mxfp4_experts_round_trip_through_bf16(rows: np.ndarray) -> None:
+    """gpt-oss ships its experts as MXFP4; transformers hands them to us dequantized (bf16). Every MXFP4
+    value is a bf16 value, and ggml's MXFP4 quantizer gives back the same bytes from its own dequantized
+    rows, so `MXFP4` as an expert type reproduces the released experts exactly."""
+    import torch
+    width = rows.shape[1]
+    q = quant.quantize(rows, "MXFP4")
+    d = quant.dequantize(q, "MXFP4", width).reshape(rows.shape)
+    as_bf16 = torch.from_numpy(d).bfloat16().float().numpy()
+    assert np.array_equal(as_bf16, d)
+    assert np.array_equal(quant.quantize(as_bf16, "MXFP4"), q)
