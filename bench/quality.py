@@ -312,7 +312,7 @@ def main() -> int:
     ap.add_argument("--granularities", nargs="+", choices=("expert", "tensor"), default=["expert", "tensor"])
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, TASA_BUDGET])
     ap.add_argument("--calib-tokens", type=int, default=8192, help="gemq calibration = llama-imatrix tokens")
-    ap.add_argument("--eval-chunks", type=int, default=8, help="max 512-token chunks per eval domain")
+    ap.add_argument("--eval-chunks", type=int, default=4, help="max 512-token chunks per eval domain")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--report", action="store_true", help="no runs: table and plot from the cached rows")
     ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "out")
