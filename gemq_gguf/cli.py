@@ -20,17 +20,21 @@ from .options import (
     LOSSES,
     SELECT,
     STRATEGIES,
+    NON_EXPERT_TYPES,
     AllocOptions,
     CacheOptions,
     CalibOptions,
     ConvertRequest,
     ExpertTyping,
+    FileTarget,
     OutputOptions,
     PlanFile,
     PolicyOptions,
     TuneOptions,
     UniformTypes,
     VerifyOptions,
+    WholeFileOptions,
+    parse_size,
 )
 from .pipeline import convert
 
@@ -39,6 +43,7 @@ EXAMPLES = """examples:
   python convert.py ./Qwen3-30B-A3B --budget 3.0 -o qwen3-30b-a3b-gemq-3.0.gguf
   python convert.py ./Qwen3-30B-A3B --budget 3.0 --granularity tensor -o stock-compatible.gguf
   python convert.py ./Mixtral-8x7B --uniform Q4_K --tensor-type attn=Q8_0 -o mixtral-q4k.gguf
+  python convert.py ./Qwen3-30B-A3B --target-size 17.5GiB -o qwen3-30b-a3b-17.5g.gguf
 """
 
 
@@ -51,12 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--budget", type=float, help="average bits per routed-expert weight, in real ggml bpw (Q2_K = 2.625)")
     a.add_argument("--uniform", metavar="TYPE", help="every routed expert gets TYPE (e.g. Q4_K)")
     a.add_argument("--plan", type=Path, help="JSON plan (or an allocation report) with a type per expert")
+    a.add_argument("--target-bpw", type=float, metavar="X",
+                   help="one allocation over the whole file (experts and the other tensors) at X bits per weight: "
+                        "8 x all tensor data bytes / all weights, metadata excluded (llama-quantize's meaning)")
+    a.add_argument("--target-size", metavar="SIZE",
+                   help="one allocation over the whole file, which is never larger than SIZE (17.5GiB, 900MiB, "
+                        "900MB, or bytes)")
     g = p.add_argument_group("allocation (with --budget)")
     g.add_argument("--strategy", choices=STRATEGIES, default=STRATEGIES[0])
     g.add_argument("--granularity", choices=GRANULARITIES, default=GRANULARITIES[0],
                    help="expert: gate/up/down share a type; expert-proj: each its own; tensor: one type per "
                         "layer-projection (loads in stock llama.cpp)")
     g.add_argument("--types", help=f"comma-separated candidate ggml types (default {','.join(DEFAULT_TYPES)})")
+    g.add_argument("--tensor-candidates", metavar="TYPES",
+                   help=f"with --target-bpw/--target-size: candidate types of the non-expert tensors "
+                        f"(default {','.join(NON_EXPERT_TYPES)})")
     g.add_argument("--max-types", type=int, default=AllocOptions.max_types,
                    help=f"at most this many types per layer-projection (default {AllocOptions.max_types})")
     c = p.add_argument_group("calibration")
@@ -109,15 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _expert_typing(ns: argparse.Namespace) -> ExpertTyping:
-    given = [x for x in ("uniform", "plan", "budget") if getattr(ns, x) is not None]
+    given = [x for x in ("uniform", "plan", "budget", "target_bpw", "target_size") if getattr(ns, x) is not None]
     if len(given) != 1:
-        raise GemqError("say how to type the experts: exactly one of --budget, --uniform or --plan.",
-                        "e.g. --budget 3.0 (GEMQ), or --uniform Q4_K.")
+        raise GemqError("say how to type the experts: exactly one of --budget, --uniform, --plan, --target-bpw or "
+                        "--target-size.", "e.g. --budget 3.0 (GEMQ, routed experts), --target-size 17.5GiB (whole "
+                        "file), or --uniform Q4_K.")
     if ns.uniform is not None:
         return UniformTypes(ns.uniform)
     if ns.plan is not None:
         return PlanFile(ns.plan)
     types = tuple(s.strip().upper() for s in ns.types.split(",")) if ns.types else DEFAULT_TYPES
+    if ns.target_bpw is not None or ns.target_size is not None:
+        target = (FileTarget(bpw=ns.target_bpw, spec=str(ns.target_bpw)) if ns.target_bpw is not None
+                  else FileTarget(size=parse_size(ns.target_size), spec=ns.target_size))
+        tensor_types = (tuple(s.strip().upper() for s in ns.tensor_candidates.split(","))
+                        if ns.tensor_candidates else NON_EXPERT_TYPES)
+        return WholeFileOptions(target=target, granularity=ns.granularity, types=types, tensor_types=tensor_types,
+                                max_types=ns.max_types, strategy=ns.strategy)
     return AllocOptions(budget=ns.budget, strategy=ns.strategy, granularity=ns.granularity, types=types,
                         max_types=ns.max_types)
 

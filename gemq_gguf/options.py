@@ -10,6 +10,8 @@ from pathlib import Path
 
 #: candidate expert types of `--budget` (real ggml bits: IQ2_XXS 2.06 ... Q6_K 6.56)
 DEFAULT_TYPES: tuple[str, ...] = ("IQ2_XXS", "Q2_K", "IQ3_XXS", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K")
+#: candidate types of the non-expert tensors in a whole-file allocation (`--target-bpw` / `--target-size`)
+NON_EXPERT_TYPES: tuple[str, ...] = DEFAULT_TYPES + ("Q8_0",)
 STRATEGIES: tuple[str, ...] = ("gemq", "layerwise", "uniform")
 GRANULARITIES: tuple[str, ...] = ("expert", "expert-proj", "tensor")
 #: gradient targets: draws from the model's own predictions (true Fisher), or the text's next tokens
@@ -33,6 +35,9 @@ class CalibOptions:
     fisher: str = FISHER_LABELS[0]       # "sampled": measured better than "data" (docs/allocation.md)
     imatrix: Path | None = None          # a llama.cpp imatrix to quantize with instead of ours
     memory: str = CALIB_MEMORY[0]
+    #: tokens (whole sequences, spread over the text) on which the non-expert weights' inputs and output
+    #: gradients are kept for their costs (gemq.tensor_stats); 0: not recorded
+    tensor_tokens: int = 2048
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,66 @@ class AllocOptions:
     granularity: str = GRANULARITIES[0]
     types: tuple[str, ...] = DEFAULT_TYPES
     max_types: int = 3
+
+
+@dataclass(frozen=True)
+class FileTarget:
+    """`--target-bpw X` or `--target-size SIZE`: what the whole written file may take.
+
+    bpw is llama.cpp's meaning (llama-quantize --target-bpw, PR #15550): 8 x the bytes of every tensor's
+    data / the number of weights of every tensor, norms and other float tensors included, metadata
+    excluded. size is the whole file in bytes, metadata, tensor infos and alignment included: the file is
+    never larger."""
+
+    bpw: float | None = None
+    size: int | None = None
+    spec: str = ""                       # as the user wrote it (the report echoes it)
+
+    def __post_init__(self) -> None:
+        if (self.bpw is None) == (self.size is None):
+            raise ValueError("a FileTarget is either a bpw or a size")
+
+    def describe(self) -> str:
+        if self.bpw is not None:
+            return f"{self.bpw:g} bpw (whole file)"
+        return f"{self.size:,} bytes" + (f" ({self.spec})" if self.spec and self.spec != str(self.size) else "")
+
+
+@dataclass(frozen=True)
+class WholeFileOptions:
+    """`--target-bpw` / `--target-size`: one allocation over every quantizable tensor of the file."""
+
+    target: FileTarget
+    granularity: str = GRANULARITIES[0]
+    types: tuple[str, ...] = DEFAULT_TYPES            # candidates of the routed experts
+    tensor_types: tuple[str, ...] = NON_EXPERT_TYPES  # candidates of the other tensors
+    max_types: int = 3
+    strategy: str = STRATEGIES[0]                     # only gemq solves the joint problem
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(spec: str) -> int:
+    """'17.5GiB', '900MiB', '900MB', '123456789' -> bytes (rounded down: the file must fit)."""
+    import re
+    from decimal import Decimal, InvalidOperation
+
+    from .errors import GemqError
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", spec)
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in _SIZE_UNITS:
+        raise GemqError(f"--target-size '{spec}' is not a size.",
+                        "write bytes or a number with a unit: 123456789, 900MB, 900MiB, 17.5GiB (KB/MB/GB/TB = "
+                        "powers of 1000, KiB/MiB/GiB/TiB = powers of 1024).")
+    try:
+        n = int(Decimal(m.group(1)) * _SIZE_UNITS[unit])
+    except InvalidOperation:  # pragma: no cover - the regex admits only decimals
+        raise GemqError(f"--target-size '{spec}' is not a size.", "write e.g. 17.5GiB.") from None
+    if n <= 0:
+        raise GemqError(f"--target-size '{spec}' is not a positive size.", "write e.g. 17.5GiB.")
+    return n
 
 
 @dataclass(frozen=True)
@@ -71,7 +136,7 @@ class PlanFile:
     path: Path
 
 
-ExpertTyping = UniformTypes | PlanFile | AllocOptions
+ExpertTyping = UniformTypes | PlanFile | AllocOptions | WholeFileOptions
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,15 @@ from .archs import ArchAdapter, MoeShape
 from .convert.checkpoint import float_outtype, inspect_checkpoint, remote_code_policy, tied_embeddings
 from .convert.hf_to_gguf import hf_to_float_gguf
 from .convert.summary import print_summary
+from .convert.weights_check import check_safetensors
 from .convert.writer import write_gguf
+from .disk import check_disk, run_needs
 from .errors import GemqError
 from .ggml.imatrix import read_imatrix
 from .ggml.types import canonical
-from .options import AllocOptions, CalibOptions, ConvertRequest, OutputOptions, PlanFile, UniformTypes, VerifyOptions
-from .plan import ExpertTypes, PlanOrigin, load_plan, plan_units, uniform_plan
+from .options import (AllocOptions, CalibOptions, ConvertRequest, FileTarget, OutputOptions, PlanFile, UniformTypes, VerifyOptions,
+                      WholeFileOptions)
+from .plan import ExpertTypes, PlanOrigin, load_plan, load_tensor_types, plan_units, tensor_rows, uniform_plan
 from .policy import TensorPolicy
 from .provenance import provenance
 from .verify import Verification, verification_text, verify_file
@@ -77,12 +80,17 @@ def _check_request(req: ConvertRequest, src: Source) -> list[str]:
         read_imatrix(req.calib.imatrix)  # a malformed file fails now, not after stage 1
     if isinstance(req.experts, PlanFile):
         load_plan(req.experts.path, list(src.shape.moe_layers), src.shape.n_experts)
+        load_tensor_types(req.experts.path)
     if isinstance(req.experts, UniformTypes):
         canonical(req.experts.type)
+    if not isinstance(req.experts, AllocOptions) and req.tune is not None:
+        raise GemqError("--finetune-routers and --progressive work with --budget (they need the calibration; the "
+                        "whole-file allocation does not tune routers yet).",
+                        "use --budget BPW, or drop the router-tuning flags.")
+    if isinstance(req.experts, WholeFileOptions):
+        from .gemq.budget import check_whole_file
+        return check_whole_file(req.experts, src.shape)[0]
     if not isinstance(req.experts, AllocOptions):
-        if req.tune is not None:
-            raise GemqError("--finetune-routers and --progressive work with --budget (they need the calibration).",
-                            "add --budget BPW, or drop the router-tuning flags.")
         if req.output.save_imatrix is not None:
             raise GemqError("--save-imatrix saves the calibration's imatrix, and only --budget calibrates.",
                             "add --budget BPW, or drop --save-imatrix.")
@@ -91,20 +99,50 @@ def _check_request(req: ConvertRequest, src: Source) -> list[str]:
     return check_request(req.experts, src.shape)
 
 
-def expert_types(req: ConvertRequest, src: Source, float_gguf: Path, types: list[str]) -> ExpertTypes:
-    """The type of every routed expert matrix, and what the writer and the report need besides."""
+def expert_types(req: ConvertRequest, src: Source, float_gguf: Path, types: list[str],
+                 policy: TensorPolicy | None = None) -> ExpertTypes:
+    """The type of every routed expert matrix (and, for a whole-file allocation or a plan written from
+    one, of the non-expert tensors it decided), and what the writer and the report need besides."""
     layers, n_experts = list(src.shape.moe_layers), src.shape.n_experts
     imatrix = read_imatrix(req.calib.imatrix).means() if req.calib.imatrix else None
     match req.experts:
         case UniformTypes(type=t):
             return ExpertTypes(uniform_plan(layers, n_experts, t), PlanOrigin("uniform", "tensor"), imatrix=imatrix)
         case PlanFile(path=path):
-            return ExpertTypes(load_plan(path, layers, n_experts), PlanOrigin("plan", "expert-proj"), imatrix=imatrix)
+            return ExpertTypes(load_plan(path, layers, n_experts), PlanOrigin("plan", "expert-proj"), imatrix=imatrix,
+                               tensor_types=load_tensor_types(path))
+        case WholeFileOptions() as whole:
+            return _whole_file(req, src, float_gguf, whole, types, policy or TensorPolicy())
         case AllocOptions() as alloc:
             from .gemq.budget import allocate_experts
             return allocate_experts(src.model_dir, src.adapter, src.shape, float_gguf, alloc, types, req.calib,
                                     req.tune, req.output, req.cache)
     raise TypeError(f"unknown expert typing {req.experts!r}")
+
+
+def check_merged_gate_up(float_gguf: Path, experts: Any) -> None:
+    """A converter that keeps each expert's gate and up in one tensor (`ffn_gate_up_exps`) needs one type for
+    both: refuse `--granularity expert-proj` before any calibration rather than at the write."""
+    if not (isinstance(experts, (AllocOptions, WholeFileOptions)) and experts.granularity == "expert-proj"):
+        return
+    from gguf import GGUFReader
+    if any(t.name.endswith("ffn_gate_up_exps.weight") for t in GGUFReader(float_gguf).tensors):
+        raise GemqError("this architecture stores each expert's gate and up in one tensor, so they need one type.",
+                        "use --granularity expert (or tensor).")
+
+
+def _whole_file(req: ConvertRequest, src: Source, float_gguf: Path, opts: WholeFileOptions, types: list[str],
+                policy: TensorPolicy) -> ExpertTypes:
+    """`--target-bpw` / `--target-size`: the file's fixed parts measured on the float GGUF, an early
+    check that the target is reachable, then the joint allocation (gemq.budget)."""
+    from .convert.file_size import file_parts, quantized_shapes
+    from .gemq.budget import allocate_whole_file, check_target
+    tensor_types = [canonical(t) for t in opts.tensor_types]
+    n_types = len(set(types)) if opts.max_types is None else min(opts.max_types, len(set(types)))
+    parts = file_parts(float_gguf, policy, n_types, tuple(types))
+    check_target(opts, src.shape, types, parts, quantized_shapes(float_gguf, policy), tensor_types)
+    return allocate_whole_file(src.model_dir, src.adapter, src.shape, float_gguf, opts, types, tensor_types, parts,
+                               req.calib, req.output, req.cache)
 
 
 def convert(req: ConvertRequest) -> dict[str, Any]:
@@ -154,14 +192,17 @@ def _run(req: ConvertRequest, src: Source) -> dict[str, Any]:
 
     outtype = float_outtype(src.config)
     n = 4 if req.verify else 3
-    work = Path(tempfile.mkdtemp(prefix=".gemq-", dir=out.work_dir or out.path.expanduser().resolve().parent))
+    out_dir = out.path.expanduser().resolve().parent
+    _check_disk(req, src, outtype, types, policy, out.work_dir or out_dir, out_dir)
+    work = Path(tempfile.mkdtemp(prefix=".gemq-", dir=out.work_dir or out_dir))
     try:
         float_gguf = work / f"{src.model_dir.name}.{outtype}.gguf"
         log.info("step 1/%d: Hugging Face -> %s GGUF (llama.cpp's converter)", n, outtype)
         hf_to_float_gguf(src.model_dir, float_gguf, outtype, verbose=req.verbose,
                          tied_output=src.tied_output)
+        check_merged_gate_up(float_gguf, req.experts)
         log.info("step 2/%d: expert types", n)
-        typed = expert_types(req, src, float_gguf, types)
+        typed = expert_types(req, src, float_gguf, types, policy)
         o = typed.origin
         report: dict[str, Any] = {"model": str(src.model_dir), "architecture": src.adapter.name,
                                   "moe": src.shape.__dict__, "strategy": o.strategy, "granularity": o.granularity,
@@ -171,14 +212,23 @@ def _run(req: ConvertRequest, src: Source) -> dict[str, Any]:
         report.update(typed.report)
         if not out.dry_run:
             log.info("step 3/%d: quantize and write %s", n, out.path)
+            target = req.experts.target if isinstance(req.experts, WholeFileOptions) else None
             summary = write_gguf(float_gguf, out.path, typed.plan, policy, imatrix=typed.imatrix,
                                  routers=typed.routers, origin=o, strict_plan=isinstance(req.experts, PlanFile),
-                                 quant_cache=typed.quant_cache)
+                                 quant_cache=typed.quant_cache, tensor_types=typed.tensor_types,
+                                 max_bytes=target.size if target else None)
             report["file"] = summary.to_dict()
+            line = None
+            if target is not None:
+                report["whole_file"].update(_target_numbers(target, summary.file_bytes, summary.file_bpw),
+                                            expert_bpw=summary.expert_bpw)
+                line = report["whole_file"]["line"]
             verified = _verify(out, float_gguf, req.calib, req.verify, work) if req.verify else None
-            print_summary(summary, verified.line() if verified else "not verified (--no-verify)")
+            print_summary(summary, verified.line() if verified else "not verified (--no-verify)", target=line)
             report["verification"] = verified.to_dict() if verified else None
         report["units"] = plan_units(typed.plan)
+        if typed.tensor_types:
+            report["tensors"] = tensor_rows(typed.tensor_types)
         if out.keep_intermediate and not out.dry_run:
             kept = out.path.with_suffix(f".{outtype}.gguf")
             shutil.move(float_gguf, kept)
@@ -187,6 +237,42 @@ def _run(req: ConvertRequest, src: Source) -> dict[str, Any]:
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _target_numbers(target: FileTarget, file_bytes: int, file_bpw: float) -> dict[str, Any]:
+    """The written file against its target: real size, and the slack left (bytes, or bpw)."""
+    if target.size is not None:
+        slack = target.size - file_bytes
+        line = (f"target {target.spec} = {target.size:,} bytes: file {file_bytes:,} bytes, {slack:,} bytes "
+                f"({slack / target.size:.4%}) under")
+        return {"file_bytes": file_bytes, "slack_bytes": slack, "file_bpw": file_bpw, "line": line}
+    assert target.bpw is not None
+    line = f"target {target.bpw:g} bpw (whole file): file {file_bpw:.4f} bpw, {target.bpw - file_bpw:.4f} under"
+    return {"file_bytes": file_bytes, "file_bpw": file_bpw, "slack_bpw": target.bpw - file_bpw, "line": line}
+
+
+def _check_disk(req: ConvertRequest, src: Source, outtype: str, types: list[str], policy: TensorPolicy,
+                work_dir: Path, out_dir: Path) -> None:
+    """Fail before stage 1 when a disk cannot hold what the run will write there (disk.py)."""
+    expert, other = types, [t for c, t in policy.defaults.items() if c != "router"] + [t for _, t in policy.overrides]
+    match req.experts:
+        case UniformTypes(type=t):
+            expert = [canonical(t)]
+        case PlanFile(path=path):
+            expert = sorted({t for ts in load_plan(path, list(src.shape.moe_layers), src.shape.n_experts).values()
+                             for t in ts})
+            other += list(load_tensor_types(path).values())
+        case WholeFileOptions() as whole:
+            other += [canonical(t) for t in whole.tensor_types]
+    calib = None
+    if isinstance(req.experts, (AllocOptions, WholeFileOptions)):
+        seq = req.calib.seq_len
+        calib = (-(-req.calib.tokens // seq) * seq, req.calib.memory)
+    verify_tokens = req.verify.chunks * req.verify.ctx if req.verify and not req.output.dry_run else 0
+    check_disk(run_needs(src.model_dir, check_safetensors(src.model_dir), src.config, src.shape, outtype=outtype,
+                         tied_output=src.tied_output, work_dir=work_dir,
+                         output_dir=None if req.output.dry_run else out_dir, expert_types=expert, other_types=other,
+                         calib=calib, verify_tokens=verify_tokens))
 
 
 def _verify(out: OutputOptions, float_gguf: Path, calib: CalibOptions, opts: VerifyOptions, work: Path) -> Verification:

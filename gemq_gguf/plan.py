@@ -7,6 +7,10 @@ that allocation reports also carry, so an allocation's JSON can be fed back with
 
 `expert: null` means every expert of that layer, `proj: null` every projection (gate, up, down).
 Later units override earlier ones, so a plan can set a layer default and then single experts.
+A whole-file allocation's report also has a `tensors` list (the non-expert tensors it typed), which a
+plan may carry too; those types win over the policy:
+
+    {"tensors": [{"name": "blk.0.attn_q.weight", "type": "Q5_K"}, ...]}
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ class ExpertTypes:
     imatrix: dict[str, np.ndarray] | None = None
     quant_cache: QuantCache = field(default_factory=dict)
     routers: dict[str, np.ndarray] | None = None
+    tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF name -> type, over the policy
 
 
 def uniform_plan(layers: list[int], n_experts: int, type_name: str, projs: tuple[str, ...] = PROJS) -> ExpertPlan:
@@ -118,6 +123,28 @@ def load_plan(path: Path, layers: list[int], n_experts: int) -> ExpertPlan:
     if not isinstance(data, dict) or not isinstance(data.get("units"), list):
         raise GemqError(f"plan {path} has no 'units' list.", "pass a plan or an allocation JSON written by gemq-gguf.")
     return plan_from_units(data["units"], layers, n_experts)
+
+
+def load_tensor_types(path: Path) -> dict[str, str]:
+    """The `tensors` list of a plan or a whole-file report (GGUF name -> type); empty when it has none."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    rows = data.get("tensors", []) if isinstance(data, dict) else []
+    fix = "write tensors like {\"name\": \"blk.0.attn_q.weight\", \"type\": \"Q5_K\"}."
+    if not isinstance(rows, list):
+        raise GemqError(f"plan {path}: 'tensors' is not a list.", fix)
+    out: dict[str, str] = {}
+    for i, r in enumerate(rows):
+        if not (isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("type"), str)):
+            raise GemqError(f"plan {path}: tensor #{i} ({r}) is not {{name, type}}.", fix)
+        if r["name"] in out:
+            raise GemqError(f"plan {path}: tensor {r['name']} is typed twice.", "keep one entry per tensor.")
+        out[r["name"]] = canonical(r["type"])
+    return out
+
+
+def tensor_rows(tensor_types: dict[str, str]) -> list[dict]:
+    """The `tensors` list a report writes (and `load_tensor_types` reads back)."""
+    return [{"name": n, "type": t} for n, t in sorted(tensor_types.items())]
 
 
 def plan_units(plan: ExpertPlan) -> list[dict]:

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gemq_gguf.allocate import Allocation, bpw_of, granularity
+from gemq_gguf.allocate.joint import TensorChoice
 from gemq_gguf.errors import GemqError
 
 PROJ_ORDER = {"gate": 0, "up": 1, "gate_up": 2, "down": 3}
@@ -262,19 +263,47 @@ def heatmap_size(alloc: Allocation, dpi: int = HEATMAP_DPI) -> tuple[int, int]:
     return int(round(w * dpi)), int(round(h * dpi))
 
 
+def tensor_section(tensors: TensorChoice) -> dict[str, Any]:
+    """The report's non-expert tensors of a whole-file allocation: each one's type, bits, predicted loss
+    increase (cost), and the totals."""
+    return {"tensors": tensors.rows(), "bits": tensors.total_bits, "params": tensors.total_params,
+            "bpw": tensors.total_bits / max(tensors.total_params, 1.0),
+            "predicted_loss_increase": float(tensors.cost.sum())}
+
+
+def tensor_panel(tensors: TensorChoice, types: list[str]) -> tuple[str, list[int], list[str], np.ndarray]:
+    """The heatmap strip of the non-expert tensors: layer x tensor kind (attn_q, ffn_down_shexp, ...;
+    token_embd and output on the row of layer -1), cells = index into `types`, -1 = no such tensor."""
+    def kind(name: str) -> str:
+        parts = name.removesuffix(".weight").split(".")
+        return ".".join(parts[2:]) if parts[0] == "blk" else ".".join(parts)
+    layers = sorted({int(r["layer"]) for r in tensors.rows()})
+    kinds = sorted({kind(n) for n in tensors.names}, key=lambda k: (k in ("token_embd", "output"), k))
+    lpos, kpos, tpos = ({v: i for i, v in enumerate(x)} for x in (layers, kinds, types))
+    grid = np.full((len(layers), len(kinds)), -1, dtype=np.int64)
+    for r in tensors.rows():
+        grid[lpos[int(r["layer"])], kpos[kind(r["name"])]] = tpos[r["type"]]
+    return "non-expert tensors (layer -1: token_embd, output)", layers, kinds, grid
+
+
 def plot_heatmap(
-    alloc: Allocation, path: str | Path, title: str | None = None, dpi: int = HEATMAP_DPI
+    alloc: Allocation, path: str | Path, title: str | None = None, dpi: int = HEATMAP_DPI,
+    tensors: TensorChoice | None = None,
 ) -> Path:
     """Layer x expert map colored by type (ordered by bpw, legend with counts); one panel per
-    projection at expert-proj granularity. Uses the Agg canvas directly: no pyplot, no global state."""
+    projection at expert-proj granularity, and with `tensors` (a whole-file allocation) a strip of the
+    non-expert tensors per layer. Uses the Agg canvas directly: no pyplot, no global state."""
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    order = type_order(alloc)
-    rank = np.empty(len(alloc.types), dtype=np.int64)
+    extra = [] if tensors is None else sorted({t for t in tensors.types if t not in alloc.types})
+    types = list(alloc.types) + extra
+    bpw = np.concatenate([type_bpws(alloc), bpw_of(extra)]) if extra else type_bpws(alloc)
+    order = sorted(range(len(types)), key=lambda i: (bpw[i], types[i]))
+    rank = np.empty(len(types), dtype=np.int64)
     rank[order] = np.arange(len(order))
     n_t = len(order)
     cmap_src = matplotlib.colormaps["viridis"]
@@ -283,7 +312,13 @@ def plot_heatmap(
     norm = BoundaryNorm(np.arange(n_t + 1) - 0.5, n_t)
 
     panels = heatmap_panels(alloc)
-    fig = Figure(figsize=heatmap_figsize(alloc), dpi=dpi)
+    w_fig, h_fig = heatmap_figsize(alloc)
+    counts = np.bincount(alloc.type_index, minlength=len(types))
+    if tensors is not None:
+        h_fig += (h_fig - 1.1) / len(panels) + 0.8  # + the strip's turned labels
+        panels.append(tensor_panel(tensors, types))
+        counts += np.bincount(panels[-1][3][panels[-1][3] >= 0], minlength=len(types))
+    fig = Figure(figsize=(w_fig, h_fig), dpi=dpi)
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     for ax, (ptitle, layers, cols, grid) in zip(axes, panels):
@@ -292,15 +327,15 @@ def plot_heatmap(
         ax.imshow(img, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
         ax.set_title(ptitle, fontsize=9)
         ax.set_ylabel("layer")
-        ax.set_xlabel("projection" if granularity(alloc.units) == "tensor" else "expert")
+        is_tensors = tensors is not None and ax is axes[-1]
+        ax.set_xlabel("tensor" if is_tensors else "projection" if granularity(alloc.units) == "tensor" else "expert")
         ystep = max(1, len(layers) // 16)
         ax.set_yticks(range(0, len(layers), ystep), [str(l) for l in layers[::ystep]], fontsize=7)
         xstep = max(1, len(cols) // 32)
-        ax.set_xticks(range(0, len(cols), xstep), cols[::xstep], fontsize=7)
-    bpw = type_bpws(alloc)
-    counts = np.bincount(alloc.type_index, minlength=len(alloc.types))
+        turn = {"rotation": 60, "ha": "right"} if is_tensors else {}
+        ax.set_xticks(range(0, len(cols), xstep), cols[::xstep], fontsize=7, **turn)
     handles = [
-        Patch(color=colors[r], label=f"{alloc.types[i]} ({bpw[i]:.4g} bpw): {counts[i]}")
+        Patch(color=colors[r], label=f"{types[i]} ({bpw[i]:.4g} bpw): {counts[i]}")
         for r, i in enumerate(order)
     ]
     fig.legend(handles=handles[::-1], loc="center right", fontsize=8, frameon=False, title="type (widest on top)")
@@ -311,7 +346,8 @@ def plot_heatmap(
         fontsize=10,
     )
     w_in, h_in = fig.get_size_inches()
-    fig.subplots_adjust(left=0.6 / w_in, right=1 - 2.4 / w_in, top=1 - 0.55 / h_in, bottom=0.5 / h_in, hspace=0.5)
+    bottom = 0.5 if tensors is None else 1.3
+    fig.subplots_adjust(left=0.6 / w_in, right=1 - 2.4 / w_in, top=1 - 0.55 / h_in, bottom=bottom / h_in, hspace=0.5)
     path = Path(path)
     fig.savefig(path, dpi=dpi, format="png")
     return path

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import GemqError
 
@@ -34,6 +36,19 @@ def _path(key: str, env: str) -> Path:
 def converter_dir() -> Path:
     """Folder holding llama.cpp's convert_hf_to_gguf.py and its `conversion` package."""
     return _path("converter_dir", "GEMQ_CONVERTER_DIR")
+
+
+def import_converter() -> Any:
+    """llama.cpp's `conversion` package (the converter's model classes and tensor naming)."""
+    d = converter_dir()
+    if str(d) not in sys.path:
+        sys.path.insert(0, str(d))
+    try:
+        import conversion  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise GemqError(f"llama.cpp's converter could not be imported from {d} ({e}).",
+                        "run ./setup.sh, which installs it next to the patched runtime.") from None
+    return conversion
 
 
 def bin_path(name: str) -> Path:

@@ -120,6 +120,7 @@ def load_hf_as_file(model_dir: Path, gguf_path: Path) -> torch.nn.Module:
             w = matrices(tensors[stem + ".weight"])
         order = orders.get(layer, list(range(w.shape[0])))  # file expert i is model expert order[i]
         view = adapter.experts(adapter.moe_block(model, layer))
-        for i, e in enumerate(order):
-            view.set_weights(e, {proj: torch.from_numpy(w[i])})
+        for i, e in enumerate(order):  # a merged gate/up (ffn_gate_up_exps) holds gate rows, then up rows
+            parts = {proj: w[i]} if proj != "gate_up" else {"gate": w[i][:view.ffn], "up": w[i][view.ffn:]}
+            view.set_weights(e, {p: torch.from_numpy(x) for p, x in parts.items()})
     return model

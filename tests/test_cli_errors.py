@@ -293,8 +293,53 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", str(d)], check=True)
 
 
-def test_real_full_disk(capsys, tmp_path, model, tiny_disk) -> None:
-    """The output (1.8 MiB) does not fit: numpy's short write, which has no errno, is reported as a full disk."""
+def test_disk_check_before_stage_1(capsys, tmp_path, model, tiny_disk, monkeypatch) -> None:
+    """The output does not fit a 1 MiB disk: said before stage 1 starts, naming bytes needed and free."""
+    import gemq_gguf.pipeline as pipeline
+
+    def stage_1(*a, **k):
+        raise AssertionError("stage 1 ran")
+    monkeypatch.setattr(pipeline, "hf_to_float_gguf", stage_1)
+    work = tmp_path / "work"
+    work.mkdir()
+    _fails(capsys, tmp_path, [str(model), "--uniform", "Q4_K", "--work-dir", str(work), "-o", str(tiny_disk / "o.gguf")],
+           "not enough free disk on " + str(tiny_disk))
+    _fails(capsys, tmp_path, [str(model), "--uniform", "Q4_K", "--work-dir", str(tiny_disk)], "float GGUF")
+
+
+def test_disk_check_counts_each_filesystem(capsys, tmp_path, model, monkeypatch) -> None:
+    """Work dir and output on one filesystem: their needs add up (free space monkeypatched)."""
+    import gemq_gguf.disk as disk
+    from gemq_gguf.convert.checkpoint import float_outtype, load_config
+    from gemq_gguf.convert.weights_check import check_safetensors
+    tensors = check_safetensors(model)
+    gguf = disk.float_gguf_bytes(tensors, float_outtype(load_config(model)), False)
+    monkeypatch.setattr(disk, "free_bytes", lambda path: gguf + disk.MARGIN)  # room for the float GGUF only
+    _fails(capsys, tmp_path, [str(model), "--uniform", "Q4_K", "--no-verify"], "output (upper bound)")
+
+
+def test_disk_estimates_bound_the_real_files(tmp_path, model) -> None:
+    """The estimates are the real files' tensor bytes (the rest, metadata, is within the margin)."""
+    import gemq_gguf.disk as disk
+    from gemq_gguf.convert.checkpoint import float_outtype, load_config
+    from gemq_gguf.convert.weights_check import check_safetensors
+    from gemq_gguf.archs import adapter_for
+    out = tmp_path / "o.gguf"
+    assert convert_main([str(model), "--uniform", "Q6_K", "--no-verify", "--keep-intermediate", "-o", str(out)]) == 0
+    config = load_config(model)
+    tensors, outtype = check_safetensors(model), float_outtype(config)
+    gguf = disk.float_gguf_bytes(tensors, outtype, False)
+    real_gguf = out.with_suffix(f".{outtype}.gguf").stat().st_size
+    assert gguf <= real_gguf <= gguf + disk.MARGIN
+    bound = disk.output_bound(tensors, adapter_for(config.architectures).moe_shape(config), ["Q6_K"], ["Q6_K"])
+    assert bound <= out.stat().st_size <= bound + disk.MARGIN  # Q6_K everywhere: the bound is the tensors' bytes
+
+
+def test_real_full_disk(capsys, tmp_path, model, tiny_disk, monkeypatch) -> None:
+    """The output (1.8 MiB) does not fit: numpy's short write, which has no errno, is reported as a full disk
+    (the early disk check is off here: this is what a disk filled by someone else mid-run gives)."""
+    import gemq_gguf.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "check_disk", lambda needs: None)
     work = tmp_path / "work"
     work.mkdir()
     _fails(capsys, tmp_path, [str(model), "--uniform", "Q4_K", "--work-dir", str(work), "-o", str(tiny_disk / "o.gguf")],

@@ -21,7 +21,9 @@ from gemq_gguf.evaluate import RunOptions, kld_vs_logits, llama_logits
 
 FAMILIES = ["deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe", "minimax_m2", "granitemoe", "dots1",
             "lfm2_moe", "glm4_moe_lite", "granitemoeshared", "granitemoehybrid", "exaone_moe", "solar_open", "hy_v3",
-            "llama4", "ernie4_5_moe", "jamba", "dbrx", "nemotron_h", "cohere2_moe"]
+            "llama4", "ernie4_5_moe", "jamba", "dbrx", "nemotron_h", "cohere2_moe",
+            "kimi_linear", "glm_moe_dsa", "mimo_v2_flash", "granitemoe_swa",
+            "deepseek_v32", "dots3"]
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +84,26 @@ def test_converter_gets_the_keys_transformers_drops() -> None:
     m2 = adapter_for(["MiniMaxM2ForCausalLM"]).converter_hparams(
         {"head_dim": 128, "hidden_size": 3072, "num_attention_heads": 48, "partial_rotary_factor": 0.5})
     assert m2 == {"scoring_func": "sigmoid", "rotary_dim": 64}
+
+
+def test_converter_gets_the_released_names() -> None:
+    """Kimi Linear and MiMo-V2-Flash re-saved by transformers lack the keys (and, Kimi, the dense-layer tensor
+    names) llama.cpp's converter reads; a checkpoint that has them keeps its own."""
+    kimi = adapter_for(["KimiLinearForCausalLM"])
+    hp = {"layer_types": ["linear_attention", "full_attention"], "mlp_layer_types": ["dense", "sparse"],
+          "linear_head_dim": 128, "linear_num_heads": 32, "linear_conv_kernel_dim": 4, "num_shared_experts": 1}
+    extra = kimi.converter_hparams(hp)
+    assert extra["linear_attn_config"]["full_attn_layers"] == [2] and extra["linear_attn_config"]["kda_layers"] == [1]
+    assert extra["first_k_dense_replace"] == 1 and "num_shared_experts" not in extra
+    assert kimi.converter_tensor_names(["model.layers.0.block_sparse_moe.up_proj.weight",
+                                        "model.layers.1.block_sparse_moe.shared_experts.up_proj.weight"]) == \
+        {"model.layers.0.block_sparse_moe.up_proj.weight": "model.layers.0.mlp.up_proj.weight"}
+    mimo = adapter_for(["MiMoV2FlashForCausalLM"]).converter_hparams(
+        {"head_dim": 192, "v_head_dim": 128, "num_attention_heads": 64, "num_key_value_heads": 4,
+         "layer_types": ["full_attention", "sliding_attention"], "swa_num_key_value_heads": 8,
+         "rope_parameters": {"full_attention": {"partial_rotary_factor": 0.334}}})
+    assert mimo["hybrid_layer_pattern"] == [0, 1] and "swa_num_key_value_heads" not in mimo
+    assert mimo["rope_parameters"]["partial_rotary_factor"] == 0.334
 
 
 def test_selection_bias_moves_with_its_experts() -> None:

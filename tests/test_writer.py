@@ -24,7 +24,7 @@ def src(tmp_path_factory) -> Path:
     return _make_src(tmp_path_factory.mktemp("w") / "src.gguf")
 
 
-def _make_src(path: Path, routing_groups: int = 0) -> Path:
+def _make_src(path: Path, routing_groups: int = 0, merged: bool = False) -> Path:
     rng = np.random.default_rng(0)
     w = GGUFWriter(path, "mixtral")
     w.add_block_count(1)
@@ -35,7 +35,8 @@ def _make_src(path: Path, routing_groups: int = 0) -> Path:
     w.add_tensor("blk.0.attn_norm.weight", np.ones(H, dtype=np.float32))
     w.add_tensor("blk.0.attn_q.weight", rng.standard_normal((H, H)).astype(np.float32))
     w.add_tensor("blk.0.ffn_gate_inp.weight", rng.standard_normal((E, H)).astype(np.float32))
-    for p, shape in (("gate", (E, I, H)), ("up", (E, I, H)), ("down", (E, H, I))):
+    projs = (("gate_up", (E, 2 * I, H)),) if merged else (("gate", (E, I, H)), ("up", (E, I, H)))
+    for p, shape in (*projs, ("down", (E, H, I))):
         w.add_tensor(f"blk.0.ffn_{p}_exps.weight", rng.standard_normal(shape).astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -139,3 +140,33 @@ def test_strict_plan_rejects_types_the_rows_cannot_take(tmp_path) -> None:
         write_gguf(path, tmp_path / "o.gguf", plan, TensorPolicy(), strict_plan=True, progress=False)
     s = write_gguf(path, tmp_path / "o.gguf", plan, TensorPolicy(), progress=False)  # llama-quantize's fallback
     assert s.expert_type_counts == {"Q5_0": 2} and s.fallbacks
+
+
+def test_merged_gate_up_takes_the_gate_type_and_imatrix(tmp_path) -> None:
+    """`ffn_gate_up_exps` (Granite-MoE-SWA): quantized with the gate's types and the gate's imatrix (gate and up
+    read the same input), exactly as its gate and up rows would be one by one; gate != up types refused."""
+    src = _make_src(tmp_path / "merged.gguf", merged=True)
+    plan = uniform_plan([0], E, "Q4_K")
+    plan[(0, "gate")] = plan[(0, "up")] = ["Q2_K", "Q4_K", "Q2_K", "Q4_K"]
+    imat = {"blk.0.ffn_gate_exps.weight": np.random.default_rng(1).uniform(0.1, 2, (E, H)).astype(np.float32)}
+    out = tmp_path / "o.gguf"
+    write_gguf(src, out, plan, TensorPolicy(), imatrix=imat, progress=False)
+    t = _tensors(out)
+    w = np.asarray(_tensors(src)["blk.0.ffn_gate_up_exps.weight"].data)
+    q = np.asarray(t["blk.0.ffn_gate_up_exps.q0.weight"].data)  # Q2_K: old experts 0 and 2
+    assert t["blk.0.ffn_gate_up_exps.q0.weight"].tensor_type.name == "Q2_K"
+    assert np.array_equal(q[1], quantize(w[2], "Q2_K", imat["blk.0.ffn_gate_exps.weight"][2]))
+    plan[(0, "up")] = ["Q4_K"] * E
+    with pytest.raises(GemqError, match="merged"):
+        write_gguf(src, tmp_path / "bad.gguf", plan, TensorPolicy(), progress=False)
+
+
+def test_merged_gate_up_refuses_per_projection_types_early(tmp_path) -> None:
+    """`--granularity expert-proj` on such a model fails right after the float GGUF, before calibration."""
+    from gemq_gguf.options import AllocOptions
+    from gemq_gguf.pipeline import check_merged_gate_up
+    merged, split = _make_src(tmp_path / "m.gguf", merged=True), _make_src(tmp_path / "s.gguf")
+    with pytest.raises(GemqError, match="gate and up in one tensor"):
+        check_merged_gate_up(merged, AllocOptions(budget=4.0, granularity="expert-proj"))
+    check_merged_gate_up(merged, AllocOptions(budget=4.0))
+    check_merged_gate_up(split, AllocOptions(budget=4.0, granularity="expert-proj"))

@@ -114,6 +114,47 @@ CONFIGS: dict[str, dict] = {
     "cohere2_moe": dict(model_type="cohere2_moe", num_key_value_heads=2, head_dim=64, intermediate_size=256,
                         num_experts=8, num_experts_per_tok=2, sliding_window=128, sliding_window_pattern=2,
                         tie_word_embeddings=True),
+    "kimi_linear": dict(model_type="kimi_linear", num_key_value_heads=4, intermediate_size=512,
+                        moe_intermediate_size=256, num_local_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                        kv_lora_rank=256, q_lora_rank=None, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,
+                        n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=3,
+                        layer_types=["linear_attention", "full_attention", "linear_attention"],
+                        mlp_layer_types=["dense", "sparse", "sparse"], linear_head_dim=64, linear_num_heads=4,
+                        linear_conv_kernel_dim=4),  # rms_norm_eps 1e-6: llama.cpp's KDA L2-normalises q/k with it
+    "glm_moe_dsa": dict(model_type="glm_moe_dsa", num_key_value_heads=4, intermediate_size=512,
+                        moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                        first_k_dense_replace=1, q_lora_rank=256, kv_lora_rank=256, qk_rope_head_dim=32,
+                        qk_nope_head_dim=64, v_head_dim=64, n_group=1, topk_group=1, routed_scaling_factor=2.5,
+                        norm_topk_prob=True, num_hidden_layers=3, rms_norm_eps=1e-5,
+                        # the indexer keeps every key of the 96-token tests (as GLM-5's 2048 does up to 2048
+                        # tokens): choosing 32, a random indexer's choices flip under 8-bit activations at
+                        # most positions (docs/families.md)
+                        index_topk=128, index_head_dim=64, index_n_heads=16),
+    "mimo_v2_flash": dict(model_type="mimo_v2_flash", num_key_value_heads=2, head_dim=64, v_head_dim=64,
+                          intermediate_size=512, moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2,
+                          routed_scaling_factor=1.0, norm_topk_prob=True, num_hidden_layers=3, rms_norm_eps=1e-5,
+                          layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+                          mlp_layer_types=["dense", "sparse", "sparse"], sliding_window=33,
+                          rope_parameters={k: dict(rope_type="default", rope_theta=theta, partial_rotary_factor=0.5)
+                                           for k, theta in (("full_attention", 5e6), ("sliding_attention", 1e4))}),
+    "granitemoe_swa": dict(model_type="granitemoe_swa", num_key_value_heads=2, intermediate_size=256,
+                           num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=512, num_hidden_layers=3,
+                           layer_types=["full_attention", "sliding_attention", "sliding_attention"], sliding_window=33),
+    "deepseek_v32": dict(model_type="deepseek_v32", num_key_value_heads=4, intermediate_size=512,
+                         moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                         first_k_dense_replace=1, q_lora_rank=256, kv_lora_rank=256, qk_rope_head_dim=32,
+                         qk_nope_head_dim=64, v_head_dim=64, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                         norm_topk_prob=True, num_hidden_layers=3,
+                         index_topk=128, index_head_dim=64, index_n_heads=16),  # as glm_moe_dsa's indexer
+    "dots3": dict(model_type="dots3_note_text", num_key_value_heads=4, intermediate_size=512, moe_intermediate_size=256,
+                  n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, shared_experts_intermediate_size=256,
+                  first_k_dense_replace=1, q_lora_rank=128, kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64,
+                  v_head_dim=64, head_dim=96, routed_scaling_factor=2.5, num_hidden_layers=3,
+                  layer_types=["indexed_attention", "sliding_attention", "indexed_attention"], sliding_window=33,
+                  index_topk=128, index_head_dim=64, index_n_heads=16,  # as glm_moe_dsa's indexer
+                  swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=128, swa_kv_lora_rank=128,
+                  swa_head_dim=96, swa_qk_nope_head_dim=64, swa_v_head_dim=64,
+                  swa_qk_rope_head_dim=32),  # ranks below hidden: its latents' rescale sqrt(hidden / rank) matters
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
@@ -124,9 +165,13 @@ GLM_SPECIALS = ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|observation|
 #: special tokens a family's llama.cpp converter looks up by name (added to the trained vocabulary)
 SPECIALS: dict[str, tuple[str, ...]] = {
     "qwen3_5_moe": ("<|endoftext|>",),  # transformers' Qwen3.5 tokenizer class adds it when missing
-    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "solar_open": ("<|startoftext|>", "<|endoftext|>", "<unk>"),
+    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "glm_moe_dsa": GLM_SPECIALS,
+    "dots3": ("<|endofassistant|>",), "solar_open": ("<|startoftext|>", "<|endoftext|>", "<unk>"),
 }
 
+
+#: tokenizer_config.json keys a family's converter checks (written after saving: transformers drops them)
+TOKENIZER_CONFIG: dict[str, dict] = {"deepseek_v32": {"add_bos_token": True}}
 
 #: families whose llama.cpp converter takes only a SentencePiece tokenizer.model
 SPM = ("ernie4_5_moe", "jamba")
@@ -194,4 +239,8 @@ def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype 
         _write_spm_tokenizer(out_dir)
     else:
         _tokenizer(SPECIALS.get(arch, ())).save_pretrained(out_dir)
+    if arch in TOKENIZER_CONFIG:
+        import json
+        path = out_dir / "tokenizer_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **TOKENIZER_CONFIG[arch]}))
     return out_dir

@@ -104,6 +104,11 @@ class ArchAdapter:
         (transformers drops keys its config class does not define); merged over `hparams`."""
         return {}
 
+    def converter_tensor_names(self, names: list[str]) -> dict[str, str]:
+        """Checkpoint tensor names that a re-save by transformers writes differently from the released
+        checkpoint, mapped to the names llama.cpp's converter knows (old -> new)."""
+        return {}
+
     # -- the module tree ---------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The model's decoder layers, in order (what layer-streamed calibration walks through)."""

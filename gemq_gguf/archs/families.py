@@ -6,6 +6,7 @@ Adding a family: register it here, add a tiny config to tests/tiny_models.py, an
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import torch
@@ -14,6 +15,15 @@ from torch import nn
 from .base import ArchAdapter
 from .experts import ExpertsCall, ExpertsView, Layout
 from .registry import refuse, register
+
+
+def leading_dense(hparams: dict[str, Any]) -> dict[str, Any]:
+    """`first_k_dense_replace` from transformers 5's `mlp_layer_types` (the converter reads only the former;
+    without it llama.cpp looks for a router in the dense first layers)."""
+    types = hparams.get("mlp_layer_types")
+    if "first_k_dense_replace" in hparams or not types:
+        return {}
+    return {"first_k_dense_replace": next((i for i, t in enumerate(types) if t != "dense"), len(types))}
 
 
 class SigmoidScores(ArchAdapter):
@@ -150,12 +160,7 @@ class Glm4MoeLite(SigmoidScores):
     name = "glm4moe-lite"
 
     def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
-        # transformers 5 saves the dense layers as `mlp_layer_types`; the converter reads only
-        # `first_k_dense_replace` (without it llama.cpp looks for a router in the dense first layer)
-        extra, types = super().converter_hparams(hparams), hparams.get("mlp_layer_types")
-        if "first_k_dense_replace" not in hparams and types:
-            extra["first_k_dense_replace"] = next((i for i, t in enumerate(types) if t != "dense"), len(types))
-        return extra
+        return {**super().converter_hparams(hparams), **leading_dense(hparams)}
 
 
 @register
@@ -329,6 +334,114 @@ class Cohere2Moe(ArchAdapter):
     name = "cohere2moe"
 
 
+@register
+class KimiLinear(SigmoidScores):
+    """Kimi Linear: Kimi Delta Attention (linear) and MLA layers without rope, DeepSeek-V3's routing (sigmoid,
+    correction bias, scaling), a shared expert, the first layers dense."""
+
+    hf_classes = ("KimiLinearForCausalLM",)
+    name = "kimi-linear"
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # transformers 5 saves the layer kinds as `layer_types` / `mlp_layer_types` and the KDA sizes as
+        # `linear_*`; the converter reads only the released checkpoint's keys
+        extra = super().converter_hparams(hparams)
+        extra.update(leading_dense(hparams))
+        types = hparams.get("layer_types") or []
+        if "linear_attn_config" not in hparams and types:
+            extra["linear_attn_config"] = {
+                "full_attn_layers": [i + 1 for i, t in enumerate(types) if t == "full_attention"],
+                "kda_layers": [i + 1 for i, t in enumerate(types) if t != "full_attention"],
+                "head_dim": hparams["linear_head_dim"], "num_heads": hparams["linear_num_heads"],
+                "short_conv_kernel_size": hparams["linear_conv_kernel_dim"]}
+        if "num_shared_experts" not in hparams:
+            extra["num_shared_experts"] = hparams.get("n_shared_experts", 1)
+        return extra
+
+    def converter_tensor_names(self, names: list[str]) -> dict[str, str]:
+        # transformers renames the checkpoint's `block_sparse_moe.` to `mlp.` on load and back on save, the
+        # dense layers' MLP included; the converter knows those as `mlp.`
+        dense = re.compile(r"(\.layers\.\d+\.)block_sparse_moe\.((gate|up|down)_proj\.weight)$")
+        return {n: dense.sub(r"\1mlp.\2", n) for n in names if dense.search(n)}
+
+
+@register
+class GlmMoeDsa(ArchAdapter):
+    """GLM-5 (GLM-MoE-DSA): DeepSeek sparse attention (a lightning indexer picks the keys) over MLA, GLM's
+    sigmoid routing with a correction bias, a shared expert, the first layers dense."""
+
+    hf_classes = ("GlmMoeDsaForCausalLM",)
+    name = "glm-dsa"
+
+
+@register
+class MiMoV2Flash(SigmoidScores):
+    """MiMo-V2-Flash: sliding-window layers with attention sinks and twice the KV heads, partial rotary
+    attention with a base per layer kind, DeepSeek-V3's routing (sigmoid, correction bias), a dense first layer."""
+
+    hf_classes = ("MiMoV2FlashForCausalLM",)
+    name = "mimo2"
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # the converter reads the released checkpoint's keys, which transformers' config class renames or drops
+        extra = super().converter_hparams(hparams)
+        types, rope = hparams.get("layer_types") or [], dict(hparams.get("rope_parameters") or {})
+        released = {"swa_head_dim": hparams["head_dim"], "swa_v_head_dim": hparams["v_head_dim"],
+                    "swa_num_attention_heads": hparams["num_attention_heads"],
+                    "swa_num_key_value_heads": 2 * hparams["num_key_value_heads"],  # transformers doubles them
+                    "topk_method": "noaux_tc", "layernorm_epsilon": hparams.get("rms_norm_eps", 1e-5),
+                    "hybrid_layer_pattern": [int(t == "sliding_attention") for t in types]}
+        extra.update({k: v for k, v in released.items() if k not in hparams})
+        full = rope.get("full_attention")
+        if isinstance(full, dict) and "partial_rotary_factor" not in rope:  # read only at the top level
+            extra["rope_parameters"] = {**rope, "partial_rotary_factor": full.get("partial_rotary_factor", 1.0)}
+        return extra
+
+
+@register
+class GraniteMoeSwa(ArchAdapter):
+    """Granite-MoE with sliding-window layers (and attention sinks), a shared MLP beside the MoE block."""
+
+    hf_classes = ("GraniteMoeSWAForCausalLM",)
+    name = "granitemoeswa"
+
+
+@register
+class DeepseekV32(SigmoidScores):
+    """DeepSeek-V3.2: DeepSeek-V3 with DeepSeek sparse attention (a lightning indexer picks the keys)."""
+
+    hf_classes = ("DeepseekV32ForCausalLM",)
+    name = "deepseek32"
+
+
+@register
+class Dots3(SigmoidScores):
+    """dots.llm3 (dots3-note, text): MLA with a sparse-attention indexer in the full layers and its own MLA
+    sizes in the sliding-window layers, DeepSeek-V3's routing, a shared expert, dense first layers."""
+
+    hf_classes = ("Dots3NoteForCausalLM",)
+    name = "dots3"
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # transformers 5 keeps the sliding-window layers' sizes in `per_layer_config` and the window in
+        # `sliding_window`; the converter reads the released checkpoint's `swa_*` and `sliding_window_size`
+        extra = {**super().converter_hparams(hparams), **leading_dense(hparams)}
+        per_layer = hparams.get("per_layer_config") or {}
+        types = hparams.get("layer_types") or []
+        swa = next((per_layer[k] for k in per_layer if types[int(k)] == "sliding_attention"), {})
+        sizes = ("num_attention_heads", "num_key_value_heads", "q_lora_rank", "kv_lora_rank", "head_dim",
+                 "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")  # saved only where they differ
+        extra.update({f"swa_{k}": swa.get(k, hparams.get(k)) for k in sizes if f"swa_{k}" not in hparams})
+        if "sliding_window_size" not in hparams and hparams.get("sliding_window") is not None:
+            extra["sliding_window_size"] = hparams["sliding_window"]
+        if "apply_mla_qkv_lora_rescale" not in hparams:  # transformers' class always rescales the Q/KV latents
+            extra["apply_mla_qkv_lora_rescale"] = True
+        rope = hparams.get("rope_parameters") or {}
+        if "indexed_attention" in rope and "full_attention" not in rope:  # the converter's name for the full layers'
+            extra["rope_parameters"] = {**rope, "full_attention": rope["indexed_attention"]}
+        return extra
+
+
 # Known MoE families that are refused, and why (docs/families.md)
 refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not its sparsemixer weighting, so even "
        "an F32 conversion differs from the model")
@@ -338,9 +451,14 @@ refuse("Llama4ForConditionalGeneration", "not tested yet (the vision-language ch
        "Llama4ForCausalLM, is supported")
 refuse("LagunaForCausalLM", "llama.cpp's conversion of a transformers-saved checkpoint differs from the model "
        "(F32 logits 28 % off on a test checkpoint)")
-refuse("MiMoV2FlashForCausalLM", "not tested yet: llama.cpp's converter needs config keys (swa_head_dim, ...) that a "
-       "transformers re-save drops")
 refuse("MellumForCausalLM", "llama.cpp's Mellum graph ropes the sliding-window layers with the global rope base, "
        "not their own (rope_parameters.sliding_attention), so even an F32 conversion differs from the model")
 refuse("AfmoeForCausalLM", "not supported yet: llama.cpp's conversion of a transformers-saved tiny checkpoint differs "
        "from the model (Q8_0 KL 1.5e-2, top-1 36 %); cause not found")
+refuse("HYV4ForCausalLM", "transformers rotates HY-V4's rope by halves and llama.cpp's graph by consecutive pairs (as "
+       "the reference code), so the model GEMQ calibrates differs from the GGUF (F32 logits 19 % off on a test "
+       "checkpoint)")
+refuse("Qwen4ExpForCausalLM", "llama.cpp's conversion of a transformers-saved test checkpoint differs from the model "
+       "(F32 logits 32 % off, 2 % at the first token); cause not investigated")
+refuse("DeepseekV4ForCausalLM", "llama.cpp's DeepSeek-V4 converter takes only the released MXFP4 experts (a weight and "
+       "a scale per expert) under DeepSeek's own tensor names; it cannot convert a float checkpoint")

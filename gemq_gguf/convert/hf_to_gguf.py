@@ -20,7 +20,6 @@ import contextlib
 import io
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +27,9 @@ import numpy as np
 
 from ..archs import adapter_for, supported
 from ..errors import GemqError
-from ..runtime import converter_dir
+from ..runtime import import_converter
 
 FLOAT_OUTTYPES = ("f32", "f16", "bf16")
-
-
-def _import_converter() -> Any:
-    d = converter_dir()
-    if str(d) not in sys.path:
-        sys.path.insert(0, str(d))
-    try:
-        import conversion  # type: ignore[import-not-found]
-    except ImportError as e:
-        raise GemqError(f"llama.cpp's converter could not be imported from {d} ({e}).",
-                        "run ./setup.sh, which installs it next to the patched runtime.") from None
-    return conversion
 
 
 #: pre-tokenizer regexes (as tokenizer.json writes them) -> llama.cpp's name for the same splitting
@@ -149,6 +136,42 @@ def _add_tied_output(model: Any, model_dir: Path) -> None:
     tensors[_HEAD] = tensors[_EMBEDDING]
 
 
+def _keep_add_bos_token(model: Any, model_dir: Path) -> None:
+    """transformers 5 drops tokenizer_config.json's `add_bos_token` when it loads a tokenizer.json, and some
+    converter classes assert it (DeepSeek-V3.2): give the tokenizer they load the checkpoint's value."""
+    try:
+        wanted = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8")).get("add_bos_token")
+    except (OSError, ValueError):
+        return
+    if wanted is not True:
+        return
+    from transformers import AutoTokenizer
+    original = model.set_vocab
+
+    def set_vocab() -> None:
+        load = AutoTokenizer.from_pretrained
+
+        def loaded(*args: Any, **kwargs: Any) -> Any:
+            tokenizer = load(*args, **kwargs)
+            if not getattr(tokenizer, "add_bos_token", True):
+                tokenizer.add_bos_token = True
+            return tokenizer
+        AutoTokenizer.from_pretrained = loaded
+        try:
+            original()
+        finally:
+            AutoTokenizer.from_pretrained = load
+
+    model.set_vocab = set_vocab
+
+
+def _rename_tensors(model: Any, renames: dict[str, str]) -> None:
+    """Give the converter the checkpoint's tensors under the names it knows (the adapter's renames)."""
+    tensors = model.model_tensors
+    for old, new in renames.items():
+        tensors[new] = tensors.pop(old)
+
+
 def check_tokenizer(model_dir: Path) -> None:
     """The converter needs the tokenizer files; say so before any heavy work starts."""
     names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -184,7 +207,7 @@ def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verb
     if outtype not in FLOAT_OUTTYPES:
         raise ValueError(f"outtype must be one of {FLOAT_OUTTYPES}")
     check_tokenizer(model_dir)
-    conversion = _import_converter()
+    conversion = import_converter()
     import gguf
     import torch
 
@@ -196,8 +219,10 @@ def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verb
         cls = conversion.get_model_class(arch)
     except NotImplementedError:
         raise GemqError(f"llama.cpp's converter does not support {arch}.", "use a supported architecture.") from None
-    if any(a in supported() for a in hparams.get("architectures") or []):  # others convert as llama.cpp does
-        hparams = {**hparams, **adapter_for(hparams["architectures"]).converter_hparams(hparams)}
+    adapter = adapter_for(hparams["architectures"]) if any(
+        a in supported() for a in hparams.get("architectures") or []) else None  # others convert as llama.cpp does
+    if adapter is not None:
+        hparams = {**hparams, **adapter.converter_hparams(hparams)}
     if cls.supports_mtp_export:
         # transformers loads no multi-token-prediction layers, so GEMQ has no statistics for them
         cls = type(cls.__name__, (cls,), {"model_arch": cls.model_arch, "no_mtp": True})
@@ -206,6 +231,9 @@ def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verb
     with torch.inference_mode(), sink:
         model = cls(model_dir, ftype, out_path, eager=False, hparams=hparams)
         _add_fallback(model, model_dir)
+        _keep_add_bos_token(model, model_dir)
+        if adapter is not None:
+            _rename_tensors(model, adapter.converter_tensor_names(list(model.model_tensors)))
         _check_finite_on_write(model)
         if tied_output:
             _add_tied_output(model, model_dir)

@@ -7,8 +7,10 @@ from rich.table import Table
 from .writer import WriteSummary
 
 
-def print_summary(s: WriteSummary, verified: str | None = None, console: Console | None = None) -> None:
-    """The table, then one line each: sizes, the verification, fallbacks."""
+def print_summary(s: WriteSummary, verified: str | None = None, console: Console | None = None,
+                  target: str | None = None) -> None:
+    """The table, then one line each: sizes, the file target (--target-bpw / --target-size), the
+    verification, fallbacks."""
     console = console or Console(stderr=True)
     t = Table(title=f"{s.path}", show_lines=False)
     t.add_column("type")
@@ -20,6 +22,8 @@ def print_summary(s: WriteSummary, verified: str | None = None, console: Console
     console.print(f"file {s.file_bytes / 2**20:,.1f} MiB | whole-file {s.file_bpw:.3f} bpw | routed experts "
                   f"{s.expert_bpw:.3f} bpw ({s.expert_params / max(s.total_params, 1):.0%} of the weights) | "
                   f"{s.grouped} grouped expert tensors")
+    if target:
+        console.print(target)
     if verified:
         console.print(verified)
     for msg in s.fallbacks[:5]:

@@ -18,7 +18,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from gguf import (
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..errors import GemqError
 from ..ggml.layout import expert_qmap, group_major_order, group_tensor_name, qmap_name
-from ..ggml.names import EXPERT_AXIS_RE, parse_expert_name
+from ..ggml.names import EXPERT_AXIS_RE, expert_tensor_name, parse_expert_name
 from ..ggml.quant import QuantCache, quantize, widen_bf16
 from ..ggml.types import fitting_type, type_info
 from ..plan import ExpertPlan, PlanOrigin
@@ -124,8 +124,10 @@ class _Planner:
     """Turns source tensors into output tensors (names, types, byte shapes, lazy bytes)."""
 
     def __init__(self, plan: ExpertPlan, policy: TensorPolicy, imatrix: dict[str, np.ndarray] | None,
-                 routers: dict[str, np.ndarray] | None, strict_plan: bool, cache: QuantCache | None) -> None:
+                 routers: dict[str, np.ndarray] | None, strict_plan: bool, cache: QuantCache | None,
+                 tensor_types: Mapping[str, str] | None = None) -> None:
         self.plan, self.policy, self.imatrix = plan, policy, imatrix or {}
+        self.tensor_types = dict(tensor_types or {})
         self.routers, self.strict, self.cache = routers or {}, strict_plan, cache if cache is not None else {}
         self.fitted: dict[tuple[int, str], list[str]] = {}  # (layer, proj) -> each expert's type as written
         self.orders: dict[int, list[int]] = {}  # set by fit_experts_and_order
@@ -159,7 +161,7 @@ class _Planner:
             if n != len(order):
                 raise ValueError(f"{name}: {n} rows on the expert axis, the layer has {len(order)} experts")
             rows = np.asarray(rows).reshape(len(order), -1)[order].reshape(rows.shape)
-        want = self.policy.type_for(name, data.ndim)
+        want = self.tensor_types.get(name) or self.policy.type_for(name, data.ndim)
         t = self._fit(name, want, rows.shape[1], strict=False)
         imat = self.imatrix.get(name)
         nbytes_row = type_info(t).row_bytes(rows.shape[1])
@@ -173,11 +175,33 @@ class _Planner:
     def _expert_bytes(self, name: str, data: np.ndarray, e: int, t: str) -> np.ndarray:
         key = (name, e, t)
         if key not in self.cache:
-            imat = self.imatrix.get(name)
+            imat = self._expert_imatrix(name)
             if imat is not None:
                 imat = imat.reshape(data.shape[0], -1)[e] if imat.size == data.shape[0] * data.shape[2] else imat.reshape(-1)
             self.cache[key] = quantize(np.asarray(data[e], dtype=np.float32), t, imat)
         return self.cache.pop(key)
+
+    def _plan_types(self, name: str, layer: int, proj: str) -> list[str]:
+        """The plan's types for one expert tensor; a merged gate/up tensor (`ffn_gate_up_exps`) takes the
+        gate's, which must be the up's too (one type per expert row block)."""
+        try:
+            if proj != "gate_up":
+                return self.plan[(layer, proj)]
+            gate, up = self.plan[(layer, "gate")], self.plan[(layer, "up")]
+        except KeyError:
+            raise GemqError(f"the plan has no types for {name}.", "give every MoE layer a type (see --plan).") from None
+        if list(gate) != list(up):
+            raise GemqError(f"{name} stores gate and up merged, and the plan types them differently.",
+                            "give gate and up one type per expert (--granularity expert or tensor).")
+        return gate
+
+    def _expert_imatrix(self, name: str) -> np.ndarray | None:
+        """The importance of an expert tensor's inputs; a merged gate/up reads the gate's input (the same)."""
+        imat = self.imatrix.get(name)
+        parsed = parse_expert_name(name)
+        if imat is None and parsed is not None and parsed[1] == "gate_up":
+            imat = self.imatrix.get(expert_tensor_name(parsed[0], "gate"))
+        return imat
 
     def fit_experts_and_order(self, reader: GGUFReader, n_routing_groups: int) -> None:
         """Check the plan against every expert tensor and fit its types to the rows, before anything is
@@ -188,11 +212,7 @@ class _Planner:
                 continue
             layer, proj = parsed
             n_exp, n_in = int(t.shape[-1]), int(t.shape[0])  # ggml order: (n_in, n_out, n_exp)
-            try:
-                types = self.plan[(layer, proj)]
-            except KeyError:
-                raise GemqError(f"the plan has no types for {t.name}.",
-                                "give every MoE layer a type (see --plan).") from None
+            types = self._plan_types(t.name, layer, proj)
             if len(types) != n_exp:
                 raise GemqError(f"the plan gives {len(types)} types for {t.name}, which has {n_exp} experts.",
                                 "make the plan match the model.")
@@ -228,12 +248,19 @@ class _Planner:
 def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
                imatrix: dict[str, np.ndarray] | None = None, routers: dict[str, np.ndarray] | None = None,
                origin: PlanOrigin = PlanOrigin("uniform", "tensor"), strict_plan: bool = False,
-               quant_cache: QuantCache | None = None, progress: bool = True) -> WriteSummary:
-    """Write `dst` from the float GGUF `src` with every tensor typed by `plan` (experts) and `policy`."""
+               quant_cache: QuantCache | None = None, progress: bool = True,
+               tensor_types: Mapping[str, str] | None = None, max_bytes: int | None = None) -> WriteSummary:
+    """Write `dst` from the float GGUF `src` with every tensor typed by `plan` (experts), `tensor_types`
+    (non-expert tensors a whole-file allocation decided: they win over the policy) and `policy`.
+    `max_bytes` (--target-size): a file larger than this is removed and the run fails."""
     reader = GGUFReader(src)
     arch = str(reader.fields[Keys.General.ARCHITECTURE].contents())
     field = reader.fields.get(Keys.LLM.EXPERT_GROUP_COUNT.format(arch=arch))
-    planner = _Planner(plan, policy, imatrix, routers, strict_plan, quant_cache)
+    unknown = sorted(set(tensor_types or {}) - {t.name for t in reader.tensors})
+    if unknown:
+        raise GemqError(f"the plan types tensors the model does not have: {', '.join(unknown[:3])}.",
+                        "use a plan written for this model.")
+    planner = _Planner(plan, policy, imatrix, routers, strict_plan, quant_cache, tensor_types)
     planner.fit_experts_and_order(reader, int(field.contents()) if field is not None else 1)
     outs: list[_Out] = []
     for t in reader.tensors:
@@ -272,6 +299,10 @@ def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
                 writer.write_tensor_data(arr)
                 bar.update(o.nbytes)
         writer.close()
+        size = tmp.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise GemqError(f"the written file would take {size:,} bytes, over the target of {max_bytes:,}; "
+                            "it was removed.", "report this as a bug (the size bound missed something).")
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):  # keep the original error

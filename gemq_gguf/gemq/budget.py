@@ -1,5 +1,6 @@
 """`--budget`: calibrate, estimate per-expert costs with ggml's quantizer, solve the global allocation,
-and optionally tune the routers against the result.
+and optionally tune the routers against the result. `--target-bpw` / `--target-size`: the same with the
+non-expert tensors' costs (tensor_costs.py) in one allocation over the whole file (allocate/joint.py).
 
 The glue between the pure pieces (calib, stats, costs, allocate, report): it returns the expert types
 plus what the writer and the report need (imatrix, already quantized bytes, tuned routers).
@@ -16,14 +17,15 @@ import torch
 from torch import nn
 
 from ..allocate import Allocation, AllocationProblem, check_budget, solve
+from ..allocate.joint import FileBits, FileParts, JointProblem, free_bits, joint_problem
 from ..archs import ArchAdapter, MoeShape
 from ..errors import GemqError
 from ..ggml.imatrix import read_imatrix, write_imatrix
 from ..ggml.quant import QuantCache
-from ..ggml.types import canonical
-from ..options import AllocOptions, CacheOptions, CalibOptions, OutputOptions, TuneOptions
+from ..ggml.types import canonical, fitting_type, type_info
+from ..options import STRATEGIES, AllocOptions, CacheOptions, CalibOptions, OutputOptions, TuneOptions, WholeFileOptions
 from ..plan import ExpertTypes, PlanOrigin, plan_from_allocation
-from ..report import plot_heatmap, print_allocation, report_dict
+from ..report import plot_heatmap, print_allocation, report_dict, tensor_section
 from .calib import calibration_tokens
 from .cache import StatsCache, open_cache
 from .costs import CostTable, estimate_costs, prune_cache
@@ -68,6 +70,19 @@ def check_request(opts: AllocOptions, shape: MoeShape) -> list[str]:
                         f"types {', '.join(types)}: every expert would get the widest type.",
                         f"use --budget up to {hi:.4f}, add a wider type (e.g. Q8_0) to --types, or use --uniform.")
     return types
+
+
+def check_whole_file(opts: WholeFileOptions, shape: MoeShape) -> tuple[list[str], list[str]]:
+    """Validate a whole-file request before any heavy work; returns the experts' and the other tensors'
+    candidate types. Whether the target is reachable needs the float GGUF (`check_target`)."""
+    if opts.strategy != STRATEGIES[0]:
+        raise GemqError(f"--strategy {opts.strategy} does not take --target-bpw / --target-size (the whole-file "
+                        "allocation is one integer program).", "drop --strategy, or use --budget.")
+    if opts.target.bpw is not None and not (np.isfinite(opts.target.bpw) and opts.target.bpw > 0):
+        raise GemqError(f"--target-bpw {opts.target.bpw:g} is not a positive number.", "use e.g. --target-bpw 4.5.")
+    types = [canonical(t) for t in opts.types]
+    size_problem(shape, types, opts.granularity, has_imatrix=True)  # every expert unit has an allowed type
+    return types, [canonical(t) for t in opts.tensor_types]
 
 
 def calib_tokens(model_dir: Path, calib: CalibOptions) -> torch.Tensor:
@@ -130,7 +145,7 @@ def calibrate(model_dir: Path, adapter: ArchAdapter, calib: CalibOptions, work_d
     model = None
     if stats is None:
         kwargs = dict(progress=True, work_dir=work_dir, datasets=list(calib.texts) or ["gemq-gguf built-in mix"],
-                      labels=calib.fisher, seed=calib.seed)
+                      labels=calib.fisher, seed=calib.seed, tensor_tokens=calib.tensor_tokens)
         if stream:
             log.info("calibration: layer-streamed (one decoder layer's weights at a time)")
             source = open_layer_source(model_dir, adapter)
@@ -217,3 +232,80 @@ def _solve_and_tune(c: Calibration, adapter: ArchAdapter, shape: MoeShape, float
     plan = plan_from_allocation(alloc, list(shape.moe_layers), shape.n_experts)
     tuning = tune_for_plan(c.whole_model(), adapter, c.tokens, plan, c.imatrix, cache, tune, seed=calib.seed)
     return alloc, tuning.routers, {"router_tuning": tuning.report}
+
+
+def check_target(opts: WholeFileOptions, shape: MoeShape, types: list[str], parts: FileParts,
+                 widths: dict[str, tuple[int, int]], tensor_types: list[str]) -> None:
+    """Before calibration: a target no file can meet fails now. The non-expert tensors whose types the
+    allocation may choose are not known yet (tensor_costs decides), so every tensor the policy quantizes
+    (`widths`: name -> (rows, row width)) counts with every candidate type; the exact check follows the costs."""
+    names = sorted(widths)
+    bits = np.array([[widths[n][0] * type_info(fitting_type(t, widths[n][1])).row_bytes(widths[n][1]) * 8.0
+                      for t in tensor_types] for n in names]).reshape(len(names), len(tensor_types))
+    params = np.array([widths[n][0] * widths[n][1] for n in names], dtype=np.float64)
+    experts = size_problem(shape, types, opts.granularity, has_imatrix=True)
+    joint = joint_problem(experts, names, tensor_types, np.zeros_like(bits), bits, params)
+    target, what, with_overhead = parts.target_bits(opts.target)
+    fixed = parts.fixed(set(names))
+    free_bits(target, fixed if with_overhead else fixed.without_overhead(), joint.problem, what)
+
+
+def allocate_whole_file(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, float_gguf: Path,
+                        opts: WholeFileOptions, types: list[str], tensor_types: list[str], parts: FileParts,
+                        calib: CalibOptions, output: OutputOptions,
+                        cache_opts: CacheOptions = CacheOptions()) -> ExpertTypes:
+    """Types for every routed expert and every non-expert tensor with a measured cost, minimizing the
+    predicted loss under the file target (`parts`: what the file holds besides the choices)."""
+    from .tensor_costs import tensor_cost_table
+    store = open_cache(cache_opts)
+    c = calibrate(model_dir, adapter, calib, float_gguf.parent, store)
+    if output.save_imatrix is not None:
+        write_imatrix(output.save_imatrix, c.stats.imatrix())
+        log.info("imatrix: %s", output.save_imatrix)
+    report: dict[str, Any] = {"calibration": {"sequences": c.stats.n_seq, "seq_len": c.stats.seq_len,
+                                              "loss": c.stats.loss, "datasets": c.stats.datasets}}
+    table, cache = cost_table(c, adapter, shape, types, opts.granularity, store)
+    tstore = store.tensor_costs(c.cache_key, tensor_types, c.imatrix, float_gguf, _numerics()) \
+        if store is not None and c.cache_key is not None else None
+    tcost = tensor_cost_table(c.stats, float_gguf, tensor_types, imatrix=c.imatrix, store=tstore)
+    del c.stats
+    joint = joint_problem(table.problem(), tcost.names, tcost.types, tcost.cost, tcost.bits, tcost.params)
+    target, what, with_overhead = parts.target_bits(opts.target)
+    fixed = parts.fixed(set(tcost.names))
+    fixed = fixed if with_overhead else fixed.without_overhead()
+    free = free_bits(target, fixed, joint.problem, what)
+    alloc = solve(opts.strategy, joint.problem, joint.budget_bpw(free), max_types=opts.max_types)
+    if alloc.bits_used > free:
+        raise GemqError(f"the allocation uses {alloc.bits_used:.0f} bits, over the {free:.0f} the target leaves.",
+                        "report this as a bug.")
+    experts, tensors = joint.split(alloc)
+    plan = plan_from_allocation(experts, list(shape.moe_layers), shape.n_experts)
+    if isinstance(cache, dict):
+        prune_cache(cache, plan)
+    file = _whole_file_numbers(joint, alloc, fixed, target, what, opts)
+    report.update(never_routed_experts=[f"L{l}.E{e}" for l, e in table.never_routed], cost_notes=table.notes,
+                  tensor_cost_notes=tcost.notes, cost_seconds=table.seconds)
+    print_allocation(experts, report)
+    log.info("whole file: %s; predicted %s", what, ", ".join(f"{k} {v}" for k, v in file.items()
+                                                              if k in ("tensor_bits", "bound_bytes", "bpw")))
+    plot_heatmap(experts, output.heatmap_path, tensors=tensors,
+                 title=f"{model_dir.name}: gemq whole file, {opts.target.describe()} ({opts.granularity})")
+    report["heatmap"] = str(output.heatmap_path)
+    return ExpertTypes(plan=plan, origin=PlanOrigin(opts.strategy, opts.granularity, None, tuple(types)),
+                       report={"allocation": report_dict(experts, report), "non_expert": tensor_section(tensors),
+                               "whole_file": file},
+                       imatrix=c.imatrix, quant_cache=cache, tensor_types=tensors.as_dict())
+
+
+def _whole_file_numbers(joint: JointProblem, alloc: Allocation, fixed: FileBits, target: int, what: str,
+                        opts: WholeFileOptions) -> dict[str, Any]:
+    """The allocation's file-level numbers: what was asked, the bits it leaves and uses, predictions."""
+    tensor_bits = alloc.bits_used + fixed.fixed_tensor_bits
+    params = joint.problem.total_params + fixed.fixed_params
+    out = {"target": what, "target_bits": target, "decided_bits": alloc.bits_used,
+           "fixed_tensor_bits": fixed.fixed_tensor_bits, "overhead_bound_bits": fixed.overhead_bits,
+           "tensor_bits": tensor_bits, "total_params": params, "bpw": tensor_bits / params,
+           "predicted_loss_increase": alloc.total_cost, "solver": alloc.to_dict()["solver"]}
+    if opts.target.size is not None:
+        out["bound_bytes"] = int(np.ceil((tensor_bits + fixed.overhead_bits) / 8))
+    return out

@@ -32,9 +32,11 @@ from ..ggml.names import parse_expert_name
 from ..ggml.quant import QuantCache
 from ..options import CacheOptions, CalibOptions
 from ..runtime import home
-from .cache_key import FORMAT, arrays_digest, checkpoint_fingerprint, code_version, digest, tensor_digest
+from .cache_key import FORMAT, arrays_digest, checkpoint_fingerprint, code_version, digest, file_fingerprint, tensor_digest
 from .costs import CostTable, LayerCosts, assemble_table
 from .stats import CalibStats, LayerStats
+from .tensor_costs import TensorCostTable
+from .tensor_stats import TensorStats, TensorUse
 
 log = logging.getLogger("gemq")
 
@@ -95,13 +97,20 @@ class StatsCache:
         """The entry of this checkpoint calibrated on `tokens` with `calib`'s settings; `numerics` names the
         device and dtype the statistics are computed in (they change the floats)."""
         key = digest("calib", FORMAT, checkpoint_fingerprint(model_dir), tensor_digest(tokens), list(calib.texts),
-                     calib.fisher, calib.seed, numerics, code_version())
+                     calib.fisher, calib.seed, calib.tensor_tokens, numerics, code_version())
         return CalibEntry(self.root / f"calib-{key[:_KEY_CHARS]}", key)
 
     def costs(self, calib_key: str, types: Sequence[str], granularity: str, imatrix: dict[str, np.ndarray] | None,
               device: str, layers: Sequence[int]) -> "CostEntry":
         key = digest("costs", calib_key, list(types), granularity, arrays_digest(imatrix), device)
         return CostEntry(self.root / f"costs-{key[:_KEY_CHARS]}", list(types), granularity, list(layers))
+
+    def tensor_costs(self, calib_key: str, types: Sequence[str], imatrix: dict[str, np.ndarray] | None,
+                     float_gguf: Path, device: str) -> "TensorCostEntry":
+        """The non-expert cost table (`tensor_costs.TensorCostStore`) of these statistics, types and float GGUF."""
+        key = digest("tensor-costs", calib_key, list(types), arrays_digest(imatrix), file_fingerprint(float_gguf),
+                     device)
+        return TensorCostEntry(self.root / f"tensor-costs-{key[:_KEY_CHARS]}.npz")
 
 
 @dataclasses.dataclass
@@ -118,8 +127,9 @@ class CalibEntry:
             if meta.get("format") != FORMAT or meta.get("key") != self.key:
                 raise ValueError("written for another key or layout")
             stats = {l: self._layer(l, meta["fields"]) for l in meta["layers"]}
+            tensors = _load_tensors(self.path, meta["tensors"]) if meta.get("tensors") else None
             log.info("cache: calibration statistics from %s", self.path)
-            return CalibStats(layers=stats, **meta["stats"])
+            return CalibStats(layers=stats, tensors=tensors, **meta["stats"])
         except Exception as e:  # noqa: BLE001 - any unreadable entry is recomputed
             _discard(self.path, "calibration entry", e)
             return None
@@ -156,6 +166,7 @@ class CalibEntry:
                         small[f.name] = a
                 np.savez(tmp / f"{l}.npz", **small)
             meta = {"format": FORMAT, "key": self.key, "layers": list(stats.layers), "fields": fields,
+                    "tensors": _save_tensors(tmp, stats.tensors) if stats.tensors is not None else None,
                     "stats": {"n_seq": stats.n_seq, "seq_len": stats.seq_len, "loss": stats.loss,
                               "projs": list(stats.projs), "datasets": list(stats.datasets)}}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -165,6 +176,88 @@ class CalibEntry:
             log.warning("cache: could not save the calibration (%s); continuing without", e)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_array(folder: Path, name: str, t: torch.Tensor, small: dict[str, np.ndarray]) -> str:
+    a, dtype = _to_numpy(t)
+    if a.size > _LARGE:
+        np.save(folder / f"{name}.npy", a)
+    else:
+        small[name] = a
+    return dtype
+
+
+def _load_array(folder: Path, name: str, dtype: str, small: Any) -> torch.Tensor:
+    if name in small.files:
+        return _to_torch(np.array(small[name]), dtype)
+    return _to_torch(np.load(folder / f"{name}.npy", mmap_mode="c", allow_pickle=False), dtype)
+
+
+def _save_tensors(folder: Path, ts: TensorStats) -> dict[str, Any]:
+    """The non-expert records into `folder` (tensors.npz, large arrays as tensors.*.npy); returns their meta."""
+    small: dict[str, np.ndarray] = {}
+    dtypes = {"seqs": _save_array(folder, "t.seqs", ts.seqs, small)}
+    if ts.ids is not None:
+        dtypes["ids"] = _save_array(folder, "t.ids", ts.ids, small)
+    inputs = list(ts.inputs)
+    for i, key in enumerate(inputs):
+        dtypes[f"x{i}"] = _save_array(folder, f"t.x{i}", ts.inputs[key], small)
+        dtypes[f"s{i}"] = _save_array(folder, f"t.s{i}", ts.sum2[key], small)
+    uses = []
+    for i, u in enumerate(ts.uses):
+        dtypes[f"g{i}"] = _save_array(folder, f"t.g{i}", u.g, small)
+        if u.rows is not None:
+            dtypes[f"r{i}"] = _save_array(folder, f"t.r{i}", u.rows, small)
+        uses.append({"name": u.name, "module": u.module, "kind": u.kind, "shape": list(u.shape), "x": u.x})
+    np.savez(folder / "tensors.npz", **small)
+    return {"seq_len": ts.seq_len, "n_tokens": ts.n_tokens, "skipped": ts.skipped, "inputs": inputs, "uses": uses,
+            "dtypes": dtypes}
+
+
+def _load_tensors(folder: Path, meta: dict[str, Any]) -> TensorStats:
+    d = meta["dtypes"]
+    with np.load(folder / "tensors.npz", allow_pickle=False) as small:
+        def arr(key: str) -> torch.Tensor | None:
+            return _load_array(folder, f"t.{key}", d[key], small) if key in d else None
+        uses = [TensorUse(name=u["name"], module=u["module"], kind=u["kind"], shape=tuple(u["shape"]),
+                          g=arr(f"g{i}"), x=u["x"], rows=arr(f"r{i}")) for i, u in enumerate(meta["uses"])]
+        return TensorStats(seqs=arr("seqs"), seq_len=meta["seq_len"], n_tokens=meta["n_tokens"], uses=uses,
+                           inputs={k: arr(f"x{i}") for i, k in enumerate(meta["inputs"])},
+                           sum2={k: arr(f"s{i}") for i, k in enumerate(meta["inputs"])}, ids=arr("ids"),
+                           skipped=list(meta["skipped"]))
+
+
+class TensorCostEntry:
+    """One non-expert cost table in one .npz file (`tensor_costs.TensorCostStore`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> TensorCostTable | None:
+        if not self.path.exists():
+            return None
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                a = {k: np.array(z[k]) for k in z.files}
+            log.info("cache: non-expert tensor costs from %s", self.path)
+            return TensorCostTable(names=a["names"].tolist(), types=a["types"].tolist(), cost=a["cost"],
+                                   bits=a["bits"], params=a["params"], notes=a["notes"].tolist())
+        except Exception as e:  # noqa: BLE001 - an unreadable entry is recomputed
+            _discard(self.path, "tensor cost table", e)
+            return None
+
+    def save(self, table: TensorCostTable) -> None:
+        arrays = dict(names=np.asarray(table.names, dtype=str), types=np.asarray(table.types, dtype=str),
+                      cost=table.cost, bits=table.bits, params=table.params, notes=np.asarray(table.notes, dtype=str))
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as fh:
+                np.savez(fh, **arrays)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic(self.path, write)
+        except OSError as e:
+            log.warning("cache: could not save the tensor costs (%s)", e)
 
 
 def _size(path: Path) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 #: bump when the layout of cache entries changes
-FORMAT = 1
+FORMAT = 2
 SMALL_FILE = 2**20
 SAMPLES, SAMPLE_BYTES = 64, 4096
 _CODE_DIRS = ("gemq", "archs", "ggml")
@@ -39,9 +39,9 @@ def digest(*parts: Any) -> str:
     return h.hexdigest()
 
 
-def _file_digest(path: Path, h: "hashlib._Hash") -> None:
+def _file_digest(path: Path, h: "hashlib._Hash", named: bool = True) -> None:
     size = path.stat().st_size
-    h.update(f"{path.name}:{size}\0".encode())
+    h.update(f"{path.name if named else ''}:{size}\0".encode())
     with path.open("rb") as f:
         if size <= SMALL_FILE:
             h.update(f.read())
@@ -53,6 +53,13 @@ def _file_digest(path: Path, h: "hashlib._Hash") -> None:
         for i in range(SAMPLES):
             f.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
             h.update(f.read(SAMPLE_BYTES))
+
+
+def file_fingerprint(path: Path) -> str:
+    """One file's part of a key, whatever its name: size and samples (a small file whole)."""
+    h = hashlib.sha256()
+    _file_digest(Path(path), h, named=False)
+    return h.hexdigest()
 
 
 def checkpoint_fingerprint(model_dir: Path) -> str:

@@ -9,7 +9,8 @@ counts, exactly what llama.cpp's imatrix tool accumulates.
 How: a forward hook on each MoE block records x and the routing and accumulates the imatrix; a tensor
 hook on the block output records g during backward. The loss is Σ_seq mean_token CE, so g does not
 depend on the batch size. Parameters get no gradients (only activations do), which keeps backward
-memory at one batch's activations.
+memory at one batch's activations. With `tensor_tokens`, hooks on the other linears and the embedding
+record what their costs need (tensor_stats.py) in the same pass.
 
 Memory trade-off: the whole model is held on the device (or spread over GPUs by `accelerate`'s
 device_map when it is installed), and x and g cost 2 · n_moe_layers · T · H values (bf16 by default:
@@ -20,9 +21,7 @@ statistics holding one decoder layer's weights at a time (`--calib-memory`).
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
-import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,9 @@ from ..ggml.imatrix import Imatrix
 from ..ggml.names import expert_tensor_name
 from ..options import FISHER_LABELS
 from .experts_math import expert_hidden
+from .buffers import host_buffer, spill_directory
 from .hooks import ExpertsHook, experts_hooks, frozen
+from .tensor_stats import TensorRecorder, TensorStats, new_tensor_stats, tensor_hooks, tied_head
 
 DEFAULT_RAM_LIMIT = 2 * 2**30
 
@@ -73,9 +74,11 @@ class CalibStats:
     projs: tuple[str, ...] = ("gate", "up", "down")
     datasets: list[str] = field(default_factory=list)
     work_dir: Path | None = None
+    tensors: TensorStats | None = None  # the non-expert weights' records (tensor_stats.py), when recorded
 
     def imatrix(self) -> Imatrix:
-        """The routed experts' importance matrices, keyed by GGUF tensor name (llama.cpp's raw sums/counts)."""
+        """The importance matrices of the routed experts and of the recorded non-expert linears, keyed by
+        GGUF tensor name (llama.cpp's raw sums/counts)."""
         sums: dict[str, np.ndarray] = {}
         counts: dict[str, np.ndarray] = {}
         for l, s in self.layers.items():
@@ -85,20 +88,12 @@ class CalibStats:
                 name = expert_tensor_name(l, proj)
                 sums[name] = src.numpy().astype(np.float32)
                 counts[name] = c
+        if self.tensors is not None:
+            tsums, tcounts = self.tensors.imatrix_entries()
+            sums.update(tsums)
+            counts.update(tcounts)
         return Imatrix(sums=sums, counts=counts, datasets=list(self.datasets), chunk_size=self.seq_len,
                        chunk_count=self.n_seq)
-
-
-def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, path: Path | None) -> torch.Tensor:
-    """A zeroed CPU tensor, in RAM or backed by a memmap file (bf16 stored as uint16 bits)."""
-    if path is None:
-        return torch.zeros(shape, dtype=dtype)
-    np_dtype = np.uint16 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
-    with path.open("wb") as fh:  # reserve the blocks now: a full disk is an ENOSPC here, not a SIGBUS later
-        os.posix_fallocate(fh.fileno(), 0, int(np.prod(shape)) * np.dtype(np_dtype).itemsize)
-    arr = np.memmap(path, dtype=np_dtype, mode="r+", shape=shape)
-    t = torch.from_numpy(arr)
-    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
 def _accumulate_imatrix(view: ExpertsView, call: ExpertsCall, x: torch.Tensor, s: LayerStats) -> None:
@@ -162,8 +157,10 @@ def gradient_targets(logits: torch.Tensor, tokens: torch.Tensor, labels: str, ge
 def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, *, batch_size: int = 4,
                   store_dtype: torch.dtype = torch.bfloat16, ram_limit: int = DEFAULT_RAM_LIMIT,
                   work_dir: Path | None = None, datasets: list[str] | None = None,
-                  labels: str = FISHER_LABELS[0], seed: int = 0, progress: bool = False) -> CalibStats:
-    """Forward + backward over `tokens` [n_seq, L]; returns per-MoE-layer x, g, routing and imatrix sums.
+                  labels: str = FISHER_LABELS[0], seed: int = 0, tensor_tokens: int = 0,
+                  progress: bool = False) -> CalibStats:
+    """Forward + backward over `tokens` [n_seq, L]; returns per-MoE-layer x, g, routing and imatrix sums,
+    and with `tensor_tokens` > 0 the non-expert weights' records on about that many tokens (tensor_stats.py).
 
     x and g live in RAM when 2·layers·T·H values fit `ram_limit` bytes, else in memmap files in a fresh
     directory under `work_dir` (the system temp dir when None), deleted with the returned statistics.
@@ -178,10 +175,11 @@ def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, 
     # the embedding output requires grad, so backward reaches the MoE blocks' outputs with every weight frozen
     embed_hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
     recorder = StatsRecorder(adapter, stats)
+    tensors, trec = new_tensor_recorder(model, adapter, tokens, tensor_tokens, store_dtype, ram_limit, work_dir)
     total = 0.0
     gen: torch.Generator | None = None  # made on the logits' device: draws happen where the logits are
     try:
-        with frozen(model), experts_hooks(model, adapter, recorder.hook):
+        with frozen(model), experts_hooks(model, adapter, recorder.hook), tensor_hooks(model, trec):
             starts = range(0, n_seq, batch_size)
             if progress:
                 from tqdm import tqdm
@@ -189,6 +187,8 @@ def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, 
             for start in starts:
                 batch = tokens[start:start + batch_size].to(device)
                 recorder.offset = start * seq_len
+                if trec is not None:
+                    trec.begin(start * seq_len)
                 logits = model(input_ids=batch, use_cache=False).logits
                 if gen is None:
                     gen = torch.Generator(device=logits.device).manual_seed(seed)
@@ -197,7 +197,20 @@ def collect_stats(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, 
                 total += float(loss.detach())
     finally:
         embed_hook.remove()
-    return finish_stats(stats, tokens, total / n_seq, shape, datasets, spill_dir)
+    return finish_stats(stats, tokens, total / n_seq, shape, datasets, spill_dir, tensors)
+
+
+def new_tensor_recorder(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, tensor_tokens: int,
+                        store_dtype: torch.dtype, ram_limit: int,
+                        work_dir: Path | None) -> tuple[TensorStats | None, TensorRecorder | None]:
+    """The non-expert records and their recorder, or (None, None) when `tensor_tokens` is 0."""
+    if tensor_tokens <= 0:
+        return None, None
+    n_layers = len(adapter.decoder_layers(model))
+    tensors, by_module = new_tensor_stats(model, n_layers, tokens, tensor_tokens,
+                                          tied_head(model, adapter.needs_output_tensor), store_dtype, ram_limit,
+                                          work_dir)
+    return tensors, TensorRecorder(tensors, by_module, store_dtype)
 
 
 def new_layer_stats(shape: MoeShape, n_tok: int, store_dtype: torch.dtype, ram_limit: int,
@@ -218,19 +231,12 @@ def new_layer_stats(shape: MoeShape, n_tok: int, store_dtype: torch.dtype, ram_l
     return stats, spill_dir
 
 
-def spill_directory(work_dir: Path | None, prefix: str) -> Path:
-    """A fresh directory under `work_dir` (the system temp dir when None)."""
-    if work_dir is not None:
-        Path(work_dir).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=work_dir))
-
-
 def finish_stats(stats: dict[int, LayerStats], tokens: torch.Tensor, loss: float, shape: MoeShape,
-                 datasets: list[str] | None, spill_dir: Path | None) -> CalibStats:
+                 datasets: list[str] | None, spill_dir: Path | None, tensors: TensorStats | None = None) -> CalibStats:
     """The statistics record; memmap files (if any) are deleted when it goes."""
     n_seq, seq_len = tokens.shape
     result = CalibStats(layers=stats, n_seq=n_seq, seq_len=seq_len, loss=loss, projs=shape.projs,
-                        datasets=list(datasets or []), work_dir=spill_dir)
+                        datasets=list(datasets or []), work_dir=spill_dir, tensors=tensors)
     if spill_dir is not None:
         weakref.finalize(result, shutil.rmtree, spill_dir, ignore_errors=True)
     return result

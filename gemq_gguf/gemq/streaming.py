@@ -10,7 +10,10 @@ seeded generator) and its gradient at the last boundary. Backward: from the top 
 layer's forward is recomputed from its saved input with gradients on, and the boundary gradient is
 pushed through it. The MoE hooks of `stats.StatsRecorder` fire during that recomputation, so x, the
 routing, the imatrix sums and g at every MoE block's output are exactly those of the whole-model pass
-(same computations on the same values, layer by layer instead of model by model).
+(same computations on the same values, layer by layer instead of model by model). The non-expert
+records (tensor_stats.py) come from the same recomputation (the LM head's from the head pass); the
+gradient at the embedding's output from one more pass through the embeddings, fed the gradient at the
+first layer's input.
 
 What each decoder layer is called with besides its hidden states (position ids, rotary cos/sin, the
 causal mask, ...) is produced by the model's own forward: probes stand in for the decoder layers and
@@ -39,8 +42,10 @@ from ..archs import ArchAdapter
 from ..options import CALIB_MEMORY, FISHER_LABELS
 from .hooks import experts_hooks
 from .layer_source import LayerSource, safetensors_files
-from .stats import (DEFAULT_RAM_LIMIT, CalibStats, StatsRecorder, host_buffer, calibration_dtype, finish_stats,
-                    gradient_targets, new_layer_stats, sequence_loss, spill_directory)
+from .buffers import host_buffer, spill_directory
+from .stats import (DEFAULT_RAM_LIMIT, CalibStats, StatsRecorder, calibration_dtype, finish_stats, gradient_targets,
+                    new_layer_stats, new_tensor_recorder, sequence_loss)
+from .tensor_stats import TensorRecorder, tensor_hooks
 
 #: bytes of boundary hidden states kept in RAM before they go to memmap files
 DEFAULT_BOUNDARY_LIMIT = 2 * 2**30
@@ -103,7 +108,7 @@ def stream_stats(source: LayerSource, adapter: ArchAdapter, tokens: torch.Tensor
                  store_dtype: torch.dtype = torch.bfloat16, ram_limit: int = DEFAULT_RAM_LIMIT,
                  boundary_limit: int = DEFAULT_BOUNDARY_LIMIT, work_dir: Path | None = None,
                  datasets: list[str] | None = None, labels: str = FISHER_LABELS[0], seed: int = 0,
-                 progress: bool = False) -> CalibStats:
+                 tensor_tokens: int = 0, progress: bool = False) -> CalibStats:
     """`collect_stats`'s statistics for the model of `source`, holding one layer's weights at a time."""
     if labels not in FISHER_LABELS:
         raise ValueError(f"labels must be one of {FISHER_LABELS}, not {labels!r}")
@@ -117,7 +122,8 @@ def stream_stats(source: LayerSource, adapter: ArchAdapter, tokens: torch.Tensor
     def batch_view(t: torch.Tensor, s: int) -> torch.Tensor:  # [T, H] rows of batch s -> [B, L, H] on device
         return t[rows[s]].reshape(-1, seq_len, t.shape[-1]).to(device)
 
-    steps = _progress(2 * n_layers + 2, progress)
+    tensors, trec = new_tensor_recorder(model, adapter, tokens, tensor_tokens, store_dtype, ram_limit, work_dir)
+    steps = _progress(2 * n_layers + 2 + (trec is not None), progress)
     # embeddings: the first layer's input of every batch, and each layer's arguments per batch shape
     kwargs: dict[int, LayerKwargs] = {}
     with source.loaded("embed"):
@@ -150,8 +156,10 @@ def stream_stats(source: LayerSource, adapter: ArchAdapter, tokens: torch.Tensor
     grad = torch.zeros_like(bounds.h[n_layers], device="cpu")
     total = 0.0
     gen: torch.Generator | None = None
-    with source.loaded("head"):  # logits, loss and its gradient at the last boundary, batch by batch
-        for s in starts:
+    with source.loaded("head"), tensor_hooks(model, trec, embedding=False):  # logits, loss and its gradient at
+        for s in starts:                                                      # the last boundary, batch by batch
+            if trec is not None:
+                trec.begin(s * seq_len)
             hl = batch_view(bounds.h[n_layers], s).requires_grad_(True)
             calls = {}
             with _probed(layers, lambda i: _Probe(i, calls, replace=hl if i == 0 else None)):
@@ -167,12 +175,14 @@ def stream_stats(source: LayerSource, adapter: ArchAdapter, tokens: torch.Tensor
 
     stats, spill_dir = new_layer_stats(shape, n_tok, store_dtype, ram_limit, work_dir)
     recorder = StatsRecorder(adapter, stats)
-    with experts_hooks(model, adapter, recorder.hook):
+    with experts_hooks(model, adapter, recorder.hook), tensor_hooks(model, trec, embedding=False):
         for i in reversed(range(n_layers)):  # backward: recompute each layer from its input, record at MoE blocks
-            below = torch.zeros_like(grad) if i > 0 else None
+            below = torch.zeros_like(grad) if i > 0 or trec is not None else None
             with source.loaded(i) as layer:
                 for s in starts:
                     recorder.offset = s * seq_len
+                    if trec is not None:
+                        trec.begin(s * seq_len)
                     x = batch_view(bounds.h[i], s).requires_grad_(True)
                     out = run(i, layer, x)
                     out.backward(batch_view(grad, s).to(out.dtype))
@@ -180,8 +190,27 @@ def stream_stats(source: LayerSource, adapter: ArchAdapter, tokens: torch.Tensor
                         below[rows[s]] = x.grad.reshape(-1, x.shape[-1]).cpu()
             grad = below
             steps.update()
+    if trec is not None:
+        _embedding_gradients(source, trec, tokens, starts, batch_size, lambda s: batch_view(grad, s))
+        steps.update()
     steps.close()
-    return finish_stats(stats, tokens, total / n_seq, shape, datasets, spill_dir)
+    return finish_stats(stats, tokens, total / n_seq, shape, datasets, spill_dir, tensors)
+
+
+def _embedding_gradients(source: LayerSource, trec: TensorRecorder, tokens: torch.Tensor, starts: list[int],
+                         batch_size: int, grad: Callable[[int], torch.Tensor]) -> None:
+    """g at the input embedding's output: the embeddings run again with gradients up to the first layer's
+    input (whatever the family does in between, e.g. Gemma's scaling), and `grad(s)`, batch s's gradient
+    there, is pushed back through them."""
+    model, layers = source.model, source.layers
+    with source.loaded("embed"), tensor_hooks(model, trec, linear=False):
+        for s in starts:
+            trec.begin(s * tokens.shape[1])
+            calls: dict[int, dict[str, Any]] = {}
+            with _probed(layers, lambda i: _Probe(i, calls, stop=True)), contextlib.suppress(_Stop):
+                model(input_ids=tokens[s:s + batch_size].to(source.device), use_cache=False)
+            h0 = calls[0]["input"]
+            h0.backward(grad(s).to(h0.dtype))
 
 
 def model_bytes(model_dir: Path, dtype: torch.dtype) -> int:
