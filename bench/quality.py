@@ -166,7 +166,8 @@ class Runner:
             rep = json.loads(report.read_text())
             return self.store(key, {"name": name, "family": family, "kind": kind, "flags": flags,
                                     "convert_seconds": seconds, **extra, **self.evaluate(path),
-                                    "report_file": rep.get("file")})
+                                    "report_file": rep.get("file"), "whole_file": rep.get("whole_file"),
+                                    "non_expert": non_expert_summary(rep)})
         finally:
             path.unlink(missing_ok=True)
 
@@ -181,6 +182,17 @@ class Runner:
     def wholefile(self, target: int, gran: str, name: str, kind: str = "wholefile", **extra: Any) -> dict:
         return self.gemq(f"{kind}-{target}-{gran}", name, f"gemq whole-file ({gran})", kind,
                          ["--target-size", str(target), "--granularity", gran], target_bytes=target, **extra)
+
+
+def non_expert_summary(rep: dict) -> dict | None:
+    """A whole-file report's non-expert choices: bpw and tensors per type (None for other rows)."""
+    sec = rep.get("non_expert")
+    if not sec:
+        return None
+    counts: dict[str, int] = {}
+    for t in sec["tensors"]:
+        counts[t["type"]] = counts.get(t["type"], 0) + 1
+    return {"bpw": sec["bpw"], "params": sec["params"], "types": counts}
 
 
 def run(cmd: list[str]) -> None:
