@@ -253,7 +253,7 @@ def markdown(rows: list[dict], label: str, args: argparse.Namespace) -> str:
              "| prose | tech | code | math |", "|" + "---|" * 15]
     for x in sorted(rows, key=lambda x: (x["file_bytes"], x["family"])):
         d = x["kld_by_domain"]
-        vs = pct(x["file_bytes"], x["target_bytes"]) if "target_bytes" in x else ""
+        vs = f"{100 * (x['file_bytes'] / x['target_bytes'] - 1):+.3f} %" if "target_bytes" in x else ""
         lines.append(f"| {x['name']} | {x['family']} | {x['file_bytes']:,} | {x['file_mib']:.2f} | {vs} | "
                      f"{x['file_bpw']:.3f} | {x['expert_bpw']:.3f} | {x['ppl']:.3f} | {x['kld_mean']:.5f} | "
                      f"{x['kld_p999']:.3f} | {100 * x['same_top_p']:.2f} % | "
