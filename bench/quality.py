@@ -321,7 +321,7 @@ def main() -> int:
     ap.add_argument("--rows", nargs="*", choices=ROW_KINDS, default=list(ROW_KINDS),
                     help="row kinds to compute (missing rows only); none with --report")
     ap.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
-    ap.add_argument("--granularities", nargs="+", choices=("expert", "tensor"), default=["expert", "tensor"])
+    ap.add_argument("--granularities", nargs="+", choices=("expert", "tensor", "expert-proj"), default=["expert", "tensor"])
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, TASA_BUDGET])
     ap.add_argument("--calib-tokens", type=int, default=8192, help="gemq calibration = llama-imatrix tokens")
     ap.add_argument("--eval-chunks", type=int, default=4, help="max 512-token chunks per eval domain")
