@@ -5,7 +5,7 @@ Rows (every file against the same F32 GGUF, on the packaged eval text, context 5
 - recipes: llama-quantize Q2_K, IQ3_XXS, Q3_K_S, Q3_K_M, IQ4_XS, Q4_K_M, Q5_K_M, Q6_K with an imatrix
   from llama-imatrix on the calibration tokens gemq uses (decoded to text, same count);
 - wholefile: `convert.py --target-size <recipe bytes>` at expert granularity (patched runtime) and at
-  tensor granularity (stock-loadable), one pair per recipe;
+  tensor granularity (stock-loadable), one pair per recipe (`--granularities expert-proj` adds the finest);
 - budget: `convert.py --budget B` (routed experts only, non-expert tensors by the default policy);
 - uniform: every routed expert Q4_K (`--budget 4.5 --types Q4_K`: the same calibration and imatrix);
 - tasa: the TASA claim, "3.5 bits per expert weight (whole-file allocation) at least as good as uniform
