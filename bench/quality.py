@@ -1,159 +1,346 @@
 #!/usr/bin/env python3
-"""Quality per bit on the demo model: llama.cpp's own recipes vs gemq vs uniform expert types.
+"""Quality per byte (issue 16): llama.cpp's imatrix recipes vs gemq files of the same size, on one model.
 
-Rows (all against the same F32 reference, on the packaged eval text, context 512):
-- llama-quantize recipes with an imatrix from llama-imatrix on the same calibration text:
-  Q2_K, Q3_K_S, Q3_K_M, IQ3_XXS, IQ4_XS, Q4_K_M;
-- gemq at expert budgets 2.5, 3.0, 3.5, 4.0: expert granularity (patched runtime) and tensor
-  granularity (stock-loadable), each without and (with --router-tuning) with tuned routers;
-- uniform expert types Q2_K, Q3_K, Q4_K with gemq's non-expert policy.
-Columns: size, whole-file bpw, expert bpw, PPL, mean KLD, p99.9 KLD, same top, per-domain KLD.
-Writes bench/out/quality.json and a Pareto plot (KLD vs whole-file bpw, log scale) to docs/quality_pareto.png.
+Rows (every file against the same F32 GGUF, on the packaged eval text, context 512):
+- recipes: llama-quantize Q2_K, IQ3_XXS, Q3_K_S, Q3_K_M, IQ4_XS, Q4_K_M, Q5_K_M, Q6_K with an imatrix
+  from llama-imatrix on the calibration tokens gemq uses (decoded to text, same count);
+- wholefile: `convert.py --target-size <recipe bytes>` at expert granularity (patched runtime) and at
+  tensor granularity (stock-loadable), one pair per recipe (`--granularities expert-proj` adds the finest);
+- budget: `convert.py --budget B` (routed experts only, non-expert tensors by the default policy);
+- uniform: every routed expert Q4_K (`--budget 4.5 --types Q4_K`: the same calibration and imatrix);
+- tasa: the TASA claim, "3.5 bits per expert weight (whole-file allocation) at least as good as uniform
+  Q4_K experts": `--target-size` = the bytes of the `--budget 3.5` file (3.5 bits per routed-expert weight
+  plus the default non-expert policy), whole-file allocated, against uniform Q4_K experts with the same
+  policy (one bit per expert weight more); and, for the equal-size view, `--target-size` = the uniform
+  Q4_K file's bytes.
+Every gemq row is a `convert.py` run sharing one statistics cache (OUT/stats), so the calibration runs
+once per model and code version.
 
-    python bench/quality.py [--eval-chunks 16] [--budgets 2.5 3.0 3.5 4.0] [--router-tuning]
-    python bench/quality.py --report bench/out/quality.json [more rows files ...]   # table + plot only
+Everything lands in bench/out/<model>/: the F32 reference, the llama imatrix, the statistics cache and
+one JSON per row (rows/), keyed by what the row depends on (recipe rows by llama.cpp's build and the
+imatrix/eval settings, gemq rows also by a hash of the package sources), so a rerun computes only the
+missing rows. The table (markdown, also OUT/quality.md) and a Pareto plot (docs/quality_pareto_<model>.png)
+come from the cached rows.
+
+    python bench/quality.py --model demo --rows recipes budget uniform
+    python bench/quality.py --model ../shared/models/qwen3moe-65m --rows wholefile tasa
+    python bench/quality.py --model demo --report          # table + plot from the cached rows only
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
-from _common import Bench, save_rows
-from rich.console import Console
-from rich.table import Table
+from _common import Bench
 
-from gemq_gguf.allocate import solve
-from gemq_gguf.data import calib_texts
-from gemq_gguf.options import LOSSES, TuneOptions
-from gemq_gguf.plan import PlanOrigin, uniform_plan
-from gemq_gguf.policy import TensorPolicy
-from gemq_gguf.runtime import bin_path
-
-RECIPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ3_XXS", "IQ4_XS", "Q4_K_M")
-UNIFORM = ("Q2_K", "Q3_K", "Q4_K")
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = ("Q2_K", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_XS", "Q4_K_M", "Q5_K_M", "Q6_K")
+ROW_KINDS = ("recipes", "budget", "uniform", "wholefile", "tasa")
+TASA_BUDGET = 3.5
+UNIFORM_TYPE, UNIFORM_BPW = "Q4_K", 4.5
+SIZE_TOLERANCE = 0.01  # issue 16: gemq rows within 1 % of the recipe's file size
 
 
-def llama_imatrix(bench: Bench, chunks: int) -> Path:
-    """llama.cpp's own imatrix on the same calibration text (the packaged mix)."""
-    out = bench.out_dir / "llama.imatrix.gguf"
-    if not out.exists():
-        text = bench.out_dir / "calib.txt"
-        text.write_text("\n\n".join(calib_texts().values()))
-        subprocess.run([str(bin_path("llama-imatrix")), "-m", str(bench.ref), "-f", str(text), "-o", str(out),
-                        "-c", "512", "--chunks", str(chunks)], check=True, capture_output=True)
+def model_label(model: str) -> str:
+    return "demo" if model == "demo" else Path(model).resolve().name
+
+
+def source_hash() -> str:
+    """The package sources a gemq row depends on (any edit recomputes the gemq rows)."""
+    h = hashlib.sha256()
+    for f in sorted((REPO / "gemq_gguf").rglob("*.py")):
+        h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
+    for f in sorted((REPO / "cpp_patch").glob("*")) if (REPO / "cpp_patch").is_dir() else ():
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def llama_build() -> str:
+    from gemq_gguf.runtime import bin_path
+    st = bin_path("llama-quantize").stat()
+    return hashlib.sha256(f"{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:8]
+
+
+class Runner:
+    """One model's rows: cached on disk, computed only when missing."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.label = model_label(args.model)
+        self.out = args.out_dir / self.label
+        self.rows_dir = self.out / "rows"
+        self.rows_dir.mkdir(parents=True, exist_ok=True)
+        self.bench: Bench | None = None
+        self.code = source_hash()
+        self.settings = f"c{args.calib_tokens}-ev{args.eval_chunks}"
+
+    # -- cache --------------------------------------------------------------------------------------
+    def cached(self, key: str) -> dict | None:
+        p = self.rows_dir / f"{key}.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def store(self, key: str, row: dict) -> dict:
+        tmp = self.rows_dir / f"{key}.json.tmp"
+        tmp.write_text(json.dumps(row, indent=1, default=str))
+        tmp.replace(self.rows_dir / f"{key}.json")
+        print(json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
+        return row
+
+    def ensure_bench(self) -> Bench:
+        if self.bench is None:
+            self.bench = Bench.open(self.args.model, self.out, self.args.eval_chunks)
+        return self.bench
+
+    def evaluate(self, path: Path) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        res = self.ensure_bench().evaluate(path)
+        res["file_bytes"] = path.stat().st_size
+        res["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        return res
+
+    # -- recipes ------------------------------------------------------------------------------------
+    def calib_text(self) -> tuple[Path, int]:
+        """gemq's calibration tokens, decoded: llama-imatrix sees the same text, as many 512-token chunks."""
+        from transformers import AutoTokenizer
+
+        from gemq_gguf.gemq.budget import calib_tokens
+        from gemq_gguf.options import CalibOptions
+        src = self.ensure_bench().src
+        calib = CalibOptions(tokens=self.args.calib_tokens)
+        rows = calib_tokens(src.model_dir, calib)
+        path = self.out / f"calib-{self.args.calib_tokens}.txt"
+        if not path.exists():
+            tok = AutoTokenizer.from_pretrained(src.model_dir)
+            path.write_text("\n\n".join(tok.decode(r.tolist(), skip_special_tokens=True) for r in rows))
+        return path, int(rows.shape[0])
+
+    def llama_imatrix(self) -> Path:
+        from gemq_gguf.runtime import bin_path
+        out = self.out / f"llama-imatrix-{self.args.calib_tokens}.gguf"
+        if not out.exists():
+            text, chunks = self.calib_text()
+            t0 = time.perf_counter()
+            run([str(bin_path("llama-imatrix")), "-m", str(self.ensure_bench().ref), "-f", str(text),
+                 "-o", str(out), "-c", "512", "--chunks", str(chunks), "-t", str(self.args.threads)])
+            print(f"llama-imatrix: {time.perf_counter() - t0:.0f} s", flush=True)
+        return out
+
+    def recipe(self, name: str) -> dict:
+        key = f"recipe-{name}-{self.settings}-{llama_build()}"
+        if (row := self.cached(key)) is not None:
+            return row
+        from gemq_gguf.runtime import bin_path
+        imatrix = self.llama_imatrix()
+        path = self.out / f"recipe-{name}.gguf"
+        run([str(bin_path("llama-quantize")), "--imatrix", str(imatrix), str(self.ensure_bench().ref), str(path),
+             name, str(self.args.threads)])
+        try:
+            return self.store(key, {"name": name, "family": "llama-quantize (imatrix)", "kind": "recipe",
+                                    **self.evaluate(path)})
+        finally:
+            path.unlink(missing_ok=True)
+
+    # -- gemq rows (convert.py) ---------------------------------------------------------------------
+    def gemq(self, key: str, name: str, family: str, kind: str, flags: list[str], **extra: Any) -> dict:
+        key = f"{key}-{self.settings}-{self.code}"
+        if (row := self.cached(key)) is not None:
+            return row
+        self.ensure_bench()
+        path = self.out / f"{key}.gguf"
+        report = self.rows_dir / f"{key}.report.json"
+        cmd = [sys.executable, str(REPO / "convert.py"), self.args.model, "-o", str(path), "--no-verify",
+               "--calib-tokens", str(self.args.calib_tokens), "--cache-dir", str(self.out / "stats"),
+               "--report-json", str(report), "--heatmap", str(self.out / "last-heatmap.png"), *flags]
+        t0 = time.perf_counter()
+        run(cmd)
+        seconds = round(time.perf_counter() - t0, 1)
+        try:
+            rep = json.loads(report.read_text())
+            return self.store(key, {"name": name, "family": family, "kind": kind, "flags": flags,
+                                    "convert_seconds": seconds, **extra, **self.evaluate(path),
+                                    "report_file": rep.get("file"), "whole_file": rep.get("whole_file"),
+                                    "non_expert": non_expert_summary(rep)})
+        finally:
+            path.unlink(missing_ok=True)
+
+    def budget(self, b: float, gran: str = "expert") -> dict:
+        return self.gemq(f"budget-{b}-{gran}", f"gemq --budget {b}", f"gemq --budget ({gran})", "budget",
+                         ["--budget", str(b), "--granularity", gran], budget=b)
+
+    def uniform(self) -> dict:
+        return self.gemq(f"uniform-{UNIFORM_TYPE}", f"uniform {UNIFORM_TYPE} experts", "uniform experts", "uniform",
+                         ["--budget", str(UNIFORM_BPW), "--types", UNIFORM_TYPE, "--granularity", "tensor"])
+
+    def wholefile(self, target: int, gran: str, name: str, kind: str = "wholefile", **extra: Any) -> dict:
+        return self.gemq(f"{kind}-{target}-{gran}", name, f"gemq whole-file ({gran})", kind,
+                         ["--target-size", str(target), "--granularity", gran], target_bytes=target, **extra)
+
+
+def non_expert_summary(rep: dict) -> dict | None:
+    """A whole-file report's non-expert choices: bpw and tensors per type (None for other rows)."""
+    sec = rep.get("non_expert")
+    if not sec:
+        return None
+    counts: dict[str, int] = {}
+    for t in sec["tensors"]:
+        counts[t["type"]] = counts.get(t["type"], 0) + 1
+    return {"bpw": sec["bpw"], "params": sec["params"], "types": counts}
+
+
+def run(cmd: list[str]) -> None:
+    """A heavy step under nice; its output only when it fails."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    p = subprocess.run(["nice", "-n", "10", *cmd], env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.stderr.write(p.stdout[-4000:] + p.stderr[-4000:])
+        raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}")
+
+
+def compute(r: Runner, kinds: list[str], grans: list[str], budgets: list[float], recipes: list[str]) -> None:
+    if "recipes" in kinds:
+        for name in recipes:
+            r.recipe(name)
+    if "uniform" in kinds:
+        r.uniform()
+    if "budget" in kinds:
+        for b in budgets:
+            r.budget(b)
+    if "tasa" in kinds:
+        ref = r.budget(TASA_BUDGET)
+        r.wholefile(ref["file_bytes"], "expert", f"whole-file @ --budget {TASA_BUDGET} size", kind="tasa",
+                    target_of=f"gemq --budget {TASA_BUDGET}")
+        uni = r.uniform()
+        r.wholefile(uni["file_bytes"], "expert", f"whole-file @ uniform {UNIFORM_TYPE} size", kind="tasa",
+                    target_of=f"uniform {UNIFORM_TYPE} experts")
+    if "wholefile" in kinds:
+        for gran in grans:
+            for name in recipes:
+                rec = r.recipe(name)
+                r.wholefile(rec["file_bytes"], gran, f"whole-file @ {name}", target_of=name)
+
+
+# -- report ---------------------------------------------------------------------------------------------
+def current_rows(r: Runner) -> list[dict]:
+    """The cached rows of the current settings: recipes of this llama build, gemq rows of this code."""
+    rows = []
+    for p in sorted(r.rows_dir.glob("*.json")):
+        if p.name.endswith(".report.json"):
+            continue
+        key = p.stem
+        if f"-{r.settings}-" not in key + "-":
+            continue
+        if key.startswith("recipe-") and key.endswith(llama_build()) or key.endswith(r.code):
+            rows.append(json.loads(p.read_text()))
+    return rows
+
+
+def pct(a: float, b: float) -> str:
+    return f"{100 * (a / b - 1):+.1f} %"
+
+
+def markdown(rows: list[dict], label: str, args: argparse.Namespace) -> str:
+    lines = [f"Model `{label}`; calibration {args.calib_tokens} tokens (gemq and llama-imatrix), eval "
+             f"{args.eval_chunks} chunks of 512 per domain; KLD against the F32 GGUF. Sorted by file size.", "",
+             "| row | family | bytes | MiB | vs target | file bpw | expert bpw | PPL | mean KLD | p99.9 KLD | same top "
+             "| prose | tech | code | math |", "|" + "---|" * 15]
+    for x in sorted(rows, key=lambda x: (x["file_bytes"], x["family"])):
+        d = x["kld_by_domain"]
+        vs = f"{100 * (x['file_bytes'] / x['target_bytes'] - 1):+.3f} %" if "target_bytes" in x else ""
+        lines.append(f"| {x['name']} | {x['family']} | {x['file_bytes']:,} | {x['file_mib']:.2f} | {vs} | "
+                     f"{x['file_bpw']:.3f} | {x['expert_bpw']:.3f} | {x['ppl']:.3f} | {x['kld_mean']:.5f} | "
+                     f"{x['kld_p999']:.3f} | {100 * x['same_top_p']:.2f} % | "
+                     + " | ".join(f"{d.get(k, float('nan')):.5f}" for k in ("prose", "tech", "code", "math")) + " |")
+    if rows:
+        lines.append(f"\nF32 reference PPL {rows[0]['ppl_base']:.3f}.")
+    lines += ["", *targets(rows)]
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's targets, from the rows present (a missing row says so)."""
+    rec = {x["name"]: x for x in rows if x["kind"] == "recipe"}
+    wf = {(x["target_of"], x["family"]): x for x in rows if x["kind"] == "wholefile"}
+    out = ["| recipe | recipe KLD | whole-file (expert) KLD | vs recipe | whole-file (tensor) KLD | vs recipe "
+           "| expert vs tensor |", "|" + "---|" * 7]
+    for name in RECIPES:
+        if name not in rec:
+            continue
+        e, t = wf.get((name, "gemq whole-file (expert)")), wf.get((name, "gemq whole-file (tensor)"))
+        k = rec[name]["kld_mean"]
+        out.append(f"| {name} | {k:.5f} | " + (f"{e['kld_mean']:.5f} | {pct(e['kld_mean'], k)}" if e else "- | -")
+                   + " | " + (f"{t['kld_mean']:.5f} | {pct(t['kld_mean'], k)}" if t else "- | -")
+                   + " | " + (pct(e["kld_mean"], t["kld_mean"]) if e and t else "-") + " |")
+    by = {x["name"]: x for x in rows if x["kind"] in ("uniform", "tasa", "budget")}
+    uni = by.get(f"uniform {UNIFORM_TYPE} experts")
+    out.append("")
+    for name in (f"gemq --budget {TASA_BUDGET}", f"whole-file @ --budget {TASA_BUDGET} size",
+                 f"whole-file @ uniform {UNIFORM_TYPE} size"):
+        if uni and name in by:
+            x = by[name]
+            out.append(f"- TASA: {name} ({x['file_mib']:.2f} MiB, expert bpw {x['expert_bpw']:.3f}) KLD "
+                       f"{x['kld_mean']:.5f} vs uniform {UNIFORM_TYPE} experts ({uni['file_mib']:.2f} MiB) "
+                       f"{uni['kld_mean']:.5f}: {pct(x['kld_mean'], uni['kld_mean'])}")
     return out
 
 
-def llama_quantize(bench: Bench, imatrix: Path, recipe: str) -> Path:
-    out = bench.out_dir / f"recipe-{recipe}.gguf"
-    subprocess.run([str(bin_path("llama-quantize")), "--imatrix", str(imatrix), str(bench.ref), str(out), recipe],
-                   check=True, capture_output=True)
-    return out
-
-
-def pareto_plot(rows: list[dict], path: Path) -> None:
+def pareto_plot(rows: list[dict], path: Path, label: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(8, 5))
+    fig = Figure(figsize=(9, 5.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    families = list(dict.fromkeys(r["family"] for r in rows))
+    families = list(dict.fromkeys(x["family"] for x in sorted(rows, key=lambda x: x["kind"])))
     for family, marker in zip(families, "so^xPvD*<>"):
-        pts = sorted((r["file_bpw"], r["kld_mean"], r["name"]) for r in rows if r["family"] == family)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=family)
-            for x, y, n in pts:
-                ax.annotate(n, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        pts = sorted((x["file_bpw"], x["kld_mean"], x["name"]) for x in rows if x["family"] == family)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=family,
+                linestyle="-" if len(pts) > 2 else ":")
+        if family.startswith("llama") or family.startswith("uniform") or "budget" in family:
+            for px, py, n in pts:
+                ax.annotate(n.replace("gemq ", ""), (px, py), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_yscale("log")
     ax.set_xlabel("whole-file bits per weight")
     ax.set_ylabel("mean KLD vs F32 (log)")
-    ax.set_title("demo MoE: quality per bit")
+    ax.set_title(f"{label}: quality per bit (packaged eval text, ctx 512)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 
 
-def print_table(rows: list[dict], model_name: str) -> None:
-    table = Table(title=f"quality per bit, {model_name} (KLD vs F32, packaged eval text, ctx 512)")
-    cols = ("row", "family", "MiB", "file bpw", "expert bpw", "PPL", "mean KLD", "p99.9 KLD", "same top",
-            "prose", "tech", "code", "math")
-    for c in cols:
-        table.add_column(c, justify="left" if c in ("row", "family") else "right")
-    for r in sorted(rows, key=lambda r: r["file_bpw"]):
-        d = r["kld_by_domain"]
-        table.add_row(r["name"], r["family"], f"{r['file_mib']:.1f}", f"{r['file_bpw']:.3f}", f"{r['expert_bpw']:.3f}",
-                      f"{r['ppl']:.2f}", f"{r['kld_mean']:.4f}", f"{r['kld_p999']:.3f}", f"{100 * r['same_top_p']:.2f}%",
-                      *(f"{d.get(k, float('nan')):.4f}" for k in ("prose", "tech", "code", "math")))
-    Console(width=200).print(table)
-    print(f"reference (F32) PPL {rows[0]['ppl_base']:.2f}")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="demo")
-    ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0])
-    ap.add_argument("--calib-tokens", type=int, default=32768)
-    ap.add_argument("--imatrix-chunks", type=int, default=64)
-    ap.add_argument("--eval-chunks", type=int, default=16, help="max 512-token chunks per eval domain")
-    ap.add_argument("--router-tuning", action="store_true", help="also rows with tuned routers (slow on CPU)")
-    ap.add_argument("--rt-loss", default=TuneOptions.loss, choices=LOSSES)
-    ap.add_argument("--rt-lr", type=float, default=TuneOptions.lr)
-    ap.add_argument("--rt-epochs", type=int, default=1)
-    ap.add_argument("--rows", nargs="+", choices=("recipes", "uniform", "gemq"), default=["recipes", "uniform", "gemq"],
-                    help="row families to run (split a long run; merge with --report)")
-    ap.add_argument("--granularities", nargs="+", choices=("expert", "tensor"), default=["expert", "tensor"])
-    ap.add_argument("--name", default="quality", help="rows go to OUT_DIR/NAME.json, saved after every row")
-    ap.add_argument("--non-expert", metavar="TYPE", help="non-expert policy of the gemq/uniform rows (as convert.py)")
-    ap.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE")
-    ap.add_argument("--report", type=Path, nargs="+", help="no runs: table and plot from these rows files")
-    ap.add_argument("--out-dir", type=Path, default=Path("bench/out"))
-    ap.add_argument("--plot", type=Path, default=Path("docs/quality_pareto.png"))
+    ap.add_argument("--model", default="demo", help="'demo' or a checkpoint folder")
+    ap.add_argument("--rows", nargs="*", choices=ROW_KINDS, default=list(ROW_KINDS),
+                    help="row kinds to compute (missing rows only); none with --report")
+    ap.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    ap.add_argument("--granularities", nargs="+", choices=("expert", "tensor", "expert-proj"), default=["expert", "tensor"])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, TASA_BUDGET])
+    ap.add_argument("--calib-tokens", type=int, default=8192, help="gemq calibration = llama-imatrix tokens")
+    ap.add_argument("--eval-chunks", type=int, default=4, help="max 512-token chunks per eval domain")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--report", action="store_true", help="no runs: table and plot from the cached rows")
+    ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "out")
+    ap.add_argument("--plot", type=Path, help="default docs/quality_pareto_<model>.png")
     args = ap.parse_args()
-    if args.report:
-        rows = [r for f in args.report for r in json.loads(f.read_text())["rows"]]
-        print_table(rows, args.model)
-        pareto_plot(rows, args.plot)
-        return 0
-    bench = Bench.open(args.model, args.out_dir, args.eval_chunks)
-    bench.policy = TensorPolicy.from_args(args.tensor_type, args.non_expert)
-    tag = "" if not (args.non_expert or args.tensor_type) else \
-        " [" + ", ".join(([f"non-expert {args.non_expert}"] if args.non_expert else []) + args.tensor_type) + "]"
-    rows: list[dict] = []
-
-    def add(name: str, family: str, path: Path, **extra) -> None:
-        rows.append({"name": name, "family": family, **extra, **bench.evaluate(path)})
-        path.unlink()
-        print(json.dumps(rows[-1]), flush=True)
-        save_rows(args.out_dir, args.name, rows, {"args": {k: str(v) for k, v in vars(args).items()}})
-
-    if "recipes" in args.rows:
-        imatrix = llama_imatrix(bench, args.imatrix_chunks)
-        for recipe in RECIPES:
-            add(recipe, "llama-quantize", llama_quantize(bench, imatrix, recipe))
-    if {"uniform", "gemq"} & set(args.rows):
-        bench.prepare_costs(args.calib_tokens)
-    layers, n_exp = list(bench.src.shape.moe_layers), bench.src.shape.n_experts
-    for t in UNIFORM if "uniform" in args.rows else ():
-        add(f"uniform {t}", "uniform" + tag, bench.write(f"uniform-{t}", uniform_plan(layers, n_exp, t),
-                                                                 PlanOrigin("uniform", "tensor")))
-    for budget in args.budgets if "gemq" in args.rows else ():
-        for gran in args.granularities:
-            alloc = solve("gemq", bench.problems[gran], budget, max_types=3)
-            plan = bench.plan_of(alloc)
-            meta = PlanOrigin("gemq", gran, budget)
-            add(f"gemq {budget}", f"gemq ({gran})" + tag, bench.write(f"gemq-{gran}-{budget}", plan, meta), budget=budget)
-            if args.router_tuning:
-                routers = bench.tuned_routers(plan, TuneOptions(loss=args.rt_loss, lr=args.rt_lr, epochs=args.rt_epochs))
-                add(f"gemq {budget} +rt", f"gemq ({gran}) +routers" + tag,
-                    bench.write(f"gemq-{gran}-{budget}-rt", plan, meta, routers=routers), budget=budget)
-
-    print_table(rows, bench.src.model_dir.name)
-    print(f"calibration + costs {bench.prep_seconds:.0f} s")
-    pareto_plot(rows, args.plot)
+    r = Runner(args)
+    if not args.report:
+        compute(r, args.rows, args.granularities, args.budgets, args.recipes)
+    rows = current_rows(r)
+    if not rows:
+        print("no cached rows for these settings")
+        return 1
+    md = markdown(rows, r.label, args)
+    (r.out / "quality.md").write_text(md + "\n")
+    print(md)
+    pareto_plot(rows, args.plot or REPO / "docs" / f"quality_pareto_{r.label}.png", r.label)
     return 0
 
 
