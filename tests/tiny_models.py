@@ -5,6 +5,7 @@ trained on the packaged calibration text so llama.cpp tokenizes exactly like Hug
 """
 from __future__ import annotations
 
+import json
 from functools import cache
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from gemq_gguf.archs import adapter_for
 from gemq_gguf.data import calib_texts
 
 VOCAB = 384
+HY_RANKS = VOCAB - 16  # BPE ranks of the tiktoken fixture; its 16 special tokens follow (tests/fixtures/tokenization_hy.py)
 GEMMA_VOCAB = 640  # 4 specials, 256 byte-fallback pieces, merges
 COMMON = dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
@@ -163,6 +165,13 @@ CONFIGS: dict[str, dict] = {
                    layer_types=["sliding_attention", "full_attention"], sliding_window=33, num_kv_shared_layers=0,
                    tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
                    final_logit_softcapping=30.0),  # llama.cpp caps at 30 when config.json has no value
+    # a tiktoken tokenizer module in the checkpoint (_write_hy_tokenizer); the converter's NTK-alpha rope
+    # (alpha 1000 on 128-wide heads, the released config's values, which it asserts)
+    "hunyuan_moe": dict(model_type="hunyuan_v1_moe", num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+                        intermediate_size=256, num_experts=8, moe_topk=2, rms_norm_eps=1e-5,
+                        max_position_embeddings=32768, bos_token_id=HY_RANKS + 2, eos_token_id=HY_RANKS + 3,
+                        pad_token_id=HY_RANKS + 4, eod_token_id=HY_RANKS,
+                        rope_parameters=dict(rope_type="dynamic", alpha=1000.0, factor=1.0, rope_theta=10000.0)),
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
@@ -185,6 +194,8 @@ TOKENIZER_CONFIG: dict[str, dict] = {"deepseek_v32": {"add_bos_token": True}}
 SPM = ("ernie4_5_moe", "jamba")
 #: families whose llama.cpp converter takes a Gemma-style tokenizer.json (`▁` for spaces, byte fallback)
 GEMMA_TOK = ("gemma4",)
+#: families whose tokenizer is the checkpoint's own code (a tiktoken module; converted with --trust-remote-code)
+TOKENIZER_CODE = ("hunyuan_moe",)
 
 
 @cache
@@ -205,7 +216,6 @@ def _spm_model() -> bytes:
 
 def _write_spm_tokenizer(out_dir: Path) -> None:
     """tokenizer.model for llama.cpp, read by transformers as a LlamaTokenizer (converted via protobuf)."""
-    import json
     (out_dir / "tokenizer.model").write_bytes(_spm_model())
     (out_dir / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
@@ -226,6 +236,44 @@ def _gemma_tokenizer() -> PreTrainedTokenizerFast:
     assert tok.get_vocab_size() == GEMMA_VOCAB, tok.get_vocab_size()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                    unk_token="<unk>")
+
+
+@cache
+def _tiktoken_ranks() -> bytes:
+    """hy.tiktoken: byte-level BPE ranks trained on the calibration text (the 256 bytes, then the merges in
+    order: a tiktoken rank is the order of its merge), one `base64-token rank` per line."""
+    import base64
+
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(vocab_size=HY_RANKS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([t[:60_000] for t in calib_texts().values()], trainer)
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = {bytes([b]): b for b in range(256)}
+    for merge in json.loads(tok.to_str())["model"]["merges"]:
+        parts = merge.split(" ") if isinstance(merge, str) else merge
+        ranks.setdefault(b"".join(bytes(byte_of[c] for c in part) for part in parts), len(ranks))
+    assert len(ranks) == HY_RANKS, len(ranks)
+    return "".join(f"{base64.b64encode(k).decode()} {v}\n" for k, v in ranks.items()).encode()
+
+
+def _write_hy_tokenizer(out_dir: Path) -> None:
+    """Hunyuan-A13B's tokenizer form: its tokenization module (tests/fixtures/tokenization_hy.py), the ranks
+    file it reads and a tokenizer_config.json whose auto_map names it (transformers has no class for it)."""
+    import shutil
+    shutil.copy(Path(__file__).parent / "fixtures" / "tokenization_hy.py", out_dir)
+    (out_dir / "hy.tiktoken").write_bytes(_tiktoken_ranks())
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "HYTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_hy.HYTokenizer", None]},
+         "model_max_length": 1024}))
+
+
+def load_tokenizer(model_dir: Path):
+    """The tiny checkpoint's tokenizer; a tokenizer module in it (TOKENIZER_CODE) is this test suite's own."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=(model_dir / "tokenization_hy.py").exists())
 
 
 @cache
@@ -273,10 +321,11 @@ def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype 
         _write_spm_tokenizer(out_dir)
     elif arch in GEMMA_TOK:
         _gemma_tokenizer().save_pretrained(out_dir)
+    elif arch in TOKENIZER_CODE:
+        _write_hy_tokenizer(out_dir)
     else:
         _tokenizer(SPECIALS.get(arch, ())).save_pretrained(out_dir)
     if arch in TOKENIZER_CONFIG:
-        import json
         path = out_dir / "tokenizer_config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), **TOKENIZER_CONFIG[arch]}))
     return out_dir

@@ -87,6 +87,9 @@ class ArchAdapter:
     #: llama.cpp's loader for this architecture requires output.weight (no fallback to token_embd), so a
     #: checkpoint with tied embeddings must have its embedding written as the output matrix too
     needs_output_tensor: ClassVar[bool] = False
+    #: the checkpoint's tokenizer is its own Python code (no transformers class reads its files), which
+    #: llama.cpp's converter runs: such a family converts only with --trust-remote-code
+    tokenizer_is_code: ClassVar[bool] = False
 
     def moe_shape(self, config: Any) -> MoeShape:
         """Layers, experts and widths, read from the module tree built on the meta device (no weights)."""

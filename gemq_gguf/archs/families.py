@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import GemqError
 from .base import ArchAdapter
 from ..ggml.names import ROUTER
 from .experts import ExpertsCall, ExpertsView, Layout
@@ -217,6 +218,42 @@ class HyV3(ArchAdapter):
 
     hf_classes = ("HYV3ForCausalLM",)
     name = "hy-v3"
+
+
+@register
+class HunYuanMoeV1(ArchAdapter):
+    """Hunyuan-MoE v1 (Hunyuan-A13B): softmax top-k renormalised, a shared MLP added to the experts' output,
+    query/key RMS norms after rope; the router is `gate.wg`. Its tokenizer is the checkpoint's own code
+    (tiktoken ranks in `tokenization_hy.py`), which llama.cpp's converter loads."""
+
+    hf_classes = ("HunYuanMoEV1ForCausalLM",)
+    name = "hunyuan-moe"
+    tokenizer_is_code = True
+
+    def top_k(self, config: Any) -> int:
+        k = config.moe_topk  # one value, or one per layer (the released config)
+        if isinstance(k, int):
+            return k
+        if len(set(k)) != 1:
+            raise GemqError(f"HunYuanMoEV1ForCausalLM with a top-k per layer ({sorted(set(k))}).",
+                            "such models are not supported yet; please report the model.")
+        return int(k[0])
+
+    def router(self, block: nn.Module) -> nn.Module:
+        return block.gate.wg
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # the converter reads the released config's per-layer lists; transformers' config class drops the
+        # expert and shared widths (it builds both from `intermediate_size`) and may save top-k as one value
+        n, extra = hparams["num_hidden_layers"], {}
+        if "moe_intermediate_size" not in hparams:
+            extra["moe_intermediate_size"] = [hparams["intermediate_size"]] * n
+        if "num_shared_expert" not in hparams:
+            extra["num_shared_expert"] = [1] * n
+        if isinstance(hparams.get("moe_topk"), int):
+            extra["moe_topk"] = [hparams["moe_topk"]] * n
+        return extra
+
 
 @register
 class Llama4(ArchAdapter):

@@ -81,6 +81,11 @@ def remote_code_policy(model_dir: Path, allowed: bool) -> Iterator[None]:
     AutoTokenizer.from_pretrained = classmethod(from_pretrained)
     try:
         yield
+    except ImportError as e:  # transformers' check of the packages the checkpoint's code imports (e.g. tiktoken)
+        if "requires the following packages" not in str(e):
+            raise
+        raise GemqError(f"{model_dir}'s own code needs packages that are not installed ({e}).",
+                        "install them, then run again.") from None
     except (ValueError, OSError) as e:
         err = _needs_remote_code(model_dir, e)
         if err is None:
@@ -95,6 +100,9 @@ def inspect_checkpoint(model_dir: Path, trust_remote_code: bool = False) -> tupl
     config = load_config(model_dir, trust_remote_code)
     check_moe(config)
     adapter = adapter_for(getattr(config, "architectures", None))
+    if adapter.tokenizer_is_code and not trust_remote_code:
+        raise GemqError(f"{model_dir}'s tokenizer ({adapter.name}) is the checkpoint's own Python code, which "
+                        "llama.cpp's converter runs to read the vocabulary; it does not run by default.", REMOTE_CODE_FIX)
     shape = adapter.moe_shape(config)
     check_tokenizer(model_dir)
     stored = check_safetensors(model_dir)

@@ -44,7 +44,11 @@ _PRE_BY_REGEX = {
 def _pre_tokenizer_fallback(tokenizer: Any) -> str | None:
     """llama.cpp's name for the pre-tokenizer the *loaded* tokenizer runs (a tokenizer class may replace
     the one in tokenizer.json: transformers' Qwen3.5 class installs Qwen's regex): plain byte-level BPE is
-    'gpt-2', Qwen's regex split before byte-level is 'qwen2' / 'qwen35'; None for anything else."""
+    'gpt-2', Qwen's regex split before byte-level is 'qwen2' / 'qwen35', as is a tiktoken tokenizer's
+    (Hunyuan-A13B's `tokenization_hy.py`) with that regex; None for anything else."""
+    pattern = getattr(getattr(tokenizer, "tokenizer", None), "_pat_str", None)  # a tiktoken Encoding's split
+    if isinstance(pattern, str):
+        return _PRE_BY_REGEX.get(pattern)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
