@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from tiny_models import load_tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from gemq_gguf.archs import adapter_for
 from gemq_gguf.ggml.quant import roundtrip
@@ -33,7 +34,7 @@ def hf_logits(model: torch.nn.Module, tokens: list[int]) -> np.ndarray:
 def sample_tokens(model_dir: Path, n: int = 96) -> list[int]:
     """Real text tokenized by the checkpoint's own tokenizer."""
     from gemq_gguf.data import eval_texts
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     return tok(eval_texts()["prose"][:4000])["input_ids"][:n]
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import COMMON, CONFIGS, make_tiny_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from tiny_models import COMMON, CONFIGS, load_tokenizer, make_tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from gemq_gguf.archs import adapter_for
 from gemq_gguf.gemq.calib import calibration_tokens
@@ -32,7 +32,7 @@ def _load(path: Path) -> torch.nn.Module:
 
 
 def _tokens(path: Path, n_seq: int = 4, seq_len: int = 64, seed: int = 0) -> torch.Tensor:
-    return calibration_tokens(AutoTokenizer.from_pretrained(path), None, n_tokens=n_seq * seq_len, seq_len=seq_len, seed=seed)
+    return calibration_tokens(load_tokenizer(path), None, n_tokens=n_seq * seq_len, seq_len=seq_len, seed=seed)
 
 
 @pytest.fixture(scope="module", params=["qwen2_moe", "deepseek_v2"])

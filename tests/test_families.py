@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from reference import hf_logits, load_hf, load_hf_as_file, sample_tokens, stable_positions
-from tiny_models import make_tiny_model
+from tiny_models import TOKENIZER_CODE, load_tokenizer, make_tiny_model
 
 from gemq_gguf.archs import adapter_for
 from gemq_gguf.evaluate import RunOptions, kld_vs_logits, llama_logits
@@ -24,7 +24,7 @@ FAMILIES = ["deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe", "
             "lfm2_moe", "glm4_moe_lite", "granitemoeshared", "granitemoehybrid", "exaone_moe", "solar_open", "hy_v3",
             "llama4", "ernie4_5_moe", "jamba", "dbrx", "nemotron_h", "cohere2_moe",
             "kimi_linear", "glm_moe_dsa", "mimo_v2_flash", "granitemoe_swa",
-            "deepseek_v32", "dots3", "gemma4"]
+            "deepseek_v32", "dots3", "gemma4", "hunyuan_moe"]
 
 
 @pytest.fixture(scope="session")
@@ -41,8 +41,10 @@ def tiny_family(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _convert(model: Path, out: Path, *args: str) -> Path:
+    """The CLI on a tiny checkpoint; a family whose tokenizer is the checkpoint's code (this suite's own) runs it."""
     from gemq_gguf.cli import main as convert_main
-    assert convert_main([str(model), "-o", str(out), *args]) == 0
+    code = ("--trust-remote-code",) if model.name in TOKENIZER_CODE else ()
+    assert convert_main([str(model), "-o", str(out), *args, *code]) == 0
     return out
 
 
@@ -68,12 +70,11 @@ def test_q8_0_matches_hf(family: str, tiny_family, tmp_path: Path) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tokenizer_agrees_with_hf(family: str, tiny_family, family_f32) -> None:
     from llama_cpp import Llama
-    from transformers import AutoTokenizer
     model, gguf = tiny_family(family), family_f32(family)
     text = "def f(x):\n    return x ** 2  # squares, 12345 and café!"
     llm = Llama(str(gguf), vocab_only=True, verbose=False)
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
-        AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False)["input_ids"]
+        load_tokenizer(model)(text, add_special_tokens=False)["input_ids"]
 
 
 def test_refused_classes_say_why() -> None:
@@ -85,6 +86,21 @@ def test_refused_classes_say_why() -> None:
         with pytest.raises(GemqError) as err:
             adapter_for([hf_class])
         assert why in str(err.value) and "MixtralForCausalLM" in str(err.value)
+
+
+def test_tokenizer_code_needs_the_flag(tiny_family, tmp_path: Path, capsys) -> None:
+    """Hunyuan-MoE v1's tokenizer is the checkpoint's own code (a tiktoken module): without --trust-remote-code
+    the conversion stops before any work with one line naming the flag, and the module never runs."""
+    import shutil
+
+    from test_cli_errors import _fails
+    d = tmp_path / "hunyuan_moe"
+    shutil.copytree(tiny_family("hunyuan_moe"), d)
+    marker = tmp_path / "tokenizer-code-ran"
+    module = d / "tokenization_hy.py"
+    module.write_text(f"open({str(marker)!r}, 'w').close()\n" + module.read_text())
+    _fails(capsys, tmp_path, [str(d), "--uniform", "Q8_0"], "--trust-remote-code")
+    assert not marker.exists()
 
 
 def test_converter_gets_the_keys_transformers_drops() -> None:
