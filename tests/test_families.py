@@ -103,6 +103,19 @@ def test_tokenizer_code_needs_the_flag(tiny_family, tmp_path: Path, capsys) -> N
     assert not marker.exists()
 
 
+def test_tokenizer_code_missing_package(tiny_family, tmp_path: Path, capsys) -> None:
+    """With the flag, a tokenizer module importing a package that is not installed (tiktoken, for Hunyuan-A13B)
+    fails with one line naming the package, not a traceback."""
+    import shutil
+
+    from test_cli_errors import _fails
+    d = tmp_path / "hunyuan_moe"
+    shutil.copytree(tiny_family("hunyuan_moe"), d)
+    module = d / "tokenization_hy.py"
+    module.write_text(module.read_text().replace("import tiktoken\n", "import tiktoken_not_installed_xyz\n"))
+    _fails(capsys, tmp_path, [str(d), "--uniform", "Q8_0", "--trust-remote-code"], "tiktoken_not_installed_xyz")
+
+
 def test_converter_gets_the_keys_transformers_drops() -> None:
     """DeepSeek-V3 re-saved by transformers has no `scoring_func`: without it llama.cpp routes by softmax."""
     from gemq_gguf.archs import adapter_for
