@@ -172,6 +172,11 @@ CONFIGS: dict[str, dict] = {
                         max_position_embeddings=32768, bos_token_id=HY_RANKS + 2, eos_token_id=HY_RANKS + 3,
                         pad_token_id=HY_RANKS + 4, eod_token_id=HY_RANKS,
                         rope_parameters=dict(rope_type="dynamic", alpha=1000.0, factor=1.0, rope_theta=10000.0)),
+    # GLM-4.5's modules in transformers; config.json names the released class (ARCHITECTURES)
+    "sarvam_moe": dict(model_type="sarvam_moe", num_key_value_heads=2, head_dim=64, intermediate_size=512,
+                       moe_intermediate_size=256, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                       first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.5,
+                       norm_topk_prob=True, num_hidden_layers=3),
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
@@ -186,6 +191,9 @@ SPECIALS: dict[str, tuple[str, ...]] = {
     "dots3": ("<|endofassistant|>",), "solar_open": ("<|startoftext|>", "<|endoftext|>", "<unk>"),
 }
 
+
+#: the class a released checkpoint's config.json names where transformers builds (and saves) another one
+ARCHITECTURES: dict[str, str] = {"sarvam_moe": "SarvamMoEForCausalLM"}
 
 #: tokenizer_config.json keys a family's converter checks (written after saving: transformers drops them)
 TOKENIZER_CONFIG: dict[str, dict] = {"deepseek_v32": {"add_bos_token": True}}
@@ -325,6 +333,9 @@ def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype 
         _write_hy_tokenizer(out_dir)
     else:
         _tokenizer(SPECIALS.get(arch, ())).save_pretrained(out_dir)
+    if arch in ARCHITECTURES:
+        path = out_dir / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "architectures": [ARCHITECTURES[arch]]}))
     if arch in TOKENIZER_CONFIG:
         path = out_dir / "tokenizer_config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), **TOKENIZER_CONFIG[arch]}))

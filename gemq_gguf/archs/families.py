@@ -221,6 +221,24 @@ class HyV3(ArchAdapter):
 
 
 @register
+class SarvamMoe(SigmoidScores):
+    """Sarvam-MoE (sarvam-30b): GLM-4.5's module tree in transformers (the checkpoint keeps Bailing-V2's tensor
+    names, which transformers maps on load and back on save), llama.cpp's bailingmoe2 graph; full rotary."""
+
+    hf_classes = ("SarvamMoEForCausalLM",)
+    name = "sarvam-moe"
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # the converter reads the released config's names; transformers' config saves its own
+        extra = super().converter_hparams(hparams)
+        if "score_function" in hparams:
+            extra.pop("scoring_func", None)
+        released = {"num_experts": hparams.get("n_routed_experts"), "num_shared_experts": hparams.get("n_shared_experts")}
+        extra.update({k: v for k, v in released.items() if k not in hparams and v is not None})
+        return extra
+
+
+@register
 class HunYuanMoeV1(ArchAdapter):
     """Hunyuan-MoE v1 (Hunyuan-A13B): softmax top-k renormalised, a shared MLP added to the experts' output,
     query/key RMS norms after rope; the router is `gate.wg`. Its tokenizer is the checkpoint's own code
