@@ -127,6 +127,44 @@ def test_converter_gets_the_keys_transformers_drops() -> None:
     assert m2 == {"scoring_func": "sigmoid", "rotary_dim": 64}
 
 
+def test_converter_gets_sarvam_and_hunyuan_keys() -> None:
+    """Sarvam-MoE's and Hunyuan-MoE v1's converters read the released config's names, which transformers' config
+    classes rename or drop; a Sarvam re-save (named GLM-4.5's class by transformers) goes to the Sarvam converter."""
+    saved = {"model_type": "sarvam_moe", "n_routed_experts": 8, "n_shared_experts": 1}
+    sarvam = adapter_for(["SarvamMoEForCausalLM"])
+    assert sarvam.converter_hparams(saved) == {"scoring_func": "sigmoid", "num_experts": 8, "num_shared_experts": 1}
+    assert sarvam.converter_hparams({"score_function": "sigmoid", "num_experts": 128, "num_shared_experts": 1}) == {}
+    assert adapter_for(["Glm4MoeForCausalLM"]).converter_hparams(saved)["architectures"] == ["SarvamMoEForCausalLM"]
+    assert adapter_for(["Glm4MoeForCausalLM"]).converter_hparams({"model_type": "glm4_moe"}) == {}
+    hy = adapter_for(["HunYuanMoEV1ForCausalLM"])
+    assert hy.converter_hparams({"num_hidden_layers": 2, "intermediate_size": 256, "moe_topk": 2}) == \
+        {"moe_intermediate_size": [256, 256], "num_shared_expert": [1, 1], "moe_topk": [2, 2]}
+    assert hy.converter_hparams({"num_hidden_layers": 2, "intermediate_size": 256, "moe_topk": [8, 8],
+                                 "moe_intermediate_size": [256, 256], "num_shared_expert": [1, 1]}) == {}
+
+
+@pytest.mark.slow
+def test_sarvam_resave_converts_as_sarvam(tiny_family, tmp_path: Path) -> None:
+    """A transformers re-save of Sarvam-MoE names Glm4MoeForCausalLM over Sarvam's tensor names; it converts with
+    the converter's Sarvam class (bailingmoe2), as the released checkpoint does (GLM's class stops at its vocabulary)."""
+    import json
+    import shutil
+
+    import numpy as np
+    from gguf import GGUFReader
+
+    from gemq_gguf.convert.hf_to_gguf import hf_to_float_gguf
+    d = tmp_path / "resave"
+    shutil.copytree(tiny_family("sarvam_moe"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["Glm4MoeForCausalLM"]}))
+    gguf = hf_to_float_gguf(d, tmp_path / "f32.gguf", "f32")
+    assert GGUFReader(gguf).fields["general.architecture"].contents() == "bailingmoe2"
+    tokens = sample_tokens(d)
+    a, b = llama_logits(gguf, tokens, RunOptions(f32_kv=True)), hf_logits(load_hf(d), tokens)
+    assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
+
+
 def test_converter_gets_the_released_names() -> None:
     """Kimi Linear and MiMo-V2-Flash re-saved by transformers lack the keys (and, Kimi, the dense-layer tensor
     names) llama.cpp's converter reads; a checkpoint that has them keeps its own."""

@@ -90,6 +90,13 @@ class Glm4Moe(ArchAdapter):
     hf_classes = ("Glm4MoeForCausalLM",)
     name = "glm4moe"
 
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # transformers builds Sarvam-MoE as GLM-4.5 and a re-save names that class, but keeps Sarvam's tensor
+        # names and keys, which only the converter's Sarvam class reads
+        if hparams.get("model_type") != "sarvam_moe":
+            return {}
+        return {"architectures": ["SarvamMoEForCausalLM"], **SarvamMoe().converter_hparams(hparams)}
+
 
 @register
 class GptOss(ArchAdapter):

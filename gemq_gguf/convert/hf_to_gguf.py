@@ -218,15 +218,15 @@ def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verb
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16}[outtype]
     hparams = conversion.ModelBase.load_hparams(model_dir, False)
+    adapter = adapter_for(hparams["architectures"]) if any(
+        a in supported() for a in hparams.get("architectures") or []) else None  # others convert as llama.cpp does
+    if adapter is not None:  # may name the converter class too (`architectures`)
+        hparams = {**hparams, **adapter.converter_hparams(hparams)}
     arch = conversion.get_model_architecture(hparams, conversion.ModelType.TEXT)
     try:
         cls = conversion.get_model_class(arch)
     except NotImplementedError:
         raise GemqError(f"llama.cpp's converter does not support {arch}.", "use a supported architecture.") from None
-    adapter = adapter_for(hparams["architectures"]) if any(
-        a in supported() for a in hparams.get("architectures") or []) else None  # others convert as llama.cpp does
-    if adapter is not None:
-        hparams = {**hparams, **adapter.converter_hparams(hparams)}
     if cls.supports_mtp_export:
         # transformers loads no multi-token-prediction layers, so GEMQ has no statistics for them
         cls = type(cls.__name__, (cls,), {"model_arch": cls.model_arch, "no_mtp": True})
