@@ -105,7 +105,8 @@ class ArchAdapter:
 
     def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
         """config.json keys llama.cpp's converter needs that a checkpoint saved by transformers may lack
-        (transformers drops keys its config class does not define); merged over `hparams`."""
+        (transformers drops keys its config class does not define); merged over `hparams`, before the
+        converter class is picked from `architectures` (which a re-save may name differently)."""
         return {}
 
     def converter_tensor_names(self, names: list[str]) -> dict[str, str]:
