@@ -24,7 +24,7 @@ FAMILIES = ["deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe", "
             "lfm2_moe", "glm4_moe_lite", "granitemoeshared", "granitemoehybrid", "exaone_moe", "solar_open", "hy_v3",
             "llama4", "ernie4_5_moe", "jamba", "dbrx", "nemotron_h", "cohere2_moe",
             "kimi_linear", "glm_moe_dsa", "mimo_v2_flash", "granitemoe_swa",
-            "deepseek_v32", "dots3", "gemma4", "hunyuan_moe", "sarvam_moe"]
+            "deepseek_v32", "dots3", "gemma4", "hunyuan_moe", "sarvam_moe", "afmoe"]
 
 
 @pytest.fixture(scope="session")

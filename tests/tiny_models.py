@@ -178,6 +178,12 @@ CONFIGS: dict[str, dict] = {
                        first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.5,
                        norm_topk_prob=True, num_hidden_layers=3,
                        initializer_range=0.02),  # its default (0.006) leaves the logits nearly flat
+    # llama.cpp's graph always scales the embeddings by sqrt(hidden) (muP) and takes every 4th layer as the
+    # full-attention, unroped one: the released configs' values (transformers' default mup_enabled is false)
+    "afmoe": dict(model_type="afmoe", num_key_value_heads=2, head_dim=64, intermediate_size=512,
+                  moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+                  num_dense_layers=1, num_hidden_layers=4, route_scale=2.5, sliding_window=33, mup_enabled=True,
+                  rms_norm_eps=1e-5),
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),

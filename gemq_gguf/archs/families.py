@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GemqError
-from .base import ArchAdapter
+from .base import ArchAdapter, MoeShape
 from ..ggml.names import ROUTER
 from .experts import ExpertsCall, ExpertsView, Layout
 from .registry import register
@@ -538,3 +538,35 @@ class Gemma4(ArchAdapter):
         r = block.router
         h = r.norm(x.reshape(-1, x.shape[-1])) * r.scale * r.scalar_root_size
         return F.linear(h.to(r.proj.weight.dtype), r.proj.weight)
+
+
+@register
+class Afmoe(ArchAdapter):
+    """AfMoE (Arcee Trinity): gated attention with q/k norms, rope in the sliding-window layers only, pre and
+    post norms, sigmoid routing with a selection bias, top-k renormalised and scaled, a shared expert, dense
+    first layers; the router is `router.gate`. llama.cpp's graph fixes two things the config sets: it always
+    scales the embeddings by sqrt(hidden) (muP; transformers only with `mup_enabled`) and takes every 4th
+    layer as the full-attention, unroped one (src/models/afmoe.cpp), so a config that differs is refused."""
+
+    hf_classes = ("AfmoeForCausalLM",)
+    name = "afmoe"
+
+    def moe_shape(self, config: Any) -> MoeShape:
+        types = list(getattr(config, "layer_types", None) or [])
+        if not getattr(config, "mup_enabled", False):
+            raise GemqError("AfmoeForCausalLM with mup_enabled false: llama.cpp's AfMoE graph always scales the "
+                            "embeddings by sqrt(hidden_size), so the GGUF would compute another model.",
+                            "convert a checkpoint trained with muP (mup_enabled: true, as Arcee's Trinity models).")
+        if types != ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(len(types))]:
+            raise GemqError(f"AfmoeForCausalLM with layer types {types}: llama.cpp's AfMoE graph takes every 4th "
+                            "layer as the full-attention one (no rope) and the others as sliding-window ones.",
+                            "convert a checkpoint with global_attn_every_n_layers 4 (Arcee's Trinity models).")
+        return super().moe_shape(config)
+
+    def router(self, block: nn.Module) -> nn.Module:
+        return block.router.gate
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # transformers' router always renormalises the top-k weights; the converter writes that only from the
+        # released config's `route_norm`, which transformers' config class drops (llama.cpp's default: off)
+        return {} if "route_norm" in hparams else {"route_norm": True}

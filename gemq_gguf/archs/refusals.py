@@ -15,8 +15,6 @@ refuse("LagunaForCausalLM", "llama.cpp's conversion of a transformers-saved chec
        "(F32 logits 28 % off on a test checkpoint)")
 refuse("MellumForCausalLM", "llama.cpp's Mellum graph ropes the sliding-window layers with the global rope base, "
        "not their own (rope_parameters.sliding_attention), so even an F32 conversion differs from the model")
-refuse("AfmoeForCausalLM", "not supported yet: llama.cpp's conversion of a transformers-saved tiny checkpoint differs "
-       "from the model (Q8_0 KL 1.5e-2, top-1 36 %); cause not found")
 refuse("HYV4ForCausalLM", "transformers rotates HY-V4's rope by halves and llama.cpp's graph by consecutive pairs (as "
        "the reference code), so the model GEMQ calibrates differs from the GGUF (F32 logits 19 % off on a test "
        "checkpoint)")
