@@ -165,6 +165,25 @@ def test_sarvam_resave_converts_as_sarvam(tiny_family, tmp_path: Path) -> None:
     assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
 
 
+def test_afmoe_configs_llama_cpp_computes_differently_are_refused() -> None:
+    """llama.cpp's AfMoE graph always scales the embeddings by sqrt(hidden) and ropes all but every 4th layer; a
+    config that says otherwise is refused before any work (with mup_enabled false a tiny checkpoint's F32
+    conversion was 56 % off, KL 1.6e-2). The converter gets `route_norm`, which transformers always applies."""
+    from transformers import AutoConfig
+
+    from gemq_gguf.errors import GemqError
+    afmoe = adapter_for(["AfmoeForCausalLM"])
+    small = dict(hidden_size=256, num_attention_heads=4, head_dim=64, num_experts=8, num_hidden_layers=4,
+                 moe_intermediate_size=256, intermediate_size=512, vocab_size=384)
+    assert afmoe.moe_shape(AutoConfig.for_model("afmoe", mup_enabled=True, **small)).moe_layers == (1, 2, 3)
+    with pytest.raises(GemqError, match="mup_enabled"):
+        afmoe.moe_shape(AutoConfig.for_model("afmoe", **small))
+    with pytest.raises(GemqError, match="every 4th"):
+        afmoe.moe_shape(AutoConfig.for_model("afmoe", mup_enabled=True, global_attn_every_n_layers=2, **small))
+    assert afmoe.converter_hparams({}) == {"route_norm": True}
+    assert afmoe.converter_hparams({"route_norm": False}) == {}
+
+
 def test_converter_gets_the_released_names() -> None:
     """Kimi Linear and MiMo-V2-Flash re-saved by transformers lack the keys (and, Kimi, the dense-layer tensor
     names) llama.cpp's converter reads; a checkpoint that has them keeps its own."""
