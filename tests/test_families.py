@@ -24,7 +24,7 @@ FAMILIES = ["deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe", "
             "lfm2_moe", "glm4_moe_lite", "granitemoeshared", "granitemoehybrid", "exaone_moe", "solar_open", "hy_v3",
             "llama4", "ernie4_5_moe", "jamba", "dbrx", "nemotron_h", "cohere2_moe",
             "kimi_linear", "glm_moe_dsa", "mimo_v2_flash", "granitemoe_swa",
-            "deepseek_v32", "dots3", "gemma4", "hunyuan_moe", "sarvam_moe", "afmoe"]
+            "deepseek_v32", "dots3", "gemma4", "hunyuan_moe", "sarvam_moe", "afmoe", "laguna"]
 
 
 @pytest.fixture(scope="session")
@@ -182,6 +182,28 @@ def test_afmoe_configs_llama_cpp_computes_differently_are_refused() -> None:
         afmoe.moe_shape(AutoConfig.for_model("afmoe", mup_enabled=True, global_attn_every_n_layers=2, **small))
     assert afmoe.converter_hparams({}) == {"route_norm": True}
     assert afmoe.converter_hparams({"route_norm": False}) == {}
+
+
+def test_laguna_layer_patterns_llama_cpp_cannot_run_are_refused() -> None:
+    """llama.cpp's Laguna graph takes any sliding window as XS.2's pattern (every 4th layer full, from the first):
+    full attention only converts without the window transformers saves (with it a tiny checkpoint's F32 conversion
+    was 54 % off, KL 1.6e-2), another pattern and router softcapping are refused before any work."""
+    from transformers import AutoConfig
+
+    from gemq_gguf.errors import GemqError
+    laguna = adapter_for(["LagunaForCausalLM"])
+    small = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=8,
+                 num_experts_per_tok=2, num_hidden_layers=4, moe_intermediate_size=256, vocab_size=384)
+    xs2 = ["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"]
+    assert laguna.moe_shape(AutoConfig.for_model("laguna", layer_types=xs2, **small)).moe_layers == (1, 2, 3)
+    assert laguna.moe_shape(AutoConfig.for_model("laguna", **small)).moe_layers == (1, 2, 3)  # full attention only
+    with pytest.raises(GemqError, match="every 4th"):
+        laguna.moe_shape(AutoConfig.for_model("laguna", layer_types=xs2[::-1], **small))
+    with pytest.raises(GemqError, match="softcap"):
+        laguna.moe_shape(AutoConfig.for_model("laguna", moe_router_logit_softcapping=30.0, **small))
+    assert laguna.converter_hparams({"layer_types": ["full_attention"] * 4, "sliding_window": 512}) == \
+        {"sliding_window": None}
+    assert laguna.converter_hparams({"layer_types": xs2, "sliding_window": 512}) == {}
 
 
 def test_converter_gets_the_released_names() -> None:

@@ -184,6 +184,12 @@ CONFIGS: dict[str, dict] = {
                   moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
                   num_dense_layers=1, num_hidden_layers=4, route_scale=2.5, sliding_window=33, mup_enabled=True,
                   rms_norm_eps=1e-5),
+    # XS.2's layer pattern (every 4th layer full attention, from the first), which llama.cpp assumes whenever there
+    # is a sliding window; a rope per layer kind (transformers' default: partial 0.5 / full)
+    "laguna": dict(model_type="laguna", num_key_value_heads=2, head_dim=64, intermediate_size=512,
+                   moe_intermediate_size=256, shared_expert_intermediate_size=256, num_experts=8, num_experts_per_tok=2,
+                   moe_routed_scaling_factor=2.5, num_hidden_layers=4, sliding_window=33, rms_norm_eps=1e-5,
+                   layer_types=["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"]),
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),

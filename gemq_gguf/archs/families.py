@@ -570,3 +570,34 @@ class Afmoe(ArchAdapter):
         # transformers' router always renormalises the top-k weights; the converter writes that only from the
         # released config's `route_norm`, which transformers' config class drops (llama.cpp's default: off)
         return {} if "route_norm" in hparams else {"route_norm": True}
+
+
+@register
+class Laguna(ArchAdapter):
+    """Laguna (poolside): a softplus attention output gate per head or per element, q/k norms, a rope per layer
+    kind, DeepSeek-V3's routing (sigmoid, correction bias, renormalised, scaled), a shared expert, dense first
+    layers. llama.cpp's graph takes any sliding window as XS.2's layer pattern (every 4th layer full attention,
+    from the first; src/models/laguna.cpp), whatever `layer_types` says, and has no router softcapping."""
+
+    hf_classes = ("LagunaForCausalLM",)
+    name = "laguna"
+
+    def moe_shape(self, config: Any) -> MoeShape:
+        types = list(config.layer_types)
+        xs2 = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(len(types))]
+        if "sliding_attention" in types and types != xs2:
+            raise GemqError(f"LagunaForCausalLM with layer types {types}: llama.cpp's Laguna graph takes every 4th "
+                            "layer, from the first, as the full-attention one and the others as sliding-window ones.",
+                            "convert a checkpoint with that pattern (Laguna-XS.2) or with full attention only.")
+        if getattr(config, "moe_router_logit_softcapping", 0.0):
+            raise GemqError("LagunaForCausalLM with moe_router_logit_softcapping: llama.cpp's Laguna graph does not "
+                            "softcap the router logits, so the GGUF would route differently.",
+                            "convert a checkpoint without router softcapping (0.0, as the released models).")
+        return super().moe_shape(config)
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # with a window in config.json llama.cpp makes 3 of 4 layers sliding-window ones (and ropes them as such);
+        # transformers saves its default window (512) even where every layer has full attention
+        if "sliding_attention" not in (hparams.get("layer_types") or []) and hparams.get("sliding_window"):
+            return {"sliding_window": None}
+        return {}

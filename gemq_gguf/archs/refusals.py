@@ -11,8 +11,6 @@ refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not
        "an F32 conversion differs from the model")
 refuse("Llama4ForConditionalGeneration", "not tested yet (the vision-language checkpoint); its text model, "
        "Llama4ForCausalLM, is supported")
-refuse("LagunaForCausalLM", "llama.cpp's conversion of a transformers-saved checkpoint differs from the model "
-       "(F32 logits 28 % off on a test checkpoint)")
 refuse("MellumForCausalLM", "llama.cpp's Mellum graph ropes the sliding-window layers with the global rope base, "
        "not their own (rope_parameters.sliding_attention), so even an F32 conversion differs from the model")
 refuse("HYV4ForCausalLM", "transformers rotates HY-V4's rope by halves and llama.cpp's graph by consecutive pairs (as "
