@@ -51,13 +51,14 @@ def _assert_equal(full: CalibStats, streamed: CalibStats) -> None:
     assert full.layers[max(full.layers)].g.abs().sum() > 0
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, "gemma4", "hunyuan_moe", "sarvam_moe"])
+@pytest.mark.parametrize("arch", [*ARCHS, "gemma4", "hunyuan_moe", "sarvam_moe", "afmoe", "laguna"])
 def test_streamed_equals_whole_model(tmp_path: Path, arch: str) -> None:
-    """The first five families, Gemma 4, Hunyuan-MoE v1 and Sarvam-MoE; sampled Fisher targets (drawn in the
+    """The first five families, Gemma 4, Hunyuan-MoE v1, Sarvam-MoE, AfMoE and Laguna; sampled Fisher targets (drawn in the
     same order), an uneven last batch; deepseek_v2 has a dense first layer and shared experts, qwen2_moe a gated
     shared expert, gemma4 decoder layers called with a positional (None) per-layer input, hunyuan_moe per-expert
     checkpoint tensors (as released) and a float32 router, sarvam_moe Bailing-V2's fused q/k/v (split by
-    transformers on load)."""
+    transformers on load), afmoe its muP embedding scale (in the model's forward, not a layer's), laguna a rope and
+    a mask per layer kind."""
     path = make_tiny_model(arch, tmp_path / arch)
     tokens = _tokens()
     kw = dict(batch_size=2, labels="sampled", seed=3)
