@@ -11,8 +11,6 @@ refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not
        "an F32 conversion differs from the model")
 refuse("HunYuanMoEV1ForCausalLM", "llama.cpp's converter loads its tokenizer with trust_remote_code (tiktoken ranks), "
        "and gemq-gguf runs no code from checkpoints")
-refuse("Llama4ForConditionalGeneration", "not tested yet (the vision-language checkpoint); its text model, "
-       "Llama4ForCausalLM, is supported")
 refuse("LagunaForCausalLM", "llama.cpp's conversion of a transformers-saved checkpoint differs from the model "
        "(F32 logits 28 % off on a test checkpoint)")
 refuse("MellumForCausalLM", "llama.cpp's Mellum graph ropes the sliding-window layers with the global rope base, "

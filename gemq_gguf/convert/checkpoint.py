@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..archs import ArchAdapter, MoeShape, adapter_for
+from ..archs import ArchAdapter, MoeShape, adapter_for, key_mapping, text_config
 from ..archs.base import meta_model
 from ..errors import GemqError
 from .hf_to_gguf import check_tokenizer
@@ -91,13 +92,18 @@ def remote_code_policy(model_dir: Path, allowed: bool) -> Iterator[None]:
 
 
 def inspect_checkpoint(model_dir: Path, trust_remote_code: bool = False) -> tuple[Any, ArchAdapter, MoeShape]:
-    """Config, adapter and MoE shape of a checkpoint, after every cheap validity check."""
-    config = load_config(model_dir, trust_remote_code)
+    """Config, adapter and MoE shape of a checkpoint, after every cheap validity check (for a multimodal
+    checkpoint: its text model's config)."""
+    loaded = load_config(model_dir, trust_remote_code)
+    config = text_config(loaded)  # a multimodal checkpoint: its text model, which is what GEMQ quantizes
     check_moe(config)
-    adapter = adapter_for(getattr(config, "architectures", None))
+    adapter = adapter_for(getattr(loaded, "architectures", None))
     shape = adapter.moe_shape(config)
     check_tokenizer(model_dir)
     stored = check_safetensors(model_dir)
+    renames = [(re.compile(k), v) for k, v in key_mapping(loaded).items()]
+    for pattern, new in renames:
+        stored = {pattern.sub(new, k): v for k, v in stored.items()}
     check_shapes({k: tuple(v.shape) for k, v in meta_model(config).state_dict().items()}, stored, shape)
     return config, adapter, shape
 

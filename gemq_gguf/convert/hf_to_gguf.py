@@ -221,8 +221,8 @@ def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verb
         raise GemqError(f"llama.cpp's converter does not support {arch}.", "use a supported architecture.") from None
     adapter = adapter_for(hparams["architectures"]) if any(
         a in supported() for a in hparams.get("architectures") or []) else None  # others convert as llama.cpp does
-    if adapter is not None:
-        hparams = {**hparams, **adapter.converter_hparams(hparams)}
+    if adapter is not None:  # a multimodal checkpoint's converter reads its text_config merged over the top level
+        hparams = {**hparams, **adapter.converter_hparams({**hparams, **(hparams.get("text_config") or {})})}
     if cls.supports_mtp_export:
         # transformers loads no multi-token-prediction layers, so GEMQ has no statistics for them
         cls = type(cls.__name__, (cls,), {"model_arch": cls.model_arch, "no_mtp": True})
