@@ -261,14 +261,62 @@ def _spread_routers(model: torch.nn.Module) -> None:
                 p.uniform_(0.2, 0.4)
 
 
-def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
-    """Write a random `arch` checkpoint with tokenizer to out_dir; returns out_dir."""
+#: multimodal checkpoints (`*ForConditionalGeneration`): the wrapper's model_type, the text family whose tiny
+#: model it wraps (same seed, so the same text weights), and a tiny vision tower (widths that allow Q8_0)
+WRAPPERS: dict[str, tuple[str, str, dict]] = {
+    "qwen3_5_moe_vl": ("qwen3_5_moe", "qwen3_5_moe", dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2,
+                                                          out_hidden_size=256, patch_size=16, num_position_embeddings=64)),
+    "llama4_vl": ("llama4", "llama4", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=16, projector_input_dim=64,
+                                           projector_output_dim=64, vision_output_dim=64)),
+    "gemma4_vl": ("gemma4", "gemma4", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=2, head_dim=32)),
+}
+
+
+def _text_model(arch: str, seed: int, dtype: torch.dtype, overrides: dict) -> torch.nn.Module:
     kwargs = {**COMMON, **CONFIGS[arch], **overrides}
     cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     _spread_routers(model)
+    return model
+
+
+@torch.no_grad()
+def _wrapped(arch: str, text: torch.nn.Module, seed: int, dtype: torch.dtype) -> torch.nn.Module:
+    """The multimodal model of `arch` holding `text`'s weights as its language model (a random vision tower)."""
+    import re
+
+    import transformers
+
+    from gemq_gguf.archs import key_mapping
+    kind, _, vision = WRAPPERS[arch]
+    cfg = AutoConfig.for_model(kind, text_config=text.config.to_dict(), vision_config=vision,
+                               tie_word_embeddings=text.config.tie_word_embeddings)
+    torch.manual_seed(seed + 1)
+    model = transformers.AutoModelForImageTextToText.from_config(cfg, dtype=dtype)
+    renames = [(re.compile(k), v) for k, v in key_mapping(model.config).items()]
+    text_sd, copied = text.state_dict(), set()
+    for name, p in model.state_dict().items():
+        key = name
+        for pattern, new in renames:
+            key = pattern.sub(new, key)
+        if key in text_sd:
+            p.copy_(text_sd[key])
+            copied.add(key)
+    assert copied == set(text_sd), set(text_sd) - copied
+    return model
+
+
+def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """Write a random `arch` checkpoint with tokenizer to out_dir; returns out_dir."""
+    family = WRAPPERS[arch][1] if arch in WRAPPERS else arch
+    model = _text_model(family, seed, dtype, overrides)
+    if arch in WRAPPERS:
+        model = _wrapped(arch, model, seed, dtype)
     model.save_pretrained(out_dir)
+    arch = family
     if arch in SPM:
         _write_spm_tokenizer(out_dir)
     elif arch in GEMMA_TOK:
