@@ -26,7 +26,7 @@ FAMILIES = ["deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe", "
             "kimi_linear", "glm_moe_dsa", "mimo_v2_flash", "granitemoe_swa",
             "deepseek_v32", "dots3", "gemma4",
             # multimodal checkpoints, quantized through their text model (tests/tiny_models.py: WRAPPERS)
-            "qwen3_5_moe_vl", "llama4_vl", "gemma4_vl"]
+            "qwen3_5_moe_vl", "llama4_vl", "gemma4_vl", "qwen3_vl_moe_vl"]
 
 
 @pytest.fixture(scope="session")
@@ -267,3 +267,19 @@ def test_budget_file_is_grouped_and_runs(family: str, tiny_family, tmp_path: Pat
     cmp = _stable_kl(model, gguf, load_hf_as_file(model, gguf))
     print(f"{family}: grouped file vs its dequantized HF KL {cmp.kld_mean:.2e} top-1 {cmp.same_top_p:.3f}")
     assert cmp.kld_mean <= 1e-3 and cmp.same_top_p >= 0.95, (cmp.kld_mean, cmp.same_top_p)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(w for w, (_, text, _) in WRAPPERS.items() if text in FAMILIES))
+def test_wrapper_converts_to_its_text_model(family: str, family_f32) -> None:
+    """llama.cpp's converter writes a multimodal checkpoint's text model only: the same architecture and the
+    same tensors, byte for byte, as the tiny text family whose weights the wrapper holds (no vision tensor)."""
+    from gguf import GGUFReader
+    import numpy as np
+    ours, text = GGUFReader(family_f32(family)), GGUFReader(family_f32(WRAPPERS[family][1]))
+    arch = [r.fields["general.architecture"].contents() for r in (ours, text)]
+    assert arch[0] == arch[1], arch
+    a, b = ({t.name: t for t in r.tensors} for r in (ours, text))
+    assert a and a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
+    for name, t in a.items():
+        assert t.tensor_type == b[name].tensor_type and np.array_equal(np.asarray(t.data), np.asarray(b[name].data)), name

@@ -13,6 +13,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from gemq_gguf.archs import adapter_for
+from gemq_gguf.archs.text_model import causal_lm_name
 from gemq_gguf.data import calib_texts
 
 VOCAB = 384
@@ -163,6 +164,12 @@ CONFIGS: dict[str, dict] = {
                    layer_types=["sliding_attention", "full_attention"], sliding_window=33, num_kv_shared_layers=0,
                    tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
                    final_logit_softcapping=30.0),  # llama.cpp caps at 30 when config.json has no value
+    # the text model of Qwen3-VL-MoE (only inside its wrapper: WRAPPERS); M-RoPE sections sum to head_dim / 2
+    "qwen3_vl_moe_text": dict(model_type="qwen3_vl_moe_text", num_key_value_heads=2, head_dim=64, intermediate_size=512,
+                              moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
+                              mlp_only_layers=[], rope_parameters=dict(rope_type="default", rope_theta=5e6,
+                                                                       mrope_section=[12, 10, 10],
+                                                                       mrope_interleaved=True)),
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
@@ -269,14 +276,34 @@ WRAPPERS: dict[str, tuple[str, str, dict]] = {
     "llama4_vl": ("llama4", "llama4", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                            num_attention_heads=2, image_size=32, patch_size=16, projector_input_dim=64,
                                            projector_output_dim=64, vision_output_dim=64)),
+    "qwen3_vl_moe_vl": ("qwen3_vl_moe", "qwen3_vl_moe_text", dict(depth=2, hidden_size=64, intermediate_size=128,
+                                                                  num_heads=2, out_hidden_size=256, patch_size=16,
+                                                                  num_position_embeddings=64,
+                                                                  deepstack_visual_indexes=[0])),
     "gemma4_vl": ("gemma4", "gemma4", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                            num_attention_heads=2, num_key_value_heads=2, head_dim=32)),
 }
 
 
+#: expert tensors a family's released checkpoints store transposed from transformers' layout, which its
+#: save keeps ([E, hidden, 2 ffn] gate/up, [E, ffn, hidden] down); transformers loads either, llama.cpp's
+#: converter only the released one
+RELEASED_TRANSPOSED: dict[str, tuple[str, ...]] = {
+    "qwen3_vl_moe_vl": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")}
+
+
+def _transpose_saved(out_dir: Path, suffixes: tuple[str, ...]) -> None:
+    from safetensors.torch import load_file, save_file
+    path = out_dir / "model.safetensors"
+    tensors = load_file(path)
+    save_file({k: v.transpose(1, 2).contiguous() if k.endswith(suffixes) else v for k, v in tensors.items()}, path,
+              metadata={"format": "pt"})
+
+
 def _text_model(arch: str, seed: int, dtype: torch.dtype, overrides: dict) -> torch.nn.Module:
     kwargs = {**COMMON, **CONFIGS[arch], **overrides}
     cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    cfg.architectures = [causal_lm_name(type(cfg))]  # registers a causal LM where transformers has none
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     _spread_routers(model)
@@ -292,7 +319,8 @@ def _wrapped(arch: str, text: torch.nn.Module, seed: int, dtype: torch.dtype) ->
 
     from gemq_gguf.archs import key_mapping
     kind, _, vision = WRAPPERS[arch]
-    cfg = AutoConfig.for_model(kind, text_config=text.config.to_dict(), vision_config=vision,
+    text_cfg = {k: v for k, v in text.config.to_dict().items() if k != "architectures"}  # as released ones
+    cfg = AutoConfig.for_model(kind, text_config=text_cfg, vision_config=vision,
                                tie_word_embeddings=text.config.tie_word_embeddings)
     torch.manual_seed(seed + 1)
     model = transformers.AutoModelForImageTextToText.from_config(cfg, dtype=dtype)
@@ -316,6 +344,8 @@ def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype 
     if arch in WRAPPERS:
         model = _wrapped(arch, model, seed, dtype)
     model.save_pretrained(out_dir)
+    if arch in RELEASED_TRANSPOSED:
+        _transpose_saved(out_dir, RELEASED_TRANSPOSED[arch])
     arch = family
     if arch in SPM:
         _write_spm_tokenizer(out_dir)

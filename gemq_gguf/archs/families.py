@@ -117,6 +117,15 @@ class Qwen35Moe(ArchAdapter):
 
 
 @register
+class Qwen3VLMoe(ArchAdapter):
+    """Qwen3-VL-MoE (text model of the vision-language checkpoint): Qwen3-MoE's layers with interleaved M-RoPE;
+    transformers has no causal-LM class for it (`text_model.TextForCausalLM`)."""
+
+    hf_classes = ("Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeTextForCausalLM")
+    name = "qwen3vlmoe"
+
+
+@register
 class MiniMaxM2(SigmoidScores):
     """MiniMax-M2: sigmoid scores with a score-correction bias, partial rotary attention."""
 

@@ -25,13 +25,14 @@ def is_wrapper(config: Any) -> bool:
 
 def text_config(config: Any) -> Any:
     """The config of the causal LM GEMQ quantizes: `config` itself for a causal LM; for a wrapper, a copy
-    of its `text_config` naming transformers' causal-LM class for it (None when transformers has none)
-    and the wrapper's embedding tying (the wrapper's own flag decides whether its LM head is the embedding)."""
+    of its `text_config` naming transformers' causal-LM class for it (`TextForCausalLM` where transformers has
+    none; None when it has no text base model either) and the wrapper's embedding tying (the wrapper's own flag decides whether its LM head is the embedding)."""
     if not is_wrapper(config):
         return config
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     text = copy.deepcopy(config.get_text_config())
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text.model_type)
+    name = causal_lm_name(type(text))
+    if name in _MADE:
+        _take_conversions(name, config.model_type)
     text.architectures = [name] if name else None
     text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", text.tie_word_embeddings))
     if getattr(text, "dtype", None) is None:
@@ -90,3 +91,63 @@ def load_text_model(path: Any, **kwargs: Any) -> nn.Module:
         return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
     return AutoModelForCausalLM.from_pretrained(path, config=text_config(config), key_mapping=key_mapping(config),
                                                 use_safetensors=True, **kwargs)
+
+
+def causal_lm_name(config_class: type) -> str | None:
+    """The `AutoModelForCausalLM` class of a text config. transformers gives some text models none (Qwen3-VL-MoE,
+    GLM-4.5V): then one is made from its text base model (`AutoModel` of the config) and an LM head, as its
+    wrapper computes text logits, and registered with `AutoModelForCausalLM`. None without a base model."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+    kind = getattr(config_class, "model_type", "")
+    if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[kind]
+    base_name = MODEL_MAPPING_NAMES.get(kind)
+    base = getattr(transformers, base_name, None) if base_name else None
+    if base is None:
+        return None
+    name = base.__name__.removesuffix("Model") + "ForCausalLM"
+    if name not in _MADE:
+        # in the family's module: transformers reads it to see that the experts' implementation can be chosen
+        cls = type(name, (TextForCausalLM, base.__mro__[1]), {"config_class": config_class, "_text_model": base,
+                                                               "__module__": base.__module__})
+        AutoModelForCausalLM.register(config_class, cls, exist_ok=True)
+        _MADE[name] = cls
+    return name
+
+
+_MADE: dict[str, type] = {}
+
+
+def _take_conversions(name: str, wrapper_type: str) -> None:
+    """transformers keys a checkpoint's weight conversions (e.g. Qwen3-VL-MoE's transposed experts) by the
+    wrapper's model_type; a made causal LM loads the same tensors, so it gets the same conversions."""
+    from transformers.conversion_mapping import (USER_REGISTERED_MAPPINGS, get_checkpoint_conversion_mapping,
+                                                 register_checkpoint_conversion_mapping)
+    mapping = get_checkpoint_conversion_mapping(wrapper_type)
+    if mapping and name not in USER_REGISTERED_MAPPINGS:
+        register_checkpoint_conversion_mapping(name, mapping)
+
+
+class TextForCausalLM:
+    """A text base model (`model`: embeddings, layers, final norm) and an LM head, called as the wrapper calls
+    them for text alone: logits = lm_head(model(ids)). Mixed in before the family's PreTrainedModel."""
+
+    _text_model: type
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)  # type: ignore[call-arg]
+        self.model = self._text_model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()  # type: ignore[attr-defined]
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        return CausalLMOutputWithPast(logits=self.lm_head(out.last_hidden_state), past_key_values=out.past_key_values)
