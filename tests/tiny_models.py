@@ -164,9 +164,10 @@ CONFIGS: dict[str, dict] = {
                    layer_types=["sliding_attention", "full_attention"], sliding_window=33, num_kv_shared_layers=0,
                    tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
                    final_logit_softcapping=30.0),  # llama.cpp caps at 30 when config.json has no value
-    # the text model of Qwen3-VL-MoE (only inside its wrapper: WRAPPERS); M-RoPE sections sum to head_dim / 2
+    # the text model of Qwen3-VL-MoE (only inside its wrapper: WRAPPERS); M-RoPE sections sum to head_dim / 2;
+    # experts' ffn != hidden: transformers tells the released (transposed) layout from its own by the shapes
     "qwen3_vl_moe_text": dict(model_type="qwen3_vl_moe_text", num_key_value_heads=2, head_dim=64, intermediate_size=512,
-                              moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
+                              moe_intermediate_size=512, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
                               mlp_only_layers=[], rope_parameters=dict(rope_type="default", rope_theta=5e6,
                                                                        mrope_section=[12, 10, 10],
                                                                        mrope_interleaved=True)),
