@@ -33,7 +33,9 @@ def text_config(config: Any) -> Any:
     name = causal_lm_name(type(text))
     if name in _MADE:
         _take_conversions(name, config.model_type)
-    text.architectures = [name] if name else None
+    # the causal LM's class first (transformers, the adapters), then the checkpoint's (llama.cpp's converter
+    # knows the latter: tensor names for GEMQ's non-expert statistics)
+    text.architectures = [name, *(config.architectures or [])] if name else None
     text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", text.tie_word_embeddings))
     if getattr(text, "dtype", None) is None:
         text.dtype = getattr(config, "dtype", None)
