@@ -171,6 +171,13 @@ CONFIGS: dict[str, dict] = {
                               mlp_only_layers=[], rope_parameters=dict(rope_type="default", rope_theta=5e6,
                                                                        mrope_section=[12, 10, 10],
                                                                        mrope_interleaved=True)),
+    # the text model of GLM-4.5V (only inside its wrapper): GLM-4.5's MoE, M-RoPE over half of each head
+    "glm4v_moe_text": dict(model_type="glm4v_moe_text", num_key_value_heads=2, head_dim=64, intermediate_size=512,
+                           moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                           first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.5,
+                           norm_topk_prob=True, num_hidden_layers=3, rms_norm_eps=1e-5,
+                           rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5,
+                                                mrope_section=[4, 6, 6])),
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
@@ -181,7 +188,7 @@ GLM_SPECIALS = ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|observation|
 #: special tokens a family's llama.cpp converter looks up by name (added to the trained vocabulary)
 SPECIALS: dict[str, tuple[str, ...]] = {
     "qwen3_5_moe": ("<|endoftext|>",),  # transformers' Qwen3.5 tokenizer class adds it when missing
-    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "glm_moe_dsa": GLM_SPECIALS,
+    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "glm4v_moe_text": GLM_SPECIALS, "glm_moe_dsa": GLM_SPECIALS,
     "dots3": ("<|endofassistant|>",), "solar_open": ("<|startoftext|>", "<|endoftext|>", "<unk>"),
 }
 
@@ -281,6 +288,8 @@ WRAPPERS: dict[str, tuple[str, str, dict]] = {
                                                                   num_heads=2, out_hidden_size=256, patch_size=16,
                                                                   num_position_embeddings=64,
                                                                   deepstack_visual_indexes=[0])),
+    "glm4v_moe_vl": ("glm4v_moe", "glm4v_moe_text", dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2,
+                                                         out_hidden_size=256, patch_size=14)),
     "gemma4_vl": ("gemma4", "gemma4", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                            num_attention_heads=2, num_key_value_heads=2, head_dim=32)),
 }

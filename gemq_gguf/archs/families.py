@@ -126,6 +126,15 @@ class Qwen3VLMoe(ArchAdapter):
 
 
 @register
+class Glm4vMoe(ArchAdapter):
+    """GLM-4.5V (text model of the vision-language checkpoint): GLM-4.5's MoE with M-RoPE; transformers has no
+    causal-LM class for it (`text_model.TextForCausalLM`)."""
+
+    hf_classes = ("Glm4vMoeForConditionalGeneration", "Glm4vMoeTextForCausalLM")
+    name = "glm4vmoe"
+
+
+@register
 class MiniMaxM2(SigmoidScores):
     """MiniMax-M2: sigmoid scores with a score-correction bias, partial rotary attention."""
 
