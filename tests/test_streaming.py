@@ -51,13 +51,14 @@ def _assert_equal(full: CalibStats, streamed: CalibStats) -> None:
     assert full.layers[max(full.layers)].g.abs().sum() > 0
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, "gemma4", "gemma4_vl", "llama4_vl"])
+@pytest.mark.parametrize("arch", [*ARCHS, "gemma4", "gemma4_vl", "llama4_vl", "glm4v_moe_vl"])
 def test_streamed_equals_whole_model(tmp_path: Path, arch: str) -> None:
     """The first five families, Gemma 4 and two multimodal checkpoints; sampled Fisher targets (drawn in the same
     order), an uneven last batch; deepseek_v2 has a dense first layer and shared experts, qwen2_moe a gated
     shared expert, gemma4 decoder layers called with a positional (None) per-layer input; the multimodal ones
     keep their text model under a prefix (`model.language_model.`, Llama 4's `language_model.model.` and
-    `language_model.lm_head.`) beside a vision tower that is never read."""
+    `language_model.lm_head.`) beside a vision tower that is never read; GLM-4.5V's text model is a made causal
+    LM (`TextForCausalLM`) whose per-expert tensors are fused by its wrapper's conversions."""
     path = make_tiny_model(arch, tmp_path / arch)
     tokens = _tokens()
     kw = dict(batch_size=2, labels="sampled", seed=3)

@@ -1,12 +1,13 @@
 """The language model inside a multimodal (`*ForConditionalGeneration`) checkpoint, as a causal LM.
 
-Released Qwen3.5-MoE, Llama 4 and Gemma 4 checkpoints are vision-language wrappers: a vision tower and
-projector around the text model. GEMQ quantizes the text model only (llama.cpp's converter writes the
-text model from the same checkpoint; the vision projector is a separate `--mmproj` file), so calibration,
-costs and router tuning run on transformers' causal-LM class of the wrapper's `text_config`, loaded from
-the wrapper's tensors: the text tensors' checkpoint names are renamed to the causal LM's (`key_mapping`),
-found from the module trees (the parent of the input embeddings and the output embeddings, in the
-wrapper and in the causal LM), and the vision tensors match no name of the causal LM, so they are never read.
+Released Qwen3.5-MoE, Llama 4, Gemma 4, Qwen3-VL-MoE and GLM-4.5V checkpoints are vision-language
+wrappers: a vision tower and projector around the text model. GEMQ quantizes the text model only
+(llama.cpp's converter writes the text model from the same checkpoint; the vision projector is a separate
+`--mmproj` file), so calibration, costs and router tuning run on the causal LM of the wrapper's
+`text_config` (transformers' class, or `TextForCausalLM` made from its text base model where transformers
+has none), loaded from the wrapper's tensors: their checkpoint names are renamed to the causal LM's
+(`key_mapping`), found from the module trees (the parent of the input embeddings and the output embeddings,
+in the wrapper and in the causal LM); the vision tensors name nothing in the causal LM and are never read.
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ def is_wrapper(config: Any) -> bool:
 
 
 def text_config(config: Any) -> Any:
-    """The config of the causal LM GEMQ quantizes: `config` itself for a causal LM; for a wrapper, a copy
-    of its `text_config` naming transformers' causal-LM class for it (`TextForCausalLM` where transformers has
-    none; None when it has no text base model either) and the wrapper's embedding tying (the wrapper's own flag decides whether its LM head is the embedding)."""
+    """The config of the causal LM GEMQ quantizes: `config` itself for a causal LM; for a wrapper, a copy of its
+    `text_config` naming the causal-LM class (`causal_lm_name`) and holding the wrapper's embedding tying (the
+    wrapper's flag decides whether its LM head is the embedding: Qwen3-VL-MoE's text_config says tied, the
+    wrapper not)."""
     if not is_wrapper(config):
         return config
     text = copy.deepcopy(config.get_text_config())
@@ -60,12 +62,10 @@ def _measure_mapping(config: Any) -> dict[str, str]:
     """Both module trees built on the meta device (no weights): where the wrapper keeps the text base model
     and the LM head, and where the causal LM keeps them."""
     import transformers
-    from transformers import AutoModelForCausalLM
-    wrapper_cls = getattr(transformers, (config.architectures or [""])[0], None)
-    if wrapper_cls is None:
-        from transformers import AutoModelForImageTextToText as wrapper_cls  # type: ignore[no-redef]
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    wrapper_cls = getattr(transformers, (config.architectures or [""])[0], None)  # transformers' own classes only
     with torch.device("meta"):
-        wrapper = wrapper_cls.from_config(config) if wrapper_cls.__name__.startswith("Auto") else wrapper_cls(config)
+        wrapper = wrapper_cls(config) if wrapper_cls is not None else AutoModelForImageTextToText.from_config(config)
         text = AutoModelForCausalLM.from_config(text_config(config))
     renames = {}
     for outer, inner in ((_base(wrapper), _base(text)), (_name(wrapper, wrapper.get_output_embeddings()),
@@ -112,8 +112,9 @@ def causal_lm_name(config_class: type) -> str | None:
     name = base.__name__.removesuffix("Model") + "ForCausalLM"
     if name not in _MADE:
         # in the family's module: transformers reads it to see that the experts' implementation can be chosen
-        cls = type(name, (TextForCausalLM, base.__mro__[1]), {"config_class": config_class, "_text_model": base,
-                                                               "__module__": base.__module__})
+        family = next(c for c in base.__mro__[1:] if issubclass(c, transformers.PreTrainedModel))
+        cls = type(name, (TextForCausalLM, family), {"config_class": config_class, "_text_model": base,
+                                                      "__module__": base.__module__})
         AutoModelForCausalLM.register(config_class, cls, exist_ok=True)
         _MADE[name] = cls
     return name

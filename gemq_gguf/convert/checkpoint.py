@@ -95,9 +95,9 @@ def inspect_checkpoint(model_dir: Path, trust_remote_code: bool = False) -> tupl
     """Config, adapter and MoE shape of a checkpoint, after every cheap validity check (for a multimodal
     checkpoint: its text model's config)."""
     loaded = load_config(model_dir, trust_remote_code)
-    config = text_config(loaded)  # a multimodal checkpoint: its text model, which is what GEMQ quantizes
-    check_moe(config)
+    check_moe(loaded.get_text_config())
     adapter = adapter_for(getattr(loaded, "architectures", None))
+    config = text_config(loaded)  # a multimodal checkpoint: its text model, which is what GEMQ quantizes
     shape = adapter.moe_shape(config)
     check_tokenizer(model_dir)
     stored = check_safetensors(model_dir)
