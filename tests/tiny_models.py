@@ -348,7 +348,8 @@ def _wrapped(arch: str, text: torch.nn.Module, seed: int, dtype: torch.dtype) ->
 
 
 def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
-    """Write a random `arch` checkpoint with tokenizer to out_dir; returns out_dir."""
+    """Write a random `arch` checkpoint with tokenizer to out_dir; returns out_dir. A multimodal `arch` (WRAPPERS)
+    holds its text family's model (and tokenizer) beside a random vision tower."""
     family = WRAPPERS[arch][1] if arch in WRAPPERS else arch
     model = _text_model(family, seed, dtype, overrides)
     if arch in WRAPPERS:
@@ -356,15 +357,18 @@ def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype 
     model.save_pretrained(out_dir)
     if arch in RELEASED_TRANSPOSED:
         _transpose_saved(out_dir, RELEASED_TRANSPOSED[arch])
-    arch = family
-    if arch in SPM:
+    _write_tokenizer(family, out_dir)
+    return out_dir
+
+
+def _write_tokenizer(family: str, out_dir: Path) -> None:
+    if family in SPM:
         _write_spm_tokenizer(out_dir)
-    elif arch in GEMMA_TOK:
+    elif family in GEMMA_TOK:
         _gemma_tokenizer().save_pretrained(out_dir)
     else:
-        _tokenizer(SPECIALS.get(arch, ())).save_pretrained(out_dir)
-    if arch in TOKENIZER_CONFIG:
+        _tokenizer(SPECIALS.get(family, ())).save_pretrained(out_dir)
+    if family in TOKENIZER_CONFIG:
         import json
         path = out_dir / "tokenizer_config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **TOKENIZER_CONFIG[arch]}))
-    return out_dir
+        path.write_text(json.dumps({**json.loads(path.read_text()), **TOKENIZER_CONFIG[family]}))
