@@ -7,16 +7,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from tiny_models import load_tokenizer
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
-from gemq_gguf.archs import adapter_for
+from gemq_gguf.archs import adapter_for, load_text_model
 from gemq_gguf.ggml.quant import roundtrip
 from gemq_gguf.plan import ExpertPlan
 
 
 def load_hf(model_dir: Path, plan: ExpertPlan | None = None) -> torch.nn.Module:
-    """The HF model in float32 (MoE kernels take no float64), with each planned expert matrix replaced by its ggml round trip."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    """The HF model in float32 (MoE kernels take no float64), with each planned expert matrix replaced by its ggml round
+    trip; a multimodal checkpoint's text model (what GEMQ quantizes)."""
+    model = load_text_model(model_dir, dtype=torch.float32).eval()
     if plan:
         adapter = adapter_for(AutoConfig.from_pretrained(model_dir).architectures)
         for (layer, proj), types in plan.items():
@@ -29,6 +30,18 @@ def load_hf(model_dir: Path, plan: ExpertPlan | None = None) -> torch.nn.Module:
 @torch.no_grad()
 def hf_logits(model: torch.nn.Module, tokens: list[int]) -> np.ndarray:
     return model(input_ids=torch.tensor([tokens])).logits[0].double().numpy()
+
+
+@torch.no_grad()
+def wrapper_logits(model_dir: Path, tokens: list[int]) -> np.ndarray:
+    """A multimodal checkpoint's logits for text alone, from its own class (vision tower and all). Where the
+    wrapper's language model is itself a causal LM (Llama 4) its call gives them: the wrapper's forward passes
+    text straight to it (and in transformers 5.24 fails after it, reading `image_outputs` off its output)."""
+    from transformers import AutoModelForImageTextToText
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    lm = model.get_decoder()
+    run = lm if lm.get_output_embeddings() is not None else model
+    return run(input_ids=torch.tensor([tokens])).logits[0].double().numpy()
 
 
 def sample_tokens(model_dir: Path, n: int = 96) -> list[int]:

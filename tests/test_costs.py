@@ -10,7 +10,7 @@ import torch
 from tiny_models import COMMON, CONFIGS, load_tokenizer, make_tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from gemq_gguf.archs import adapter_for
+from gemq_gguf.archs import adapter_for, load_text_model
 from gemq_gguf.gemq.calib import calibration_tokens
 from gemq_gguf.errors import GemqError
 from gemq_gguf.gemq.costs import _fill_never_routed, estimate_costs, prune_cache, sample_rows, sample_scale
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _load(path: Path) -> torch.nn.Module:
     # eager experts: transformers' grouped_mm kernels take no float64
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, experts_implementation="eager").eval()
+    return load_text_model(path, dtype=torch.float64, experts_implementation="eager").eval()
 
 
 def _tokens(path: Path, n_seq: int = 4, seq_len: int = 64, seed: int = 0) -> torch.Tensor:

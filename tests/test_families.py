@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import hf_logits, load_hf, load_hf_as_file, sample_tokens, stable_positions
-from tiny_models import TOKENIZER_CODE, load_tokenizer, make_tiny_model
+from reference import hf_logits, load_hf, load_hf_as_file, sample_tokens, stable_positions, wrapper_logits
+from tiny_models import TOKENIZER_CODE, WRAPPERS, load_tokenizer, make_tiny_model
 
 from gemq_gguf.archs import adapter_for
 from gemq_gguf.evaluate import RunOptions, kld_vs_logits, llama_logits
@@ -24,7 +24,9 @@ FAMILIES = ["deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe", "
             "lfm2_moe", "glm4_moe_lite", "granitemoeshared", "granitemoehybrid", "exaone_moe", "solar_open", "hy_v3",
             "llama4", "ernie4_5_moe", "jamba", "dbrx", "nemotron_h", "cohere2_moe",
             "kimi_linear", "glm_moe_dsa", "mimo_v2_flash", "granitemoe_swa",
-            "deepseek_v32", "dots3", "gemma4", "hunyuan_moe", "sarvam_moe", "afmoe", "laguna"]
+            "deepseek_v32", "dots3", "gemma4", "hunyuan_moe", "sarvam_moe", "afmoe", "laguna",
+            # multimodal checkpoints, quantized through their text model (tests/tiny_models.py: WRAPPERS)
+            "qwen3_5_moe_vl", "llama4_vl", "gemma4_vl", "qwen3_vl_moe_vl", "glm4v_moe_vl"]
 
 
 @pytest.fixture(scope="session")
@@ -48,12 +50,19 @@ def _convert(model: Path, out: Path, *args: str) -> Path:
     return out
 
 
-def _stable_kl(model: Path, gguf: Path, ref: torch.nn.Module):
+def _stable_kl(model: Path, gguf: Path, ref: torch.nn.Module, wrapper: bool = False):
+    """KL of the GGUF's next-token distributions against `ref`'s at the positions clear of ties; `wrapper`:
+    against the multimodal checkpoint's own logits for the text (which must be `ref`'s)."""
     tokens = sample_tokens(model)
     keep = stable_positions(ref, tokens)
     assert keep.sum() >= len(tokens) // 2, f"only {keep.sum()} of {len(tokens)} positions are clear of ties"
     ours = llama_logits(gguf, tokens, RunOptions(f32_kv=True))
-    return kld_vs_logits(ours[keep], hf_logits(ref, tokens)[keep])
+    want = hf_logits(ref, tokens)
+    if wrapper:
+        outer = wrapper_logits(model, tokens)
+        assert abs(outer - want).max() <= 1e-5 * abs(outer).max()  # GEMQ's text model computes the wrapper's logits
+        want = outer
+    return kld_vs_logits(ours[keep], want[keep])
 
 
 @pytest.mark.slow
@@ -61,7 +70,7 @@ def _stable_kl(model: Path, gguf: Path, ref: torch.nn.Module):
 def test_q8_0_matches_hf(family: str, tiny_family, tmp_path: Path) -> None:
     model = tiny_family(family)
     gguf = _convert(model, tmp_path / "q8.gguf", "--uniform", "Q8_0", "--non-expert", "Q8_0")
-    cmp = _stable_kl(model, gguf, load_hf(model))
+    cmp = _stable_kl(model, gguf, load_hf(model), wrapper=family in WRAPPERS)
     print(f"{family}: Q8_0 vs HF KL {cmp.kld_mean:.2e} top-1 {cmp.same_top_p:.3f}")
     assert cmp.kld_mean <= 1e-3 and cmp.same_top_p >= 0.95, (cmp.kld_mean, cmp.same_top_p)
 
@@ -366,3 +375,19 @@ def test_budget_file_is_grouped_and_runs(family: str, tiny_family, tmp_path: Pat
     cmp = _stable_kl(model, gguf, load_hf_as_file(model, gguf))
     print(f"{family}: grouped file vs its dequantized HF KL {cmp.kld_mean:.2e} top-1 {cmp.same_top_p:.3f}")
     assert cmp.kld_mean <= 1e-3 and cmp.same_top_p >= 0.95, (cmp.kld_mean, cmp.same_top_p)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(w for w, (_, text, _) in WRAPPERS.items() if text in FAMILIES))
+def test_wrapper_converts_to_its_text_model(family: str, family_f32) -> None:
+    """llama.cpp's converter writes a multimodal checkpoint's text model only: the same architecture and the
+    same tensors, byte for byte, as the tiny text family whose weights the wrapper holds (no vision tensor)."""
+    from gguf import GGUFReader
+    import numpy as np
+    ours, text = GGUFReader(family_f32(family)), GGUFReader(family_f32(WRAPPERS[family][1]))
+    arch = [r.fields["general.architecture"].contents() for r in (ours, text)]
+    assert arch[0] == arch[1], arch
+    a, b = ({t.name: t for t in r.tensors} for r in (ours, text))
+    assert a and a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
+    for name, t in a.items():
+        assert t.tensor_type == b[name].tensor_type and np.array_equal(np.asarray(t.data), np.asarray(b[name].data)), name

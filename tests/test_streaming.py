@@ -13,7 +13,7 @@ import torch
 from tiny_models import ARCHS, make_tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from gemq_gguf.archs import adapter_for
+from gemq_gguf.archs import adapter_for, load_text_model
 from gemq_gguf.errors import GemqError
 from gemq_gguf.gemq.layer_source import LayerSource
 from gemq_gguf.gemq import streaming
@@ -32,7 +32,7 @@ def _tokens(n_seq: int = 5, seq_len: int = 24) -> torch.Tensor:
 
 def _full(path: Path, tokens: torch.Tensor, **kw) -> CalibStats:
     # eager experts: transformers' grouped_mm kernels take no float64
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, experts_implementation="eager").eval()
+    model = load_text_model(path, dtype=torch.float64, experts_implementation="eager").eval()
     return collect_stats(model, adapter_for(model.config.architectures), tokens, store_dtype=torch.float64, **kw)
 
 
@@ -51,20 +51,26 @@ def _assert_equal(full: CalibStats, streamed: CalibStats) -> None:
     assert full.layers[max(full.layers)].g.abs().sum() > 0
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, "gemma4", "hunyuan_moe", "sarvam_moe", "afmoe", "laguna"])
+@pytest.mark.parametrize("arch", [*ARCHS, "gemma4", "hunyuan_moe", "sarvam_moe", "afmoe", "laguna", "gemma4_vl", "llama4_vl",
+                                  "glm4v_moe_vl"])
 def test_streamed_equals_whole_model(tmp_path: Path, arch: str) -> None:
-    """The first five families, Gemma 4, Hunyuan-MoE v1, Sarvam-MoE, AfMoE and Laguna; sampled Fisher targets (drawn in the
-    same order), an uneven last batch; deepseek_v2 has a dense first layer and shared experts, qwen2_moe a gated
-    shared expert, gemma4 decoder layers called with a positional (None) per-layer input, hunyuan_moe per-expert
-    checkpoint tensors (as released) and a float32 router, sarvam_moe Bailing-V2's fused q/k/v (split by
-    transformers on load), afmoe its muP embedding scale (in the model's forward, not a layer's), laguna a rope and
-    a mask per layer kind."""
+    """The first five families, Gemma 4, Hunyuan-MoE v1, Sarvam-MoE, AfMoE, Laguna and three multimodal checkpoints;
+    sampled Fisher targets (drawn in the same order), an uneven last batch; deepseek_v2 has a dense first layer and
+    shared experts, qwen2_moe a gated shared expert, gemma4 decoder layers called with a positional (None) per-layer
+    input, hunyuan_moe per-expert checkpoint tensors (as released) and a float32 router, sarvam_moe Bailing-V2's fused
+    q/k/v (split by transformers on load), afmoe its muP embedding scale (in the model's forward, not a layer's),
+    laguna a rope and a mask per layer kind; the multimodal ones keep their text model under a prefix
+    (`model.language_model.`, Llama 4's `language_model.model.` and `language_model.lm_head.`) beside a vision tower
+    that is never read; GLM-4.5V's text model is a made causal LM (`TextForCausalLM`) whose per-expert tensors are
+    fused by its wrapper's conversions."""
     path = make_tiny_model(arch, tmp_path / arch)
     tokens = _tokens()
     kw = dict(batch_size=2, labels="sampled", seed=3)
     streamed, source = _streamed(path, tokens, **kw)
     _assert_equal(_full(path, tokens, **kw), streamed)
     assert all(p.device.type == "meta" for p in source.model.parameters())  # every part dropped again
+    read = [key for keys in source._parts.values() for _, key in keys]
+    assert read and not [k for k in read if "vision" in k or "projector" in k]  # the vision tower is never read
 
 
 def test_spilled_sharded_tied(tmp_path: Path) -> None:

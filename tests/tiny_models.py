@@ -14,6 +14,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from gemq_gguf.archs import adapter_for
+from gemq_gguf.archs.text_model import causal_lm_name
 from gemq_gguf.data import calib_texts
 
 VOCAB = 384
@@ -190,6 +191,20 @@ CONFIGS: dict[str, dict] = {
                    moe_intermediate_size=256, shared_expert_intermediate_size=256, num_experts=8, num_experts_per_tok=2,
                    moe_routed_scaling_factor=2.5, num_hidden_layers=4, sliding_window=33, rms_norm_eps=1e-5,
                    layer_types=["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"]),
+    # the text model of Qwen3-VL-MoE (only inside its wrapper: WRAPPERS); M-RoPE sections sum to head_dim / 2;
+    # experts' ffn != hidden: transformers tells the released (transposed) layout from its own by the shapes
+    "qwen3_vl_moe_text": dict(model_type="qwen3_vl_moe_text", num_key_value_heads=2, head_dim=64, intermediate_size=512,
+                              moe_intermediate_size=512, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
+                              mlp_only_layers=[], rope_parameters=dict(rope_type="default", rope_theta=5e6,
+                                                                       mrope_section=[12, 10, 10],
+                                                                       mrope_interleaved=True)),
+    # the text model of GLM-4.5V (only inside its wrapper): GLM-4.5's MoE, M-RoPE over half of each head
+    "glm4v_moe_text": dict(model_type="glm4v_moe_text", num_key_value_heads=2, head_dim=64, intermediate_size=512,
+                           moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                           first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.5,
+                           norm_topk_prob=True, num_hidden_layers=3, rms_norm_eps=1e-5,
+                           rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5,
+                                                mrope_section=[4, 6, 6])),
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
@@ -200,7 +215,7 @@ GLM_SPECIALS = ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|observation|
 #: special tokens a family's llama.cpp converter looks up by name (added to the trained vocabulary)
 SPECIALS: dict[str, tuple[str, ...]] = {
     "qwen3_5_moe": ("<|endoftext|>",),  # transformers' Qwen3.5 tokenizer class adds it when missing
-    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "glm_moe_dsa": GLM_SPECIALS,
+    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "glm4v_moe_text": GLM_SPECIALS, "glm_moe_dsa": GLM_SPECIALS,
     "dots3": ("<|endofassistant|>",), "solar_open": ("<|startoftext|>", "<|endoftext|>", "<unk>"),
 }
 
@@ -330,26 +345,103 @@ def _spread_routers(model: torch.nn.Module) -> None:
                 p.uniform_(0.2, 0.4)
 
 
-def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
-    """Write a random `arch` checkpoint with tokenizer to out_dir; returns out_dir."""
+#: multimodal checkpoints (`*ForConditionalGeneration`): the wrapper's model_type, the text family whose tiny
+#: model it wraps (same seed, so the same text weights), and a tiny vision tower (widths that allow Q8_0)
+WRAPPERS: dict[str, tuple[str, str, dict]] = {
+    "qwen3_5_moe_vl": ("qwen3_5_moe", "qwen3_5_moe", dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2,
+                                                          out_hidden_size=256, patch_size=16, num_position_embeddings=64)),
+    "llama4_vl": ("llama4", "llama4", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=16, projector_input_dim=64,
+                                           projector_output_dim=64, vision_output_dim=64)),
+    "qwen3_vl_moe_vl": ("qwen3_vl_moe", "qwen3_vl_moe_text", dict(depth=2, hidden_size=64, intermediate_size=128,
+                                                                  num_heads=2, out_hidden_size=256, patch_size=16,
+                                                                  num_position_embeddings=64,
+                                                                  deepstack_visual_indexes=[0])),
+    "glm4v_moe_vl": ("glm4v_moe", "glm4v_moe_text", dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2,
+                                                         out_hidden_size=256, patch_size=14)),
+    "gemma4_vl": ("gemma4", "gemma4", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=2, head_dim=32)),
+}
+
+
+#: expert tensors a family's released checkpoints store transposed from transformers' layout, which its
+#: save keeps ([E, hidden, 2 ffn] gate/up, [E, ffn, hidden] down); transformers loads either, llama.cpp's
+#: converter only the released one
+RELEASED_TRANSPOSED: dict[str, tuple[str, ...]] = {
+    "qwen3_vl_moe_vl": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")}
+
+
+def _transpose_saved(out_dir: Path, suffixes: tuple[str, ...]) -> None:
+    from safetensors.torch import load_file, save_file
+    path = out_dir / "model.safetensors"
+    tensors = load_file(path)
+    save_file({k: v.transpose(1, 2).contiguous() if k.endswith(suffixes) else v for k, v in tensors.items()}, path,
+              metadata={"format": "pt"})
+
+
+def _text_model(arch: str, seed: int, dtype: torch.dtype, overrides: dict) -> torch.nn.Module:
     kwargs = {**COMMON, **CONFIGS[arch], **overrides}
     cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    cfg.architectures = [causal_lm_name(type(cfg))]  # registers a causal LM where transformers has none
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     _spread_routers(model)
+    return model
+
+
+@torch.no_grad()
+def _wrapped(arch: str, text: torch.nn.Module, seed: int, dtype: torch.dtype) -> torch.nn.Module:
+    """The multimodal model of `arch` holding `text`'s weights as its language model (a random vision tower)."""
+    import re
+
+    import transformers
+
+    from gemq_gguf.archs import key_mapping
+    kind, _, vision = WRAPPERS[arch]
+    text_cfg = {k: v for k, v in text.config.to_dict().items() if k != "architectures"}  # as released ones
+    cfg = AutoConfig.for_model(kind, text_config=text_cfg, vision_config=vision,
+                               tie_word_embeddings=text.config.tie_word_embeddings)
+    torch.manual_seed(seed + 1)
+    model = transformers.AutoModelForImageTextToText.from_config(cfg, dtype=dtype)
+    renames = [(re.compile(k), v) for k, v in key_mapping(model.config).items()]
+    text_sd, copied = text.state_dict(), set()
+    for name, p in model.state_dict().items():
+        key = name
+        for pattern, new in renames:
+            key = pattern.sub(new, key)
+        if key in text_sd:
+            p.copy_(text_sd[key])
+            copied.add(key)
+    assert copied == set(text_sd), set(text_sd) - copied
+    return model
+
+
+def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """Write a random `arch` checkpoint with tokenizer to out_dir; returns out_dir. A multimodal `arch` (WRAPPERS)
+    holds its text family's model (and tokenizer) beside a random vision tower."""
+    family = WRAPPERS[arch][1] if arch in WRAPPERS else arch
+    model = _text_model(family, seed, dtype, overrides)
+    if arch in WRAPPERS:
+        model = _wrapped(arch, model, seed, dtype)
     model.save_pretrained(out_dir)
-    if arch in SPM:
-        _write_spm_tokenizer(out_dir)
-    elif arch in GEMMA_TOK:
-        _gemma_tokenizer().save_pretrained(out_dir)
-    elif arch in TOKENIZER_CODE:
-        _write_hy_tokenizer(out_dir)
-    else:
-        _tokenizer(SPECIALS.get(arch, ())).save_pretrained(out_dir)
+    if arch in RELEASED_TRANSPOSED:
+        _transpose_saved(out_dir, RELEASED_TRANSPOSED[arch])
+    _write_tokenizer(family, out_dir)
     if arch in ARCHITECTURES:
         path = out_dir / "config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "architectures": [ARCHITECTURES[arch]]}))
-    if arch in TOKENIZER_CONFIG:
-        path = out_dir / "tokenizer_config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **TOKENIZER_CONFIG[arch]}))
     return out_dir
+
+
+def _write_tokenizer(family: str, out_dir: Path) -> None:
+    if family in SPM:
+        _write_spm_tokenizer(out_dir)
+    elif family in GEMMA_TOK:
+        _gemma_tokenizer().save_pretrained(out_dir)
+    elif family in TOKENIZER_CODE:
+        _write_hy_tokenizer(out_dir)
+    else:
+        _tokenizer(SPECIALS.get(family, ())).save_pretrained(out_dir)
+    if family in TOKENIZER_CONFIG:
+        path = out_dir / "tokenizer_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **TOKENIZER_CONFIG[family]}))

@@ -4,5 +4,7 @@ from . import refusals  # noqa: F401  (after families: a refused class must not 
 from .base import ArchAdapter, MoeShape
 from .experts import ExpertsCall, ExpertsView
 from .registry import adapter_for, register, supported
+from .text_model import key_mapping, load_text_model, text_config
 
-__all__ = ["ArchAdapter", "ExpertsCall", "ExpertsView", "MoeShape", "adapter_for", "register", "supported"]
+__all__ = ["ArchAdapter", "ExpertsCall", "ExpertsView", "MoeShape", "adapter_for", "key_mapping", "load_text_model",
+           "register", "supported", "text_config"]

@@ -2,7 +2,9 @@
 plus an override where a family's semantics differ from what `base.ArchAdapter` finds on its own.
 
 Adding a family: register it here, add a tiny config to tests/tiny_models.py, and run the family tests
-(tests/test_families.py); docs/families.md says what each family needed.
+(tests/test_families.py); docs/families.md says what each family needed. A multimodal checkpoint
+(`*ForConditionalGeneration`) is registered with the adapter of its text model, which is what GEMQ
+quantizes (`text_model.py`).
 """
 from __future__ import annotations
 
@@ -116,10 +118,28 @@ class Qwen3Next(ArchAdapter):
 
 @register
 class Qwen35Moe(ArchAdapter):
-    """Qwen3.5-MoE (text): Qwen3-Next's layers."""
+    """Qwen3.5-MoE: Qwen3-Next's layers; the released vision-language checkpoint's text model too."""
 
-    hf_classes = ("Qwen3_5MoeForCausalLM",)
+    hf_classes = ("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration")
     name = "qwen35moe"
+
+
+@register
+class Qwen3VLMoe(ArchAdapter):
+    """Qwen3-VL-MoE (text model of the vision-language checkpoint): Qwen3-MoE's layers with interleaved M-RoPE;
+    transformers has no causal-LM class for it (`text_model.TextForCausalLM`)."""
+
+    hf_classes = ("Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeTextForCausalLM")
+    name = "qwen3vlmoe"
+
+
+@register
+class Glm4vMoe(ArchAdapter):
+    """GLM-4.5V (text model of the vision-language checkpoint): GLM-4.5's MoE with M-RoPE; transformers has no
+    causal-LM class for it (`text_model.TextForCausalLM`)."""
+
+    hf_classes = ("Glm4vMoeForConditionalGeneration", "Glm4vMoeTextForCausalLM")
+    name = "glm4vmoe"
 
 
 @register
@@ -287,7 +307,7 @@ class Llama4(ArchAdapter):
     transformers' experts interface, so the routing is read from the router's own call, and the gradient
     at the experts' output from the block's output (shared expert + experts, so the same gradient)."""
 
-    hf_classes = ("Llama4ForCausalLM",)
+    hf_classes = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
     name = "llama4"
 
     def block_of(self, layer_module: nn.Module) -> nn.Module | None:
@@ -516,7 +536,7 @@ class Gemma4(ArchAdapter):
     weights (in the experts call, so calibration and costs see it). Costs take the gradient at the experts'
     output (the default experts hooks); router tuning reads the router's own input."""
 
-    hf_classes = ("Gemma4ForCausalLM",)
+    hf_classes = ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration")
     name = "gemma4"
 
     def block_of(self, layer_module: nn.Module) -> nn.Module | None:

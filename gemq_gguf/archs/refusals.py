@@ -9,8 +9,6 @@ from .registry import refuse
 
 refuse("PhimoeForCausalLM", "llama.cpp routes PhiMoE by plain softmax top-2, not its sparsemixer weighting, so even "
        "an F32 conversion differs from the model")
-refuse("Llama4ForConditionalGeneration", "not tested yet (the vision-language checkpoint); its text model, "
-       "Llama4ForCausalLM, is supported")
 refuse("MellumForCausalLM", "llama.cpp's Mellum graph ropes the sliding-window layers with the global rope base, "
        "not their own (rope_parameters.sliding_attention), so even an F32 conversion differs from the model")
 refuse("HYV4ForCausalLM", "transformers rotates HY-V4's rope by halves and llama.cpp's graph by consecutive pairs (as "

@@ -36,6 +36,6 @@ def adapter_for(architectures: list[str] | None) -> ArchAdapter:
         if a in _REFUSED:
             raise GemqError(f"{a} is not supported: {_REFUSED[a]}.", f"use one of: {', '.join(supported())}.")
     if any(not a.endswith("ForCausalLM") for a in architectures or []) and architectures:
-        raise GemqError(f"{names} is not a causal language model.",
-                        f"convert a *ForCausalLM checkpoint; supported: {', '.join(supported())}.")
+        raise GemqError(f"{names} is not a causal language model, nor a multimodal checkpoint whose text model "
+                        "gemq-gguf takes.", f"convert a *ForCausalLM checkpoint; supported: {', '.join(supported())}.")
     raise GemqError(f"architecture {names} is not supported.", f"use one of: {', '.join(supported())}.")

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..archs import ArchAdapter, MoeShape, adapter_for
+from ..archs import ArchAdapter, MoeShape, adapter_for, key_mapping, text_config
 from ..archs.base import meta_model
 from ..errors import GemqError
 from .hf_to_gguf import check_tokenizer
@@ -96,16 +97,21 @@ def remote_code_policy(model_dir: Path, allowed: bool) -> Iterator[None]:
 
 
 def inspect_checkpoint(model_dir: Path, trust_remote_code: bool = False) -> tuple[Any, ArchAdapter, MoeShape]:
-    """Config, adapter and MoE shape of a checkpoint, after every cheap validity check."""
-    config = load_config(model_dir, trust_remote_code)
-    check_moe(config)
-    adapter = adapter_for(getattr(config, "architectures", None))
+    """Config, adapter and MoE shape of a checkpoint, after every cheap validity check (for a multimodal
+    checkpoint: its text model's config)."""
+    loaded = load_config(model_dir, trust_remote_code)
+    check_moe(loaded.get_text_config())
+    adapter = adapter_for(getattr(loaded, "architectures", None))
+    config = text_config(loaded)  # a multimodal checkpoint: its text model, which is what GEMQ quantizes
     if adapter.tokenizer_is_code and not trust_remote_code:
         raise GemqError(f"{model_dir}'s tokenizer ({adapter.name}) is the checkpoint's own Python code, which "
                         "llama.cpp's converter runs to read the vocabulary; it does not run by default.", REMOTE_CODE_FIX)
     shape = adapter.moe_shape(config)
     check_tokenizer(model_dir)
     stored = check_safetensors(model_dir)
+    renames = [(re.compile(k), v) for k, v in key_mapping(loaded).items()]
+    for pattern, new in renames:
+        stored = {pattern.sub(new, k): v for k, v in stored.items()}
     check_shapes({k: tuple(v.shape) for k, v in meta_model(config).state_dict().items()}, stored, shape)
     return config, adapter, shape
 

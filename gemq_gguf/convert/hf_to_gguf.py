@@ -220,8 +220,9 @@ def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verb
     hparams = conversion.ModelBase.load_hparams(model_dir, False)
     adapter = adapter_for(hparams["architectures"]) if any(
         a in supported() for a in hparams.get("architectures") or []) else None  # others convert as llama.cpp does
-    if adapter is not None:  # may name the converter class too (`architectures`)
-        hparams = {**hparams, **adapter.converter_hparams(hparams)}
+    if adapter is not None:  # may name the converter class too (`architectures`); a multimodal checkpoint's
+        # converter reads its text_config merged over the top level
+        hparams = {**hparams, **adapter.converter_hparams({**hparams, **(hparams.get("text_config") or {})})}
     arch = conversion.get_model_architecture(hparams, conversion.ModelType.TEXT)
     try:
         cls = conversion.get_model_class(arch)

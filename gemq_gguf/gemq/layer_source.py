@@ -9,7 +9,9 @@ experts' stacked parameters), so a materialised layer holds exactly what `from_p
 there; on exit the part's parameters go back to the meta device and their memory is freed.
 
 Parts: "embed" (the input embeddings), each decoder layer index, and "head" (everything outside the
-layers but the embeddings: final norm, LM head; with tied embeddings the embeddings too).
+layers but the embeddings: final norm, LM head; with tied embeddings the embeddings too). A multimodal
+checkpoint gives its text model (`archs/text_model.py`): its text tensors are read under their renamed
+names, and tensors that name nothing in the text model (the vision tower and projector) are never read.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..archs import ArchAdapter
+from ..archs import ArchAdapter, key_mapping, text_config
 from ..errors import GemqError
 
 Part = int | str
@@ -77,7 +79,7 @@ class LayerSource:
             raise GemqError(f"{model_dir} is a quantized checkpoint (quantization_config); layer streaming reads "
                             "plain float weights.", "use --calib-memory full, or a float (bf16/f32) checkpoint.")
         with _parameters_on_meta():
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, **(
+            self.model = AutoModelForCausalLM.from_config(text_config(config), dtype=dtype, **(
                 {"experts_implementation": experts_implementation} if experts_implementation else {}))
         self.model.eval().requires_grad_(False)
         for m in self.model.modules():  # buffers (rotary frequencies, ...) where the layers run
@@ -85,7 +87,7 @@ class LayerSource:
                 if b is not None:
                     m._buffers[name] = b.to(self.device)
         self.layers = adapter.decoder_layers(self.model)
-        self._mapping = get_model_conversion_mapping(self.model)
+        self._mapping = get_model_conversion_mapping(self.model, key_mapping=key_mapping(config) or None)
         self._files = files
         self._parts = self._group_keys()
         self._held: list[int] = []
@@ -106,6 +108,8 @@ class LayerSource:
                 keys = list(handle.keys())
             for key in keys:
                 target, _ = rename_source_key(key, renamings, converters, self.model.base_model_prefix, meta_sd)
+                if target not in meta_sd:  # no tensor of the model: a multimodal checkpoint's vision tower
+                    continue
                 if target.startswith(prefix):
                     part: Part = int(target[len(prefix):].split(".", 1)[0])
                 elif target.startswith(embed):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..archs import ArchAdapter, ExpertsCall, ExpertsView, MoeShape
+from ..archs import ArchAdapter, ExpertsCall, ExpertsView, MoeShape, load_text_model
 from ..ggml.imatrix import Imatrix
 from ..ggml.names import expert_tensor_name
 from ..options import FISHER_LABELS
@@ -248,14 +248,14 @@ def load_for_calibration(path: str | Path, dtype: torch.dtype | None = None) -> 
     Default dtype keeps every weight's exact value (so quantized bytes cached during cost estimation
     equal the writer's): bf16 on GPU for bf16 checkpoints, float32 otherwise (`calibration_dtype`).
     Only safetensors are read (no pickled .bin, whatever the folder holds), and no checkpoint code runs.
+    A multimodal checkpoint gives its text model (`archs/text_model.py`).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     cuda = torch.cuda.is_available()
     dtype = dtype or calibration_dtype(AutoConfig.from_pretrained(path))
     if cuda and torch.cuda.device_count() > 1 and importlib.util.find_spec("accelerate"):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto", use_safetensors=True).eval()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)  # never a pickle
-    return model.to("cuda" if cuda else "cpu").eval()
+        return load_text_model(path, dtype=dtype, device_map="auto").eval()
+    return load_text_model(path, dtype=dtype).to("cuda" if cuda else "cpu").eval()
 
 
 def calibration_dtype(config: object) -> torch.dtype:

@@ -99,16 +99,21 @@ def fingerprint(w: torch.Tensor | np.ndarray) -> torch.Tensor:
 @cache
 def _gguf_arch(hf_arch: str) -> Any:
     from ..runtime import import_converter
-    return import_converter().get_model_class(hf_arch).model_arch
+    try:
+        return import_converter().get_model_class(hf_arch).model_arch
+    except NotImplementedError:
+        return None
 
 
 def gguf_names(model: nn.Module, n_layers: int) -> dict[str, str]:
-    """HF module name -> GGUF tensor name, for the modules the converter names (gguf-py's TensorNameMap)."""
+    """HF module name -> GGUF tensor name, for the modules the converter names (gguf-py's TensorNameMap); the
+    first of the config's classes that the converter knows (a multimodal checkpoint's text model lists the
+    checkpoint's class after its own)."""
     import gguf
-    archs = getattr(model.config, "architectures", None) or []
-    if not archs:
+    arch = next((a for a in (_gguf_arch(n) for n in getattr(model.config, "architectures", None) or []) if a), None)
+    if arch is None:
         return {}
-    tmap = gguf.get_tensor_name_map(_gguf_arch(archs[0]), n_layers)
+    tmap = gguf.get_tensor_name_map(arch, n_layers)
     out = {}
     for name, _ in model.named_modules():
         base = tmap.get_name(name) if name else None

@@ -1,0 +1,156 @@
+"""The language model inside a multimodal (`*ForConditionalGeneration`) checkpoint, as a causal LM.
+
+Released Qwen3.5-MoE, Llama 4, Gemma 4, Qwen3-VL-MoE and GLM-4.5V checkpoints are vision-language
+wrappers: a vision tower and projector around the text model. GEMQ quantizes the text model only
+(llama.cpp's converter writes the text model from the same checkpoint; the vision projector is a separate
+`--mmproj` file), so calibration, costs and router tuning run on the causal LM of the wrapper's
+`text_config` (transformers' class, or `TextForCausalLM` made from its text base model where transformers
+has none), loaded from the wrapper's tensors: their checkpoint names are renamed to the causal LM's
+(`key_mapping`), found from the module trees (the parent of the input embeddings and the output embeddings,
+in the wrapper and in the causal LM); the vision tensors name nothing in the causal LM and are never read.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def is_wrapper(config: Any) -> bool:
+    """A multimodal config: its text model has a config of its own (`text_config`)."""
+    return config.get_text_config() is not config
+
+
+def text_config(config: Any) -> Any:
+    """The config of the causal LM GEMQ quantizes: `config` itself for a causal LM; for a wrapper, a copy of its
+    `text_config` naming the causal-LM class (`causal_lm_name`) and holding the wrapper's embedding tying (the
+    wrapper's flag decides whether its LM head is the embedding: Qwen3-VL-MoE's text_config says tied, the
+    wrapper not)."""
+    if not is_wrapper(config):
+        return config
+    text = copy.deepcopy(config.get_text_config())
+    name = causal_lm_name(type(text))
+    if name in _MADE:
+        _take_conversions(name, config.model_type)
+    # the causal LM's class first (transformers, the adapters), then the checkpoint's (llama.cpp's converter
+    # knows the latter: tensor names for GEMQ's non-expert statistics)
+    text.architectures = [name, *(config.architectures or [])] if name else None
+    text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", text.tie_word_embeddings))
+    if getattr(text, "dtype", None) is None:
+        text.dtype = getattr(config, "dtype", None)
+    return text
+
+
+def key_mapping(config: Any) -> dict[str, str]:
+    """Regex renames (as `from_pretrained(key_mapping=...)` takes them) of a wrapper checkpoint's text
+    tensors to the causal LM's names; {} for a causal LM."""
+    if not is_wrapper(config):
+        return {}
+    key = config.to_json_string(use_diff=False)
+    if key not in _MAPPINGS:
+        _MAPPINGS[key] = _measure_mapping(config)
+    return dict(_MAPPINGS[key])
+
+
+_MAPPINGS: dict[str, dict[str, str]] = {}
+
+
+def _measure_mapping(config: Any) -> dict[str, str]:
+    """Both module trees built on the meta device (no weights): where the wrapper keeps the text base model
+    and the LM head, and where the causal LM keeps them."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    wrapper_cls = getattr(transformers, (config.architectures or [""])[0], None)  # transformers' own classes only
+    with torch.device("meta"):
+        wrapper = wrapper_cls(config) if wrapper_cls is not None else AutoModelForImageTextToText.from_config(config)
+        text = AutoModelForCausalLM.from_config(text_config(config))
+    renames = {}
+    for outer, inner in ((_base(wrapper), _base(text)), (_name(wrapper, wrapper.get_output_embeddings()),
+                                                         _name(text, text.get_output_embeddings()))):
+        if outer != inner:
+            renames[f"^{re.escape(outer)}\\."] = f"{inner}."
+    return renames
+
+
+def _base(model: nn.Module) -> str:
+    """Where the text base model (embeddings, layers, final norm) sits: the parent of the input embeddings."""
+    return _name(model, model.get_input_embeddings()).rpartition(".")[0]
+
+
+def _name(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def load_text_model(path: Any, **kwargs: Any) -> nn.Module:
+    """The causal LM of the checkpoint at `path` (its text model for a wrapper), from safetensors only (never
+    a pickle); kwargs as `from_pretrained` takes them (dtype, device_map, experts_implementation)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(path)
+    if not is_wrapper(config):
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, config=text_config(config), key_mapping=key_mapping(config),
+                                                use_safetensors=True, **kwargs)
+
+
+def causal_lm_name(config_class: type) -> str | None:
+    """The `AutoModelForCausalLM` class of a text config. transformers gives some text models none (Qwen3-VL-MoE,
+    GLM-4.5V): then one is made from its text base model (`AutoModel` of the config) and an LM head, as its
+    wrapper computes text logits, and registered with `AutoModelForCausalLM`. None without a base model."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+    kind = getattr(config_class, "model_type", "")
+    if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[kind]
+    base_name = MODEL_MAPPING_NAMES.get(kind)
+    base = getattr(transformers, base_name, None) if base_name else None
+    if base is None:
+        return None
+    name = base.__name__.removesuffix("Model") + "ForCausalLM"
+    if name not in _MADE:
+        # in the family's module: transformers reads it to see that the experts' implementation can be chosen
+        family = next(c for c in base.__mro__[1:] if issubclass(c, transformers.PreTrainedModel))
+        cls = type(name, (TextForCausalLM, family), {"config_class": config_class, "_text_model": base,
+                                                      "__module__": base.__module__})
+        AutoModelForCausalLM.register(config_class, cls, exist_ok=True)
+        _MADE[name] = cls
+    return name
+
+
+_MADE: dict[str, type] = {}
+
+
+def _take_conversions(name: str, wrapper_type: str) -> None:
+    """transformers keys a checkpoint's weight conversions (e.g. Qwen3-VL-MoE's transposed experts) by the
+    wrapper's model_type; a made causal LM loads the same tensors, so it gets the same conversions."""
+    from transformers.conversion_mapping import (USER_REGISTERED_MAPPINGS, get_checkpoint_conversion_mapping,
+                                                 register_checkpoint_conversion_mapping)
+    mapping = get_checkpoint_conversion_mapping(wrapper_type)
+    if mapping and name not in USER_REGISTERED_MAPPINGS:
+        register_checkpoint_conversion_mapping(name, mapping)
+
+
+class TextForCausalLM:
+    """A text base model (`model`: embeddings, layers, final norm) and an LM head, called as the wrapper calls
+    them for text alone: logits = lm_head(model(ids)). Mixed in before the family's PreTrainedModel."""
+
+    _text_model: type
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)  # type: ignore[call-arg]
+        self.model = self._text_model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()  # type: ignore[attr-defined]
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        return CausalLMOutputWithPast(logits=self.lm_head(out.last_hidden_state), past_key_values=out.past_key_values)
