@@ -1,5 +1,5 @@
 """Architecture adapters: import this package to fill the registry."""
-from . import families  # noqa: F401  (registers the adapters)
+from . import families, sigmoid_families  # noqa: F401  (register the adapters)
 from . import refusals  # noqa: F401  (after families: a refused class must not be registered)
 from .base import ArchAdapter, MoeShape
 from .experts import ExpertsCall, ExpertsView

@@ -1,14 +1,13 @@
 """The supported MoE families: one registration each (Hugging Face classes -> llama.cpp architecture),
 plus an override where a family's semantics differ from what `base.ArchAdapter` finds on its own.
 
-Adding a family: register it here, add a tiny config to tests/tiny_models.py, and run the family tests
+Adding a family: register it here (or in `sigmoid_families.py` when it scores experts DeepSeek-V3's way), add a tiny config to tests/tiny_models.py, and run the family tests
 (tests/test_families.py); docs/families.md says what each family needed. A multimodal checkpoint
 (`*ForConditionalGeneration`) is registered with the adapter of its text model, which is what GEMQ
 quantizes (`text_model.py`).
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
 import torch
@@ -20,24 +19,7 @@ from .base import ArchAdapter, MoeShape
 from ..ggml.names import ROUTER
 from .experts import ExpertsCall, ExpertsView, Layout
 from .registry import register
-
-
-def leading_dense(hparams: dict[str, Any]) -> dict[str, Any]:
-    """`first_k_dense_replace` from transformers 5's `mlp_layer_types` (the converter reads only the former;
-    without it llama.cpp looks for a router in the dense first layers)."""
-    types = hparams.get("mlp_layer_types")
-    if "first_k_dense_replace" in hparams or not types:
-        return {}
-    return {"first_k_dense_replace": next((i for i, t in enumerate(types) if t != "dense"), len(types))}
-
-
-class SigmoidScores(ArchAdapter):
-    """Families whose transformers class always scores experts with a sigmoid: llama.cpp's converter writes
-    sigmoid gating only when config.json says `scoring_func: sigmoid`, a key the released checkpoints have
-    and a re-save by transformers drops (without it the GGUF silently routes by softmax)."""
-
-    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
-        return {} if "scoring_func" in hparams else {"scoring_func": "sigmoid"}
+from .sigmoid_families import SarvamMoe
 
 
 @register
@@ -74,15 +56,6 @@ class DeepseekV2(ArchAdapter):
 
     hf_classes = ("DeepseekV2ForCausalLM",)
     name = "deepseek2"
-
-
-@register
-class DeepseekV3(SigmoidScores):
-    """DeepSeek-V3 / R1 and Kimi-K2: sigmoid scores, a score-correction bias and group-limited top-k that
-    pick the experts, `routed_scaling_factor` on their weights (all read from the experts call)."""
-
-    hf_classes = ("DeepseekV3ForCausalLM",)
-    name = "deepseek3"
 
 
 @register
@@ -143,22 +116,6 @@ class Glm4vMoe(ArchAdapter):
 
 
 @register
-class MiniMaxM2(SigmoidScores):
-    """MiniMax-M2: sigmoid scores with a score-correction bias, partial rotary attention."""
-
-    hf_classes = ("MiniMaxM2ForCausalLM",)
-    name = "minimax-m2"
-
-    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
-        extra = super().converter_hparams(hparams)
-        if "rotary_dim" not in hparams:  # the converter reads the rotary width only from this key
-            head_dim = hparams.get("head_dim") or hparams["hidden_size"] // hparams["num_attention_heads"]
-            rope = hparams.get("rope_parameters") or {}
-            extra["rotary_dim"] = int(head_dim * rope.get("partial_rotary_factor", hparams.get("partial_rotary_factor", 1.0)))
-        return extra
-
-
-@register
 class GraniteMoe(ArchAdapter):
     """Granite-MoE (3.0/3.1): fused input/output linears, softmax after top-k."""
 
@@ -167,30 +124,11 @@ class GraniteMoe(ArchAdapter):
 
 
 @register
-class Dots1(SigmoidScores):
-    """dots.llm1: DeepSeek-V3's routing (sigmoid, bias, scaling), the first layers dense."""
-
-    hf_classes = ("Dots1ForCausalLM",)
-    name = "dots1"
-
-
-@register
 class Lfm2Moe(ArchAdapter):
     """LFM2-MoE: short-convolution layers, sigmoid scores with an expert bias, the first layers dense."""
 
     hf_classes = ("Lfm2MoeForCausalLM",)
     name = "lfm2moe"
-
-
-@register
-class Glm4MoeLite(SigmoidScores):
-    """GLM-4.7-Flash: DeepSeek-V3's MLA attention and routing in GLM's layers."""
-
-    hf_classes = ("Glm4MoeLiteForCausalLM",)
-    name = "glm4moe-lite"
-
-    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
-        return {**super().converter_hparams(hparams), **leading_dense(hparams)}
 
 
 @register
@@ -217,14 +155,6 @@ class GraniteMoeHybrid(ArchAdapter):
 
 
 @register
-class ExaoneMoe(SigmoidScores):
-    """EXAONE-MoE (K-EXAONE): DeepSeek-V3-style sigmoid routing with a shared expert, sliding-window layers."""
-
-    hf_classes = ("ExaoneMoeForCausalLM",)
-    name = "exaone-moe"
-
-
-@register
 class SolarOpen(ArchAdapter):
     """Solar Open: GLM-4.5's MoE (sigmoid routing with a correction bias, a shared expert)."""
 
@@ -245,24 +175,6 @@ class HyV3(ArchAdapter):
 
     hf_classes = ("HYV3ForCausalLM",)
     name = "hy-v3"
-
-
-@register
-class SarvamMoe(SigmoidScores):
-    """Sarvam-MoE (sarvam-30b): GLM-4.5's module tree in transformers (the checkpoint keeps Bailing-V2's tensor
-    names, which transformers maps on load and back on save), llama.cpp's bailingmoe2 graph; full rotary."""
-
-    hf_classes = ("SarvamMoEForCausalLM",)
-    name = "sarvam-moe"
-
-    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
-        # the converter reads the released config's names; transformers' config saves its own
-        extra = super().converter_hparams(hparams)
-        if "score_function" in hparams:
-            extra.pop("scoring_func", None)
-        released = {"num_experts": hparams.get("n_routed_experts"), "num_shared_experts": hparams.get("n_shared_experts")}
-        extra.update({k: v for k, v in released.items() if k not in hparams and v is not None})
-        return extra
 
 
 @register
@@ -419,37 +331,6 @@ class Cohere2Moe(ArchAdapter):
 
 
 @register
-class KimiLinear(SigmoidScores):
-    """Kimi Linear: Kimi Delta Attention (linear) and MLA layers without rope, DeepSeek-V3's routing (sigmoid,
-    correction bias, scaling), a shared expert, the first layers dense."""
-
-    hf_classes = ("KimiLinearForCausalLM",)
-    name = "kimi-linear"
-
-    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
-        # transformers 5 saves the layer kinds as `layer_types` / `mlp_layer_types` and the KDA sizes as
-        # `linear_*`; the converter reads only the released checkpoint's keys
-        extra = super().converter_hparams(hparams)
-        extra.update(leading_dense(hparams))
-        types = hparams.get("layer_types") or []
-        if "linear_attn_config" not in hparams and types:
-            extra["linear_attn_config"] = {
-                "full_attn_layers": [i + 1 for i, t in enumerate(types) if t == "full_attention"],
-                "kda_layers": [i + 1 for i, t in enumerate(types) if t != "full_attention"],
-                "head_dim": hparams["linear_head_dim"], "num_heads": hparams["linear_num_heads"],
-                "short_conv_kernel_size": hparams["linear_conv_kernel_dim"]}
-        if "num_shared_experts" not in hparams:
-            extra["num_shared_experts"] = hparams.get("n_shared_experts", 1)
-        return extra
-
-    def converter_tensor_names(self, names: list[str]) -> dict[str, str]:
-        # transformers renames the checkpoint's `block_sparse_moe.` to `mlp.` on load and back on save, the
-        # dense layers' MLP included; the converter knows those as `mlp.`
-        dense = re.compile(r"(\.layers\.\d+\.)block_sparse_moe\.((gate|up|down)_proj\.weight)$")
-        return {n: dense.sub(r"\1mlp.\2", n) for n in names if dense.search(n)}
-
-
-@register
 class GlmMoeDsa(ArchAdapter):
     """GLM-5 (GLM-MoE-DSA): DeepSeek sparse attention (a lightning indexer picks the keys) over MLA, GLM's
     sigmoid routing with a correction bias, a shared expert, the first layers dense."""
@@ -459,72 +340,11 @@ class GlmMoeDsa(ArchAdapter):
 
 
 @register
-class MiMoV2Flash(SigmoidScores):
-    """MiMo-V2-Flash: sliding-window layers with attention sinks and twice the KV heads, partial rotary
-    attention with a base per layer kind, DeepSeek-V3's routing (sigmoid, correction bias), a dense first layer."""
-
-    hf_classes = ("MiMoV2FlashForCausalLM",)
-    name = "mimo2"
-
-    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
-        # the converter reads the released checkpoint's keys, which transformers' config class renames or drops
-        extra = super().converter_hparams(hparams)
-        types, rope = hparams.get("layer_types") or [], dict(hparams.get("rope_parameters") or {})
-        released = {"swa_head_dim": hparams["head_dim"], "swa_v_head_dim": hparams["v_head_dim"],
-                    "swa_num_attention_heads": hparams["num_attention_heads"],
-                    "swa_num_key_value_heads": 2 * hparams["num_key_value_heads"],  # transformers doubles them
-                    "topk_method": "noaux_tc", "layernorm_epsilon": hparams.get("rms_norm_eps", 1e-5),
-                    "hybrid_layer_pattern": [int(t == "sliding_attention") for t in types]}
-        extra.update({k: v for k, v in released.items() if k not in hparams})
-        full = rope.get("full_attention")
-        if isinstance(full, dict) and "partial_rotary_factor" not in rope:  # read only at the top level
-            extra["rope_parameters"] = {**rope, "partial_rotary_factor": full.get("partial_rotary_factor", 1.0)}
-        return extra
-
-
-@register
 class GraniteMoeSwa(ArchAdapter):
     """Granite-MoE with sliding-window layers (and attention sinks), a shared MLP beside the MoE block."""
 
     hf_classes = ("GraniteMoeSWAForCausalLM",)
     name = "granitemoeswa"
-
-
-@register
-class DeepseekV32(SigmoidScores):
-    """DeepSeek-V3.2: DeepSeek-V3 with DeepSeek sparse attention (a lightning indexer picks the keys)."""
-
-    hf_classes = ("DeepseekV32ForCausalLM",)
-    name = "deepseek32"
-
-
-@register
-class Dots3(SigmoidScores):
-    """dots.llm3 (dots3-note, text): MLA with a sparse-attention indexer in the full layers and its own MLA
-    sizes in the sliding-window layers, DeepSeek-V3's routing, a shared expert, dense first layers."""
-
-    hf_classes = ("Dots3NoteForCausalLM",)
-    name = "dots3"
-
-    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
-        # transformers 5 keeps the sliding-window layers' sizes in `per_layer_config` and the window in
-        # `sliding_window`; the converter reads the released checkpoint's `swa_*` and `sliding_window_size`
-        extra = {**super().converter_hparams(hparams), **leading_dense(hparams)}
-        per_layer = hparams.get("per_layer_config") or {}
-        types = hparams.get("layer_types") or []
-        swa = next((per_layer[k] for k in per_layer if types[int(k)] == "sliding_attention"), {})
-        sizes = ("num_attention_heads", "num_key_value_heads", "q_lora_rank", "kv_lora_rank", "head_dim",
-                 "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")  # saved only where they differ
-        extra.update({f"swa_{k}": swa.get(k, hparams.get(k)) for k in sizes if f"swa_{k}" not in hparams})
-        if "sliding_window_size" not in hparams and hparams.get("sliding_window") is not None:
-            extra["sliding_window_size"] = hparams["sliding_window"]
-        if "apply_mla_qkv_lora_rescale" not in hparams:  # transformers' class always rescales the Q/KV latents
-            extra["apply_mla_qkv_lora_rescale"] = True
-        rope = hparams.get("rope_parameters") or {}
-        if "indexed_attention" in rope and "full_attention" not in rope:  # the converter's name for the full layers'
-            extra["rope_parameters"] = {**rope, "full_attention": rope["indexed_attention"]}
-        return extra
-
 
 
 @register
