@@ -150,3 +150,19 @@ def test_per_token_layer_inputs_are_a_clear_error() -> None:
     probe(torch.zeros(1, 2, 4), None)  # None placeholders are fine
     with pytest.raises(GemqError, match="--calib-memory full"):
         probe(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))
+
+
+def test_bf16_layer_loads_narrow_and_widens_exactly(tmp_path: Path) -> None:
+    """A bf16 checkpoint's layer is loaded at bf16 and widened to the float32 skeleton one parameter at a
+    time (half the bytes through transformers' expert fusing): the values equal `from_pretrained`'s float32
+    ones bit for bit, and the dropped layer's meta parameters are float32 again."""
+    path = make_tiny_model("qwen3_moe", tmp_path / "m", num_hidden_layers=2, dtype=torch.bfloat16)
+    source = LayerSource(path, adapter_for(AutoConfig.from_pretrained(path).architectures), torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    want = dict(model.model.layers[1].named_parameters())
+    with source.loaded(1) as layer:
+        got = dict(layer.named_parameters())
+        assert got.keys() == want.keys()
+        for name, p in got.items():
+            assert p.dtype == torch.float32 and torch.equal(p, want[name]), name
+    assert all(p.device.type == "meta" and p.dtype == torch.float32 for p in source.layers[1].parameters())

@@ -28,6 +28,8 @@ from ..archs import ArchAdapter, key_mapping, text_config
 from ..errors import GemqError
 
 Part = int | str
+#: safetensors' names of the float dtypes a checkpoint may store
+_STORED = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
 @contextlib.contextmanager
@@ -171,7 +173,13 @@ class LayerSource:
         with contextlib.ExitStack() as stack:
             handles = {f: stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
                        for f in dict.fromkeys(f for f, _ in keys)}
-            self._convert({key: handles[f].get_slice(key) for f, key in keys})
+            state = {key: handles[f].get_slice(key) for f, key in keys}
+            dtypes = {t.get_dtype() for t in state.values()}
+            stored = _STORED.get(dtypes.pop()) if len(dtypes) == 1 else None
+            narrow = stored if stored is not None and stored.itemsize < self.dtype.itemsize else None
+            skeleton = self._narrow(part, narrow) if narrow is not None else {}
+            self._convert(state)
+        self._widen(part, skeleton)
         if part == "head" and getattr(self.model, "all_tied_weights_keys", None):
             self.model.tie_weights(recompute_mapping=False)
         missing = [n for m, n in self._owned(part) if m._parameters[n].device.type == "meta"]
@@ -180,6 +188,29 @@ class LayerSource:
                             "check that the checkpoint is complete, or use --calib-memory full.")
         for m, n in self._owned(part):
             m._parameters[n].requires_grad_(False)
+
+    def _narrow(self, part: Part, dtype: torch.dtype) -> dict[tuple[int, str], torch.dtype]:
+        """Give the part's meta parameters the checkpoint's narrower dtype (bf16 into a float32 skeleton), so
+        that transformers' fusing of per-expert tensors copies half the bytes (measured on a bf16 layer of
+        Qwen3-30B-A3B's shapes, 2.3 GiB at float32: peak RSS 4.2 instead of 5.4 GiB); returns each changed
+        parameter's skeleton dtype for `_widen`."""
+        skeleton = {}
+        for m, n in self._owned(part):
+            p = m._parameters[n]
+            if p.dtype.itemsize > dtype.itemsize:
+                skeleton[(id(m), n)] = p.dtype
+                m._parameters[n] = nn.Parameter(torch.empty_like(p, dtype=dtype), requires_grad=False)
+        return skeleton
+
+    def _widen(self, part: Part, skeleton: dict[tuple[int, str], torch.dtype]) -> None:
+        """Back to the skeleton's dtypes (float32 parameters a float64 model keeps stay float32), one parameter
+        at a time; widening is exact."""
+        for m, n in self._owned(part):
+            want = skeleton.get((id(m), n))
+            if want is not None and m._parameters[n].dtype != want:
+                m._parameters[n] = nn.Parameter(m._parameters[n].to(want), requires_grad=False)
+        if skeleton:
+            _trim_heap()
 
     def _convert(self, state: dict[str, Any]) -> None:
         """transformers' own loading (renamings, expert fusing, dtype) of `state` into the skeleton."""
