@@ -308,6 +308,28 @@ def test_sampled_costs_are_the_sampled_rows_exact_cost_scaled(tiny) -> None:
         assert want > 0 and got == pytest.approx(want, rel=1e-5), (p, got, want)
 
 
+def test_sampled_whole_expert_cost_is_the_block_rerun_with_the_sampled_rows(tiny) -> None:
+    """Expert granularity at --cost-rows 0.25: gate, up and down each with their sampled rows quantized (the
+    arithmetic then runs on those rows and channels only, `patched_delta`), against re-running the block."""
+    model, adapter, stats, _, _ = tiny
+    layer, frac = next(iter(stats.layers)), 0.25
+    imat = stats.imatrix().means()
+    table = estimate_costs(model, adapter, stats, imat, types=("Q2_K", "Q4_K"), dtype=torch.float64, cache={}, rows=frac)
+    for expert in (0, 2):
+        weights = adapter.experts(adapter.moe_block(model, layer)).weights(expert)
+        for j, t in enumerate(table.types):
+            wq = {}
+            for p in PROJS:
+                w = weights[p].detach().to(torch.float32).numpy()
+                idx = torch.from_numpy(sample_rows(w.shape[0], frac, layer, expert, p))
+                full = quantize(w, t, expert_imatrix(imat, layer, p, 6)[expert], 1)
+                wq[p] = weights[p].detach().clone().double()
+                wq[p][idx] = torch.from_numpy(dequantize(full, t, w.shape[1])).double()[idx]
+            want = 4 * _block_cost(model, adapter, stats, layer, expert, wq)  # all three matrices sampled at 1/4
+            got = table.cost[table.units.index((layer, expert, None)), j]
+            assert want > 0 and got == pytest.approx(want, rel=1e-5), (expert, t, got, want)
+
+
 def test_sample_rows_and_scale() -> None:
     assert sample_rows(100, 1.0, 0, 0, "up") is None
     a = sample_rows(768, 0.125, 3, 5, "down")

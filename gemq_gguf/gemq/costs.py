@@ -32,6 +32,11 @@ so the cost is a quadratic form over channels: the diagonal (each channel's own 
 without bias, the cross terms between channels (and, for a whole expert, between down's and gate/up's
 errors: products of independent quantization errors, near zero on average) are shrunk by the fraction.
 The partial matrices stay out of the caches: the writer quantizes the chosen type of each matrix in full.
+The arithmetic runs on the sampled rows too (`experts_math.patched_delta`: down's sampled output rows,
+gate/up's sampled channels through down's matching columns), so at fraction f it takes ~f of the dense
+FLOPs per candidate, besides the expert's full-precision pass shared by all candidates; the value is the
+same as with whole matrices whose unsampled rows are exact (float rounding aside). A post-expert norm
+mixes all outputs, so families with one keep the whole-matrix arithmetic.
 """
 from __future__ import annotations
 
@@ -54,7 +59,7 @@ from ..ggml.quant import QuantCache, dequantize, quantize
 from ..ggml.types import fitting_type, type_info
 from ..options import DEFAULT_TYPES
 from ..plan import ExpertPlan
-from .experts_math import expert_delta, expert_fn, expert_pass
+from .experts_math import ExpertPass, RowPatch, expert_delta, expert_fn, expert_pass, patched_delta
 from .stats import CalibStats, LayerStats
 from .units import Widths, effective_type, unit_bits, unit_keys
 
@@ -88,6 +93,12 @@ class CostTable:
 def weighted_sse(delta: torch.Tensor, gw: torch.Tensor) -> float:
     """Σ (gw ⊙ delta)²: the Fisher-weighted squared change of the block output."""
     return float(((gw * delta) ** 2).sum())
+
+
+def patched_sse(base: ExpertPass, patches: dict[str, RowPatch], gw: torch.Tensor) -> float:
+    """`weighted_sse` of the change with only the patched rows quantized, on the changed rows' FLOPs."""
+    delta, out = patched_delta(base, patches)
+    return weighted_sse(delta, gw if out is None else gw[:, out])
 
 
 # -- quantization jobs -----------------------------------------------------------------------------
@@ -197,21 +208,28 @@ def _expert_costs(jobs: _LayerJobs, s: LayerStats, e: int, types: Sequence[str],
     projs = jobs.view.projs
     w = {p: torch.from_numpy(jobs.weights[e][p]).to(device, dtype) for p in projs}
     base = expert_pass(x, w, expert_fn(jobs.view, e, device, dtype))
+    rows = {p: jobs.rows.get((e, p)) for p in projs}
+    patched = base.fn.finish is None and all(r is not None for r in rows.values())  # sampled: rows only
     deq: dict[tuple[str, str], torch.Tensor] = {}
 
     def wq(p: str, et: str) -> torch.Tensor:
+        """The quantized matrix, or when `patched` only its sampled rows."""
         if (p, et) not in deq:
             data = jobs.futures[(expert_tensor_name(jobs.layer, p), e, et)].result()
             q = torch.from_numpy(dequantize(data, et, w[p].shape[1])).to(device, dtype)
-            deq[(p, et)] = with_rows(w[p], jobs.rows.get((e, p)), q)
+            deq[(p, et)] = q if patched else with_rows(w[p], rows[p], q)
         return deq[(p, et)]
 
     memo: dict[tuple, float] = {}
 
     def cost(combo: tuple[tuple[str, str], ...]) -> float:
         if combo not in memo:
-            scale = sample_scale([tuple(w[p].shape) for p, _ in combo], [jobs.rows.get((e, p)) for p, _ in combo])
-            memo[combo] = scale * weighted_sse(expert_delta(base, {p: wq(p, et) for p, et in combo}), gw)
+            scale = sample_scale([tuple(w[p].shape) for p, _ in combo], [rows[p] for p, _ in combo])
+            if patched:
+                memo[combo] = scale * patched_sse(base, {p: RowPatch(torch.from_numpy(rows[p]).to(device), wq(p, et))
+                                                          for p, et in combo}, gw)
+            else:
+                memo[combo] = scale * weighted_sse(expert_delta(base, {p: wq(p, et) for p, et in combo}), gw)
         return memo[combo]
 
     if granularity == "expert":
