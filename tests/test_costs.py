@@ -335,6 +335,8 @@ def test_sample_rows_and_scale() -> None:
     a = sample_rows(768, 0.125, 3, 5, "down")
     assert len(a) == 96 and np.array_equal(a, np.unique(a)) and np.array_equal(a, sample_rows(768, 0.125, 3, 5, "down"))
     assert not np.array_equal(a, sample_rows(768, 0.125, 3, 6, "down"))
+    assert np.array_equal(sample_rows(768, 0.125, 3, 5, "gate"), sample_rows(768, 0.125, 3, 5, "up"))  # channels
+    assert not np.array_equal(a, sample_rows(768, 0.125, 3, 5, "gate"))
     assert sample_scale([(768, 2048), (2048, 768)], [np.arange(96), np.arange(256)]) == pytest.approx(8.0)
     assert sample_scale([(10, 4), (10, 4)], [None, np.arange(5)]) == pytest.approx(1.5)
 

@@ -28,9 +28,10 @@ row and the per-column imatrix), so each candidate quantizes only a seeded sampl
 the cost is that of the expert with only the sampled rows quantized (the others exact), times
 rows/sampled. For down, whose rows are output coordinates, the cost is a sum over rows: the estimate is
 exactly unbiased. A gate/up row is one intermediate channel; its error reaches every output through down,
-so the cost is a quadratic form over channels: the diagonal (each channel's own error) is estimated
-without bias, the cross terms between channels (and, for a whole expert, between down's and gate/up's
-errors: products of independent quantization errors, near zero on average) are shrunk by the fraction.
+so the cost is a quadratic form over channels: the diagonal (each channel's own error, gate's and up's
+together: the two share their sample of channels) is estimated without bias, the cross terms between
+channels (and, for a whole expert, between down's and gate/up's errors: products of independent
+quantization errors, near zero on average) are shrunk by the fraction.
 The partial matrices stay out of the caches: the writer quantizes the chosen type of each matrix in full.
 The arithmetic runs on the sampled rows too (`experts_math.patched_delta`: down's sampled output rows,
 gate/up's sampled channels through down's matching columns), so at fraction f it takes ~f of the dense
@@ -98,7 +99,8 @@ def weighted_sse(delta: torch.Tensor, gw: torch.Tensor) -> float:
 def patched_sse(base: ExpertPass, patches: dict[str, RowPatch], gw: torch.Tensor) -> float:
     """`weighted_sse` of the change with only the patched rows quantized, on the changed rows' FLOPs."""
     delta, out = patched_delta(base, patches)
-    return weighted_sse(delta, gw if out is None else gw[:, out])
+    v = (gw if out is None else gw[:, out]) * delta
+    return float(torch.dot(v.reshape(-1), v.reshape(-1)))
 
 
 # -- quantization jobs -----------------------------------------------------------------------------
@@ -125,11 +127,14 @@ def check_cost_rows(rows: float) -> None:
 
 def sample_rows(n_rows: int, fraction: float, layer: int, expert: int, proj: str) -> np.ndarray | None:
     """The sorted rows of one matrix that a sampled cost quantizes (None: all of them); seeded by the
-    matrix, so every candidate type, run and resumed pass sees the same rows."""
+    matrix, so every candidate type, run and resumed pass sees the same rows. Gate and up share their
+    sample (a row of each is one intermediate channel): a sampled channel carries its whole error, and the
+    arithmetic touches f of the channels, not up to 2f."""
     if fraction >= 1.0:
         return None
     m = min(n_rows, max(1, round(fraction * n_rows)))
-    rng = np.random.default_rng([layer, expert, PROJS.index(proj) if proj in PROJS else len(PROJS)])
+    which = "gate" if proj == "up" else proj
+    rng = np.random.default_rng([layer, expert, PROJS.index(which) if which in PROJS else len(PROJS)])
     return np.sort(rng.choice(n_rows, size=m, replace=False))
 
 
