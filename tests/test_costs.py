@@ -13,7 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from gemq_gguf.archs import adapter_for
 from gemq_gguf.gemq.calib import calibration_tokens
 from gemq_gguf.errors import GemqError
-from gemq_gguf.gemq.costs import _fill_never_routed, estimate_costs, prune_cache, sample_rows, sample_scale
+from gemq_gguf.gemq.costs import (_fill_never_routed, cost_fraction, estimate_costs, prune_cache, sample_rows,
+                                  sample_scale)
 from gemq_gguf.gemq.stats import gradient_targets, collect_stats
 from gemq_gguf.ggml.names import PROJS, expert_tensor_name
 from gemq_gguf.ggml.imatrix import expert_imatrix
@@ -350,3 +351,29 @@ def test_sampled_costs_keep_no_partial_matrices(tiny) -> None:
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(GemqError, match="cost-rows"):
             estimate_costs(model, adapter, stats, None, types=TYPES, rows=bad)
+
+
+def test_cost_rows_auto_samples_only_real_size_experts() -> None:
+    """`--cost-rows auto`: AUTO_COST_ROWS when every expert matrix has AUTO_COST_ROWS_MIN rows, else exact; a
+    given fraction is kept as asked; the CLI reads `auto` and fractions."""
+    from gemq_gguf.archs import MoeShape
+    from gemq_gguf.cli import build_parser
+    from gemq_gguf.gemq.budget import cost_rows
+    from gemq_gguf.options import AUTO_COST_ROWS, AUTO_COST_ROWS_MIN, AllocOptions
+
+    assert AllocOptions(budget=3.0).cost_rows is None and 0 < AUTO_COST_ROWS < 1
+    assert cost_fraction(None, [768, 768, 2048]) == AUTO_COST_ROWS  # Qwen3-30B-A3B's experts
+    assert cost_fraction(None, [AUTO_COST_ROWS_MIN - 1, 4096]) == 1.0
+    assert cost_fraction(None, [AUTO_COST_ROWS_MIN, AUTO_COST_ROWS_MIN]) == AUTO_COST_ROWS
+    assert cost_fraction(0.25, [64, 64]) == 0.25 and cost_fraction(1.0, [4096]) == 1.0
+
+    def shape(hidden: int, ffn: int) -> MoeShape:
+        return MoeShape(n_layers=1, moe_layers=(0,), n_experts=4, top_k=2, hidden=hidden, expert_ffn=ffn, projs=PROJS)
+    assert cost_rows(None, shape(2048, 768)) == AUTO_COST_ROWS
+    assert cost_rows(None, shape(576, 256)) == 1.0 and cost_rows(None, shape(256, 2048)) == 1.0
+    parse = build_parser().parse_args
+    assert parse(["m", "--budget", "3"]).cost_rows is None
+    assert parse(["m", "--budget", "3", "--cost-rows", "auto"]).cost_rows is None
+    assert parse(["m", "--budget", "3", "--cost-rows", "0.125"]).cost_rows == 0.125
+    with pytest.raises(SystemExit):
+        parse(["m", "--budget", "3", "--cost-rows", "most"])

@@ -58,7 +58,7 @@ from ..ggml.imatrix import expert_imatrix
 from ..ggml.names import PROJS, expert_tensor_name, parse_expert_name
 from ..ggml.quant import QuantCache, dequantize, quantize
 from ..ggml.types import fitting_type, type_info
-from ..options import DEFAULT_TYPES
+from ..options import AUTO_COST_ROWS, AUTO_COST_ROWS_MIN, DEFAULT_TYPES
 from ..plan import ExpertPlan
 from .experts_math import ExpertPass, RowPatch, expert_delta, expert_fn, expert_pass, patched_delta
 from .stats import CalibStats, LayerStats
@@ -119,10 +119,20 @@ class _LayerJobs:
     rows: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # (expert, proj) -> sampled rows
 
 
-def check_cost_rows(rows: float) -> None:
-    if not (np.isfinite(rows) and 0.0 < rows <= 1.0):
+def check_cost_rows(rows: float | None) -> None:
+    """A fraction in (0, 1], or None (`auto`)."""
+    if rows is not None and not (np.isfinite(rows) and 0.0 < rows <= 1.0):
         raise GemqError(f"--cost-rows {rows:g} is not a fraction in (0, 1].",
-                        "use e.g. --cost-rows 0.25 (1 = exact costs).")
+                        "use e.g. --cost-rows 0.25 (1 = exact costs), or auto.")
+
+
+def cost_fraction(requested: float | None, matrix_rows: Sequence[int]) -> float:
+    """The fraction of rows the costs use: `requested`, or for `auto` (None) AUTO_COST_ROWS when every expert
+    matrix (`matrix_rows`: their row counts) has at least AUTO_COST_ROWS_MIN rows, else 1. One fraction for
+    all of an expert's matrices, so a unit's scale-up is the same for each of its terms."""
+    if requested is not None:
+        return requested
+    return AUTO_COST_ROWS if min(matrix_rows) >= AUTO_COST_ROWS_MIN else 1.0
 
 
 def sample_rows(n_rows: int, fraction: float, layer: int, expert: int, proj: str) -> np.ndarray | None:
