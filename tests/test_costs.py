@@ -371,9 +371,8 @@ def test_cost_rows_auto_samples_only_real_size_experts() -> None:
         return MoeShape(n_layers=1, moe_layers=(0,), n_experts=4, top_k=2, hidden=hidden, expert_ffn=ffn, projs=PROJS)
     assert cost_rows(None, shape(2048, 768)) == AUTO_COST_ROWS
     assert cost_rows(None, shape(576, 256)) == 1.0 and cost_rows(None, shape(256, 2048)) == 1.0
-    parse = build_parser().parse_args
-    assert parse(["m", "--budget", "3"]).cost_rows is None
-    assert parse(["m", "--budget", "3", "--cost-rows", "auto"]).cost_rows is None
-    assert parse(["m", "--budget", "3", "--cost-rows", "0.125"]).cost_rows == 0.125
+    def parse(*args: str) -> float | None:
+        return build_parser().parse_args(["m", "-o", "o.gguf", "--budget", "3", *args]).cost_rows
+    assert parse() is None and parse("--cost-rows", "auto") is None and parse("--cost-rows", "0.125") == 0.125
     with pytest.raises(SystemExit):
-        parse(["m", "--budget", "3", "--cost-rows", "most"])
+        parse("--cost-rows", "most")
