@@ -37,7 +37,9 @@ The arithmetic runs on the sampled rows too (`experts_math.patched_delta`: down'
 gate/up's sampled channels through down's matching columns), so at fraction f it takes ~f of the dense
 FLOPs per candidate, besides the expert's full-precision pass shared by all candidates; the value is the
 same as with whole matrices whose unsampled rows are exact (float rounding aside). A post-expert norm
-mixes all outputs, so families with one keep the whole-matrix arithmetic.
+mixes all outputs, so families with one keep the whole-matrix arithmetic. `--cost-rows auto` (the default,
+`cost_fraction`) samples only real-size experts, where the cost pass dominates a conversion; small
+experts keep exact costs.
 """
 from __future__ import annotations
 
