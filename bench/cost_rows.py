@@ -6,8 +6,8 @@ differs from the exact costs' allocation (fraction 1) and the written file's KLD
 For the CPU column run it with OMP_NUM_THREADS=1 (and --no-eval): on a loaded machine torch's OpenMP threads
 spin between the cost arithmetic's small ops, and that spinning, not the sampling, then dominates CPU time.
 
-    python bench/cost_rows.py MODEL [--calib-tokens 8192] [--fractions 1,0.25,0.125] [--budgets 2.5,3.5]
-        [--out-dir /tmp/cost-rows] [--cache-dir DIR] [--eval-chunks 4] [--no-eval]
+    python bench/cost_rows.py MODEL [--calib-tokens 8192] [--seed 0] [--fractions 1,0.25,0.125] [--budgets 2.5,3.5]
+        [--out-dir /tmp/cost-rows] [--cache-dir DIR] [--eval-chunks 4] [--no-eval | --eval-fractions 0.125]
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
     ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--seed", type=int, default=CalibOptions.seed, help="calibration seed (which text is sampled)")
     ap.add_argument("--fractions", default="1,0.25,0.125")
     ap.add_argument("--budgets", default="2.5,3.5")
     ap.add_argument("--granularity", default="expert")
@@ -45,13 +46,16 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=Path, help="statistics cache (default OUT_DIR/cache)")
     ap.add_argument("--eval-chunks", type=int, default=4)
     ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--eval-fractions", help="evaluate only these fractions' files (default: all; e.g. skip 1 when an "
+                                             "earlier run of the same statistics measured it: its bytes are the same)")
     a = ap.parse_args()
     fractions = [float(f) for f in a.fractions.split(",")]
     budgets = [float(b) for b in a.budgets.split(",")]
+    evaluated = fractions if a.eval_fractions is None else [float(f) for f in a.eval_fractions.split(",")]
     bench = Bench.open(a.model, a.out_dir, a.eval_chunks)
     src, types = bench.src, list(DEFAULT_TYPES)
     store = StatsCache(a.cache_dir or a.out_dir / "cache")
-    c = calibrate(src.model_dir, src.adapter, CalibOptions(tokens=a.calib_tokens), a.out_dir, store)
+    c = calibrate(src.model_dir, src.adapter, CalibOptions(tokens=a.calib_tokens, seed=a.seed), a.out_dir, store)
     bench.imatrix = c.imatrix
     rows, exact = [], {}
     for f in fractions:
@@ -69,14 +73,14 @@ def main() -> None:
                    "units_changed": float(np.mean(choice != ref_choice)),
                    # the exact costs' predicted loss of this allocation over that of the exact allocation
                    "exact_cost_ratio": float(ref_cost[units, choice].sum() / ref_cost[units, ref_choice].sum())}
-            if not a.no_eval:
+            if not a.no_eval and f in evaluated:
                 name = f"rows{f:g}-b{b:g}"
                 out = bench.write(name, bench.plan_of(alloc), PlanOrigin("gemq", a.granularity, b, tuple(types)))
                 row.update({k: v for k, v in bench.evaluate(out).items() if k in ("kld_mean", "kld_p99", "same_top_p")})
                 out.unlink()
             rows.append(row)
             print(row, flush=True)
-    save_rows(a.out_dir, "cost_rows", rows, {"model": a.model, "calib_tokens": a.calib_tokens})
+    save_rows(a.out_dir, "cost_rows", rows, {"model": a.model, "calib_tokens": a.calib_tokens, "seed": a.seed})
     t = Table(title=f"--cost-rows on {Path(a.model).name}, {a.calib_tokens} calibration tokens ({a.granularity})")
     for col in ("fraction", "budget", "cost CPU s", "cost wall s", "bpw", "units changed", "exact-cost ratio", "KLD", "KLD p99", "same top-1"):
         t.add_column(col, justify="right")

@@ -7,13 +7,14 @@ the packaged calibration text), which shrinks only the embeddings and the LM hea
 process, with the whole process tree's RSS (summed over /proc every 0.2 s) and the bytes under the work,
 output and cache folders sampled:
 
-1. `convert.py CKPT --budget 3.0 --calib-memory stream -o OUT` on a cold statistics cache;
+1. `convert.py CKPT --budget 3.0 --calib-memory stream --cost-rows R -o OUT` on a cold statistics cache
+   (`--cost-rows`, default auto: 1/8 at these shapes; the report's fraction is in the table's header);
 2. llama.cpp's side on the same model and the same calibration tokens: `convert_hf_to_gguf` (bf16, our
    stage 1 is the same code), `llama-imatrix` (seq 512, the same number of chunks) and
    `llama-quantize --imatrix Q3_K_M`;
 3. a second `convert.py --budget 2.5` on the now cached model, against `llama-quantize` alone.
 
-    PYTHONPATH=$PWD nice python bench/scale.py --layers 1 --calib-tokens 4096 --out-dir /tmp/gemq-scale
+    PYTHONPATH=$PWD nice python bench/scale.py --layers 1 --calib-tokens 4096 [--cost-rows auto] --out-dir /tmp/gemq-scale
 
 Prints a table and writes `scale-L{N}.json` in the out dir.
 """
@@ -219,9 +220,11 @@ def run(args: argparse.Namespace) -> dict:
     threads = str(args.threads or os.cpu_count())
     env = {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     ours = [sys.executable, str(ROOT / "convert.py"), str(ckpt), "--calib-memory", "stream", "--calib-tokens",
-            str(args.calib_tokens), "--seq-len", "512", "--cache-dir", str(cache), "--work-dir", str(work)]
+            str(args.calib_tokens), "--seq-len", "512", "--cache-dir", str(cache), "--work-dir", str(work),
+            "--cost-rows", args.cost_rows]
     disk = [work, cache, files]
     res: dict = {"layers": args.layers, "vocab": args.vocab, "calib_tokens": args.calib_tokens, "threads": threads,
+                 "cost_rows_asked": args.cost_rows,
                  "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")),
                  "layer_bytes_bf16": (ckpt / f"model-00002-of-{args.layers + 2:05d}.safetensors").stat().st_size}
     print("1/5 convert.py --budget 3.0 (cold cache)")
@@ -229,6 +232,7 @@ def run(args: argparse.Namespace) -> dict:
                                run_dir / "ours_cold.log", disk, env)
     report = json.loads((files / "gemq-3.0.json").read_text())
     res["ours_cold"]["cost_seconds"] = report["allocation"].get("cost_seconds")
+    res["cost_rows"] = report["allocation"].get("cost_rows")  # the fraction used (auto resolved)
     res["ours_cold"]["verification_kld"] = (report.get("verification") or {}).get("kld_mean")
     res["ours_cold"]["file_bytes"] = (files / "gemq-3.0.gguf").stat().st_size
     bf16 = files / "gemq-3.0.bf16.gguf"
@@ -283,7 +287,8 @@ def table(r: dict) -> str:
             ("convert_hf_to_gguf bf16", v), ("llama-imatrix", i), ("llama-quantize Q3_K_M", q)]
     lines = [f"{r['layers']} layer(s) at Qwen3-30B-A3B shapes, vocab {r['vocab']} (real {REAL_VOCAB}); checkpoint "
              f"{r['checkpoint_bytes'] / gib:.2f} GiB bf16, one layer {r['layer_bytes_bf16'] / gib:.2f} GiB; "
-             f"{r['calib_tokens']} calibration tokens; {r['threads']} threads; intermediate {r['intermediate_type']}",
+             f"{r['calib_tokens']} calibration tokens; {r['threads']} threads; intermediate {r['intermediate_type']}; "
+             f"--cost-rows {r.get('cost_rows_asked', '1')} (used: {r.get('cost_rows', 1)})",
              "", f"| {'run':<34} | wall s | CPU s | peak RSS (tree) GiB | peak extra disk GiB |",
              f"|{'-' * 36}|-------:|------:|------:|------:|"]
     for name, m in rows:
@@ -307,6 +312,8 @@ def main() -> None:
     p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=0, help="llama.cpp tools' threads (default: all cores)")
     p.add_argument("--out-dir", type=Path, default=Path("/tmp/gemq-scale"))
+    p.add_argument("--cost-rows", default="auto", help="convert.py's --cost-rows for both of its runs (default auto, "
+                                                       "the CLI's default; 1 = exact costs)")
     p.add_argument("--make", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.make:

@@ -13,6 +13,8 @@ from rich.logging import RichHandler
 
 from .errors import GemqError
 from .options import (
+    AUTO_COST_ROWS,
+    AUTO_COST_ROWS_MIN,
     CALIB_MEMORY,
     DEFAULT_TYPES,
     FISHER_LABELS,
@@ -47,6 +49,16 @@ EXAMPLES = """examples:
 """
 
 
+def _cost_rows(text: str) -> float | None:
+    """`--cost-rows`: a fraction, or `auto` (None: chosen by the experts' size, `costs.cost_fraction`)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction or auto (e.g. 0.125, 1, auto)") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convert.py", description="Hugging Face MoE -> GGUF with a quant type per expert.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,10 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {','.join(NON_EXPERT_TYPES)})")
     g.add_argument("--max-types", type=int, default=AllocOptions.max_types,
                    help=f"at most this many types per layer-projection (default {AllocOptions.max_types})")
-    g.add_argument("--cost-rows", type=float, default=AllocOptions.cost_rows, metavar="FRACTION",
+    g.add_argument("--cost-rows", type=_cost_rows, default=AllocOptions.cost_rows, metavar="FRACTION|auto",
                    help="estimate the costs from this seeded fraction of each expert matrix's rows (each candidate "
-                        "type quantizes only those; the file's types are still quantized in full); "
-                        f"default {AllocOptions.cost_rows:g} = exact costs")
+                        "type quantizes and multiplies only those; the file's types are still quantized in full); "
+                        f"1 = exact costs; default auto = {AUTO_COST_ROWS:g} when every expert matrix has at least "
+                        f"{AUTO_COST_ROWS_MIN} rows (e.g. Qwen3-30B-A3B's 768 x 2048), else 1")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", nargs="+", default=[], metavar="FILE[:WEIGHT]", help="text or jsonl files (default: built-in mix)")
     c.add_argument("--calib-tokens", type=int, default=CalibOptions.tokens)

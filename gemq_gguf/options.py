@@ -22,6 +22,11 @@ FISHER_LABELS: tuple[str, ...] = ("sampled", "data")
 CALIB_MEMORY: tuple[str, ...] = ("auto", "stream", "full")
 LOSSES: tuple[str, ...] = ("kd", "ce", "route", "kd+route", "ce+route")
 SELECT: tuple[str, ...] = ("best", "last")
+#: `--cost-rows auto` (the default): the costs quantize this fraction of each expert matrix's rows when every
+#: expert matrix has at least AUTO_COST_ROWS_MIN rows (real-size experts, where the cost pass is the bulk of a
+#: conversion), and all rows (exact costs) below that: measured in docs/RESULTS.md (Scale, `--cost-rows`)
+AUTO_COST_ROWS = 0.125
+AUTO_COST_ROWS_MIN = 512
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ class AllocOptions:
     granularity: str = GRANULARITIES[0]
     types: tuple[str, ...] = DEFAULT_TYPES
     max_types: int = 3
-    cost_rows: float = 1.0               # fraction of each matrix's rows the costs quantize (1: exact costs)
+    cost_rows: float | None = None       # fraction of each matrix's rows the costs quantize (1: exact); None: auto
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ class WholeFileOptions:
     tensor_types: tuple[str, ...] = NON_EXPERT_TYPES  # candidates of the other tensors
     max_types: int = 3
     strategy: str = STRATEGIES[0]                     # only gemq solves the joint problem
-    cost_rows: float = 1.0                            # as AllocOptions.cost_rows
+    cost_rows: float | None = None                    # as AllocOptions.cost_rows
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

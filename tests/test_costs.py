@@ -13,7 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from gemq_gguf.archs import adapter_for, load_text_model
 from gemq_gguf.gemq.calib import calibration_tokens
 from gemq_gguf.errors import GemqError
-from gemq_gguf.gemq.costs import _fill_never_routed, estimate_costs, prune_cache, sample_rows, sample_scale
+from gemq_gguf.gemq.costs import (_fill_never_routed, cost_fraction, estimate_costs, prune_cache, sample_rows,
+                                  sample_scale)
 from gemq_gguf.gemq.stats import gradient_targets, collect_stats
 from gemq_gguf.ggml.names import PROJS, expert_tensor_name
 from gemq_gguf.ggml.imatrix import expert_imatrix
@@ -308,11 +309,35 @@ def test_sampled_costs_are_the_sampled_rows_exact_cost_scaled(tiny) -> None:
         assert want > 0 and got == pytest.approx(want, rel=1e-5), (p, got, want)
 
 
+def test_sampled_whole_expert_cost_is_the_block_rerun_with_the_sampled_rows(tiny) -> None:
+    """Expert granularity at --cost-rows 0.25: gate, up and down each with their sampled rows quantized (the
+    arithmetic then runs on those rows and channels only, `patched_delta`), against re-running the block."""
+    model, adapter, stats, _, _ = tiny
+    layer, frac = next(iter(stats.layers)), 0.25
+    imat = stats.imatrix().means()
+    table = estimate_costs(model, adapter, stats, imat, types=("Q2_K", "Q4_K"), dtype=torch.float64, cache={}, rows=frac)
+    for expert in (0, 2):
+        weights = adapter.experts(adapter.moe_block(model, layer)).weights(expert)
+        for j, t in enumerate(table.types):
+            wq = {}
+            for p in PROJS:
+                w = weights[p].detach().to(torch.float32).numpy()
+                idx = torch.from_numpy(sample_rows(w.shape[0], frac, layer, expert, p))
+                full = quantize(w, t, expert_imatrix(imat, layer, p, 6)[expert], 1)
+                wq[p] = weights[p].detach().clone().double()
+                wq[p][idx] = torch.from_numpy(dequantize(full, t, w.shape[1])).double()[idx]
+            want = 4 * _block_cost(model, adapter, stats, layer, expert, wq)  # all three matrices sampled at 1/4
+            got = table.cost[table.units.index((layer, expert, None)), j]
+            assert want > 0 and got == pytest.approx(want, rel=1e-5), (expert, t, got, want)
+
+
 def test_sample_rows_and_scale() -> None:
     assert sample_rows(100, 1.0, 0, 0, "up") is None
     a = sample_rows(768, 0.125, 3, 5, "down")
     assert len(a) == 96 and np.array_equal(a, np.unique(a)) and np.array_equal(a, sample_rows(768, 0.125, 3, 5, "down"))
     assert not np.array_equal(a, sample_rows(768, 0.125, 3, 6, "down"))
+    assert np.array_equal(sample_rows(768, 0.125, 3, 5, "gate"), sample_rows(768, 0.125, 3, 5, "up"))  # channels
+    assert not np.array_equal(a, sample_rows(768, 0.125, 3, 5, "gate"))
     assert sample_scale([(768, 2048), (2048, 768)], [np.arange(96), np.arange(256)]) == pytest.approx(8.0)
     assert sample_scale([(10, 4), (10, 4)], [None, np.arange(5)]) == pytest.approx(1.5)
 
@@ -326,3 +351,28 @@ def test_sampled_costs_keep_no_partial_matrices(tiny) -> None:
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(GemqError, match="cost-rows"):
             estimate_costs(model, adapter, stats, None, types=TYPES, rows=bad)
+
+
+def test_cost_rows_auto_samples_only_real_size_experts() -> None:
+    """`--cost-rows auto`: AUTO_COST_ROWS when every expert matrix has AUTO_COST_ROWS_MIN rows, else exact; a
+    given fraction is kept as asked; the CLI reads `auto` and fractions."""
+    from gemq_gguf.archs import MoeShape
+    from gemq_gguf.cli import build_parser
+    from gemq_gguf.gemq.budget import cost_rows
+    from gemq_gguf.options import AUTO_COST_ROWS, AUTO_COST_ROWS_MIN, AllocOptions
+
+    assert AllocOptions(budget=3.0).cost_rows is None and 0 < AUTO_COST_ROWS < 1
+    assert cost_fraction(None, [768, 768, 2048]) == AUTO_COST_ROWS  # Qwen3-30B-A3B's experts
+    assert cost_fraction(None, [AUTO_COST_ROWS_MIN - 1, 4096]) == 1.0
+    assert cost_fraction(None, [AUTO_COST_ROWS_MIN, AUTO_COST_ROWS_MIN]) == AUTO_COST_ROWS
+    assert cost_fraction(0.25, [64, 64]) == 0.25 and cost_fraction(1.0, [4096]) == 1.0
+
+    def shape(hidden: int, ffn: int) -> MoeShape:
+        return MoeShape(n_layers=1, moe_layers=(0,), n_experts=4, top_k=2, hidden=hidden, expert_ffn=ffn, projs=PROJS)
+    assert cost_rows(None, shape(2048, 768)) == AUTO_COST_ROWS
+    assert cost_rows(None, shape(576, 256)) == 1.0 and cost_rows(None, shape(256, 2048)) == 1.0
+    def parse(*args: str) -> float | None:
+        return build_parser().parse_args(["m", "-o", "o.gguf", "--budget", "3", *args]).cost_rows
+    assert parse() is None and parse("--cost-rows", "auto") is None and parse("--cost-rows", "0.125") == 0.125
+    with pytest.raises(SystemExit):
+        parse("--cost-rows", "most")

@@ -2,6 +2,7 @@
 `--no-cache`, damaged entries and an interrupted cost pass (tiny model, end to end)."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def test_second_budget_hits_the_cache(model, uncached, tmp_path, monkeypatch) ->
     cache = tmp_path / "cache"
     first = _run(model, tmp_path / "a.gguf", cache, "3.0")
     assert first != uncached and any(cache.glob("calib-*")) and any(cache.glob("costs-*"))
+    assert json.loads((tmp_path / "a.json").read_text())["allocation"]["cost_rows"] == 1.0  # auto: tiny experts, exact
     _forbid_passes(monkeypatch)
     assert _run(model, tmp_path / "b.gguf", cache, "3.5") == uncached
 

@@ -8,7 +8,7 @@ plus what the writer and the report need (imatrix, already quantized bytes, tune
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from ..plan import ExpertTypes, PlanOrigin, plan_from_allocation
 from ..report import plot_heatmap, print_allocation, report_dict, tensor_section
 from .calib import calibration_tokens
 from .cache import StatsCache, open_cache
-from .costs import CostTable, check_cost_rows, estimate_costs, prune_cache
+from .costs import CostTable, check_cost_rows, cost_fraction, estimate_costs, prune_cache
 from .stats import CalibStats, collect_stats, load_for_calibration
 from .streaming import LayerWindowAdapter, open_layer_source, stream_stats, use_streaming
 from .units import Widths, unit_bits, unit_keys, unit_projs
@@ -57,6 +57,11 @@ def size_problem(shape: MoeShape, types: list[str], granularity: str, has_imatri
                                      dict.fromkeys(shape.projs, has_imatrix))
         cost[u, ~allowed] = np.inf
     return AllocationProblem.build(units, types, cost, params, bits=bits)
+
+
+def cost_rows(requested: float | None, shape: MoeShape) -> float:
+    """`--cost-rows` for this model (`auto`: by the expert matrices' row counts, `costs.cost_fraction`)."""
+    return cost_fraction(requested, [rows for rows, _ in expert_widths(shape).values()])
 
 
 def check_request(opts: AllocOptions, shape: MoeShape) -> list[str]:
@@ -192,13 +197,14 @@ def allocate_experts(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, flo
     cache: QuantCache = {}
     report: dict[str, Any] = {"calibration": {"sequences": c.stats.n_seq, "seq_len": c.stats.seq_len,
                                               "loss": c.stats.loss, "datasets": c.stats.datasets}}
+    opts = replace(opts, cost_rows=cost_rows(opts.cost_rows, shape))
     if opts.strategy == "uniform":
         problem = size_problem(shape, types, opts.granularity, has_imatrix=True)
     else:
         table, cache = cost_table(c, adapter, shape, types, opts.granularity, store, opts.cost_rows)
         problem = table.problem()
         report.update(never_routed_experts=[f"L{l}.E{e}" for l, e in table.never_routed], cost_notes=table.notes,
-                      cost_seconds=table.seconds)
+                      cost_seconds=table.seconds, cost_rows=opts.cost_rows)
     del c.stats
     alloc, routers, tuning_report = _solve_and_tune(c, adapter, shape, float_gguf, problem, cache, opts,
                                                     calib, tune)
@@ -266,7 +272,8 @@ def allocate_whole_file(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, 
         log.info("imatrix: %s", output.save_imatrix)
     report: dict[str, Any] = {"calibration": {"sequences": c.stats.n_seq, "seq_len": c.stats.seq_len,
                                               "loss": c.stats.loss, "datasets": c.stats.datasets}}
-    table, cache = cost_table(c, adapter, shape, types, opts.granularity, store, opts.cost_rows)
+    rows = cost_rows(opts.cost_rows, shape)
+    table, cache = cost_table(c, adapter, shape, types, opts.granularity, store, rows)
     tstore = store.tensor_costs(c.cache_key, tensor_types, c.imatrix, float_gguf, _numerics()) \
         if store is not None and c.cache_key is not None else None
     tcost = tensor_cost_table(c.stats, float_gguf, tensor_types, imatrix=c.imatrix, store=tstore)
@@ -286,7 +293,7 @@ def allocate_whole_file(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, 
         prune_cache(cache, plan)
     file = _whole_file_numbers(joint, alloc, fixed, target, what, opts)
     report.update(never_routed_experts=[f"L{l}.E{e}" for l, e in table.never_routed], cost_notes=table.notes,
-                  tensor_cost_notes=tcost.notes, cost_seconds=table.seconds)
+                  tensor_cost_notes=tcost.notes, cost_seconds=table.seconds, cost_rows=rows)
     print_allocation(experts, report)
     log.info("whole file: %s; predicted %s", what, ", ".join(f"{k} {v}" for k, v in file.items()
                                                               if k in ("tensor_bits", "bound_bytes", "bpw")))

@@ -28,10 +28,18 @@ row and the per-column imatrix), so each candidate quantizes only a seeded sampl
 the cost is that of the expert with only the sampled rows quantized (the others exact), times
 rows/sampled. For down, whose rows are output coordinates, the cost is a sum over rows: the estimate is
 exactly unbiased. A gate/up row is one intermediate channel; its error reaches every output through down,
-so the cost is a quadratic form over channels: the diagonal (each channel's own error) is estimated
-without bias, the cross terms between channels (and, for a whole expert, between down's and gate/up's
-errors: products of independent quantization errors, near zero on average) are shrunk by the fraction.
+so the cost is a quadratic form over channels: the diagonal (each channel's own error, gate's and up's
+together: the two share their sample of channels) is estimated without bias, the cross terms between
+channels (and, for a whole expert, between down's and gate/up's errors: products of independent
+quantization errors, near zero on average) are shrunk by the fraction.
 The partial matrices stay out of the caches: the writer quantizes the chosen type of each matrix in full.
+The arithmetic runs on the sampled rows too (`experts_math.patched_delta`: down's sampled output rows,
+gate/up's sampled channels through down's matching columns), so at fraction f it takes ~f of the dense
+FLOPs per candidate, besides the expert's full-precision pass shared by all candidates; the value is the
+same as with whole matrices whose unsampled rows are exact (float rounding aside). A post-expert norm
+mixes all outputs, so families with one keep the whole-matrix arithmetic. `--cost-rows auto` (the default,
+`cost_fraction`) samples only real-size experts, where the cost pass dominates a conversion; small
+experts keep exact costs.
 """
 from __future__ import annotations
 
@@ -52,9 +60,9 @@ from ..ggml.imatrix import expert_imatrix
 from ..ggml.names import PROJS, expert_tensor_name, parse_expert_name
 from ..ggml.quant import QuantCache, dequantize, quantize
 from ..ggml.types import fitting_type, type_info
-from ..options import DEFAULT_TYPES
+from ..options import AUTO_COST_ROWS, AUTO_COST_ROWS_MIN, DEFAULT_TYPES
 from ..plan import ExpertPlan
-from .experts_math import expert_delta, expert_fn, expert_pass
+from .experts_math import ExpertPass, RowPatch, expert_delta, expert_fn, expert_pass, patched_delta
 from .stats import CalibStats, LayerStats
 from .units import Widths, effective_type, unit_bits, unit_keys
 
@@ -90,6 +98,13 @@ def weighted_sse(delta: torch.Tensor, gw: torch.Tensor) -> float:
     return float(((gw * delta) ** 2).sum())
 
 
+def patched_sse(base: ExpertPass, patches: dict[str, RowPatch], gw: torch.Tensor) -> float:
+    """`weighted_sse` of the change with only the patched rows quantized, on the changed rows' FLOPs."""
+    delta, out = patched_delta(base, patches)
+    v = (gw if out is None else gw[:, out]) * delta
+    return float(torch.dot(v.reshape(-1), v.reshape(-1)))
+
+
 # -- quantization jobs -----------------------------------------------------------------------------
 
 @dataclass
@@ -106,19 +121,32 @@ class _LayerJobs:
     rows: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)  # (expert, proj) -> sampled rows
 
 
-def check_cost_rows(rows: float) -> None:
-    if not (np.isfinite(rows) and 0.0 < rows <= 1.0):
+def check_cost_rows(rows: float | None) -> None:
+    """A fraction in (0, 1], or None (`auto`)."""
+    if rows is not None and not (np.isfinite(rows) and 0.0 < rows <= 1.0):
         raise GemqError(f"--cost-rows {rows:g} is not a fraction in (0, 1].",
-                        "use e.g. --cost-rows 0.25 (1 = exact costs).")
+                        "use e.g. --cost-rows 0.25 (1 = exact costs), or auto.")
+
+
+def cost_fraction(requested: float | None, matrix_rows: Sequence[int]) -> float:
+    """The fraction of rows the costs use: `requested`, or for `auto` (None) AUTO_COST_ROWS when every expert
+    matrix (`matrix_rows`: their row counts) has at least AUTO_COST_ROWS_MIN rows, else 1. One fraction for
+    all of an expert's matrices, so a unit's scale-up is the same for each of its terms."""
+    if requested is not None:
+        return requested
+    return AUTO_COST_ROWS if min(matrix_rows) >= AUTO_COST_ROWS_MIN else 1.0
 
 
 def sample_rows(n_rows: int, fraction: float, layer: int, expert: int, proj: str) -> np.ndarray | None:
     """The sorted rows of one matrix that a sampled cost quantizes (None: all of them); seeded by the
-    matrix, so every candidate type, run and resumed pass sees the same rows."""
+    matrix, so every candidate type, run and resumed pass sees the same rows. Gate and up share their
+    sample (a row of each is one intermediate channel): a sampled channel carries its whole error, and the
+    arithmetic touches f of the channels, not up to 2f."""
     if fraction >= 1.0:
         return None
     m = min(n_rows, max(1, round(fraction * n_rows)))
-    rng = np.random.default_rng([layer, expert, PROJS.index(proj) if proj in PROJS else len(PROJS)])
+    which = "gate" if proj == "up" else proj
+    rng = np.random.default_rng([layer, expert, PROJS.index(which) if which in PROJS else len(PROJS)])
     return np.sort(rng.choice(n_rows, size=m, replace=False))
 
 
@@ -197,21 +225,28 @@ def _expert_costs(jobs: _LayerJobs, s: LayerStats, e: int, types: Sequence[str],
     projs = jobs.view.projs
     w = {p: torch.from_numpy(jobs.weights[e][p]).to(device, dtype) for p in projs}
     base = expert_pass(x, w, expert_fn(jobs.view, e, device, dtype))
+    rows = {p: jobs.rows.get((e, p)) for p in projs}
+    patched = base.fn.finish is None and all(r is not None for r in rows.values())  # sampled: rows only
     deq: dict[tuple[str, str], torch.Tensor] = {}
 
     def wq(p: str, et: str) -> torch.Tensor:
+        """The quantized matrix, or when `patched` only its sampled rows."""
         if (p, et) not in deq:
             data = jobs.futures[(expert_tensor_name(jobs.layer, p), e, et)].result()
             q = torch.from_numpy(dequantize(data, et, w[p].shape[1])).to(device, dtype)
-            deq[(p, et)] = with_rows(w[p], jobs.rows.get((e, p)), q)
+            deq[(p, et)] = q if patched else with_rows(w[p], rows[p], q)
         return deq[(p, et)]
 
     memo: dict[tuple, float] = {}
 
     def cost(combo: tuple[tuple[str, str], ...]) -> float:
         if combo not in memo:
-            scale = sample_scale([tuple(w[p].shape) for p, _ in combo], [jobs.rows.get((e, p)) for p, _ in combo])
-            memo[combo] = scale * weighted_sse(expert_delta(base, {p: wq(p, et) for p, et in combo}), gw)
+            scale = sample_scale([tuple(w[p].shape) for p, _ in combo], [rows[p] for p, _ in combo])
+            if patched:
+                memo[combo] = scale * patched_sse(base, {p: RowPatch(torch.from_numpy(rows[p]).to(device), wq(p, et))
+                                                          for p, et in combo}, gw)
+            else:
+                memo[combo] = scale * weighted_sse(expert_delta(base, {p: wq(p, et) for p, et in combo}), gw)
         return memo[combo]
 
     if granularity == "expert":
