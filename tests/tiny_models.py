@@ -361,6 +361,16 @@ WRAPPERS: dict[str, tuple[str, str, dict]] = {
                                                          out_hidden_size=256, patch_size=14)),
     "gemma4_vl": ("gemma4", "gemma4", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                            num_attention_heads=2, num_key_value_heads=2, head_dim=32)),
+    # vision and audio towers (AUDIO), each ending in an adapter to the text width; the vision tower's MoE
+    # layers dense (its experts are the vision tower's, not the text model's)
+    "dots3_vl": ("dots3_note", "dots3", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                            num_attention_heads=2, patch_size=14, mlp_layer_types=["dense"],
+                                            adapter_in_dim=64, adapter_out_dim=256)),
+}
+#: a wrapper's audio tower, where it has one (widths that allow Q8_0)
+AUDIO: dict[str, dict] = {
+    "dots3_vl": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                     downsample_hidden_size=64, adapter_input_size=64, adapter_out_dim=256),
 }
 
 
@@ -399,7 +409,8 @@ def _wrapped(arch: str, text: torch.nn.Module, seed: int, dtype: torch.dtype) ->
     from gemq_gguf.archs import key_mapping
     kind, _, vision = WRAPPERS[arch]
     text_cfg = {k: v for k, v in text.config.to_dict().items() if k != "architectures"}  # as released ones
-    cfg = AutoConfig.for_model(kind, text_config=text_cfg, vision_config=vision,
+    audio = {"audio_config": AUDIO[arch]} if arch in AUDIO else {}
+    cfg = AutoConfig.for_model(kind, text_config=text_cfg, vision_config=vision, **audio,
                                tie_word_embeddings=text.config.tie_word_embeddings)
     torch.manual_seed(seed + 1)
     model = transformers.AutoModelForImageTextToText.from_config(cfg, dtype=dtype)

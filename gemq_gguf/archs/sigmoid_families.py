@@ -167,7 +167,7 @@ class Dots3(SigmoidScores):
     """dots.llm3 (dots3-note, text): MLA with a sparse-attention indexer in the full layers and its own MLA
     sizes in the sliding-window layers, DeepSeek-V3's routing, a shared expert, dense first layers."""
 
-    hf_classes = ("Dots3NoteForCausalLM",)
+    hf_classes = ("Dots3NoteForCausalLM", "Dots3NoteForConditionalGeneration")
     name = "dots3"
 
     def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -182,6 +182,9 @@ class Dots3(SigmoidScores):
         extra.update({f"swa_{k}": swa.get(k, hparams.get(k)) for k in sizes if f"swa_{k}" not in hparams})
         if "sliding_window_size" not in hparams and hparams.get("sliding_window") is not None:
             extra["sliding_window_size"] = hparams["sliding_window"]
+        # the converter counts the layers before it moves a wrapper's text_config to the top level (released
+        # Dots3Note wrappers keep the text config there; transformers saves it nested)
+        extra["num_hidden_layers"] = hparams["num_hidden_layers"]
         if "apply_mla_qkv_lora_rescale" not in hparams:  # transformers' class always rescales the Q/KV latents
             extra["apply_mla_qkv_lora_rescale"] = True
         rope = hparams.get("rope_parameters") or {}

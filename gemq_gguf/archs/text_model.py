@@ -1,6 +1,6 @@
 """The language model inside a multimodal (`*ForConditionalGeneration`) checkpoint, as a causal LM.
 
-Released Qwen3.5-MoE, Llama 4, Gemma 4, Qwen3-VL-MoE and GLM-4.5V checkpoints are vision-language
+Released Qwen3.5-MoE, Llama 4, Gemma 4, Qwen3-VL-MoE, GLM-4.5V and dots3-note checkpoints are vision-language
 wrappers: a vision tower and projector around the text model. GEMQ quantizes the text model only
 (llama.cpp's converter writes the text model from the same checkpoint; the vision projector is a separate
 `--mmproj` file), so calibration, costs and router tuning run on the causal LM of the wrapper's
