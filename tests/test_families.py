@@ -26,7 +26,7 @@ FAMILIES = ["deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe", "
             "kimi_linear", "glm_moe_dsa", "mimo_v2_flash", "granitemoe_swa",
             "deepseek_v32", "dots3", "gemma4", "hunyuan_moe", "sarvam_moe", "afmoe", "laguna",
             # multimodal checkpoints, quantized through their text model (tests/tiny_models.py: WRAPPERS)
-            "qwen3_5_moe_vl", "llama4_vl", "gemma4_vl", "qwen3_vl_moe_vl", "glm4v_moe_vl", "dots3_vl"]
+            "qwen3_5_moe_vl", "llama4_vl", "gemma4_vl", "qwen3_vl_moe_vl", "glm4v_moe_vl", "dots3_vl", "minimax_m3_vl"]
 
 
 @pytest.fixture(scope="session")
@@ -191,6 +191,29 @@ def test_afmoe_configs_llama_cpp_computes_differently_are_refused() -> None:
         afmoe.moe_shape(AutoConfig.for_model("afmoe", mup_enabled=True, global_attn_every_n_layers=2, **small))
     assert afmoe.converter_hparams({}) == {"route_norm": True}
     assert afmoe.converter_hparams({"route_norm": False}) == {}
+
+
+def test_minimax_m3_configs_llama_cpp_computes_differently_are_refused() -> None:
+    """transformers' MiniMax-M3 rotates `partial_rotary_factor` of each head and ignores `rotary_dim`, which the
+    converter writes (with rotary_dim 32 of 64 and no factor a tiny checkpoint's F32 conversion was 115 % off at
+    worst, KL 2.4e-2, exact at the first token; exact with both saying 32); llama.cpp's graph fixes the layer
+    layout. Such configs are refused before any work. The converter gets the released keys transformers drops."""
+    from transformers import AutoConfig
+
+    from gemq_gguf.errors import GemqError
+    from tiny_models import CONFIGS
+    m3 = adapter_for(["MiniMaxM3SparseForConditionalGeneration"])
+    text = {k: v for k, v in CONFIGS["minimax_m3_vl_text"].items() if k != "model_type"}
+    assert m3.moe_shape(AutoConfig.for_model("minimax_m3_vl_text", **text)).moe_layers == (1, 2)
+    with pytest.raises(GemqError, match="rotary_dim 32"):
+        m3.moe_shape(AutoConfig.for_model("minimax_m3_vl_text", **{**text, "rope_parameters": None}))
+    with pytest.raises(GemqError, match="dense layers first"):
+        m3.moe_shape(AutoConfig.for_model("minimax_m3_vl_text", **{**text, "dense_intermediate_size": 512}))
+    with pytest.raises(GemqError, match="dense layers first"):
+        m3.moe_shape(AutoConfig.for_model("minimax_m3_vl_text", **{**text, "layer_types": ["full_attention"] * 3}))
+    extra = m3.converter_hparams(AutoConfig.for_model("minimax_m3_vl_text", **text).to_dict())
+    assert extra["moe_layer_freq"] == [0, 1, 1] and extra["n_shared_experts"] == 1
+    assert extra["sparse_attention_config"]["sparse_topk_blocks"] == 8 and extra["scoring_func"] == "sigmoid"
 
 
 def test_laguna_layer_patterns_llama_cpp_cannot_run_are_refused() -> None:

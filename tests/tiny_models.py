@@ -205,6 +205,18 @@ CONFIGS: dict[str, dict] = {
                            norm_topk_prob=True, num_hidden_layers=3, rms_norm_eps=1e-5,
                            rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5,
                                                 mrope_section=[4, 6, 6])),
+    # the text model of MiniMax-M3 (only inside its wrapper): the layout llama.cpp's graph assumes, dense layers first
+    # (a rope factor that agrees with rotary_dim: transformers rotates by the former, the converter by the latter)
+    # and sparse attention in every MoE layer, expert, shared-expert and dense widths equal; the indexer keeps every
+    # key of the 96-token tests (8 blocks of 16)
+    "minimax_m3_vl_text": dict(model_type="minimax_m3_vl_text", num_key_value_heads=2, head_dim=64, rotary_dim=32,
+                               rope_parameters=dict(rope_type="default", rope_theta=5e6, partial_rotary_factor=0.5),
+                               intermediate_size=256, dense_intermediate_size=256, shared_intermediate_size=256,
+                               num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=3,
+                               mlp_layer_types=["dense", "sparse", "sparse"],
+                               layer_types=["full_attention", "minimax_m3_sparse", "minimax_m3_sparse"],
+                               index_n_heads=2, index_head_dim=64, index_block_size=16, index_topk_blocks=8,
+                               index_local_blocks=1),
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
@@ -361,16 +373,20 @@ WRAPPERS: dict[str, tuple[str, str, dict]] = {
                                                          out_hidden_size=256, patch_size=14)),
     "gemma4_vl": ("gemma4", "gemma4", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                            num_attention_heads=2, num_key_value_heads=2, head_dim=32)),
-    # vision and audio towers (AUDIO), each ending in an adapter to the text width; the vision tower's MoE
+    # vision and audio towers (WRAPPER_CONFIG), each ending in an adapter to the text width; the vision tower's MoE
     # layers dense (its experts are the vision tower's, not the text model's)
     "dots3_vl": ("dots3_note", "dots3", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                             num_attention_heads=2, patch_size=14, mlp_layer_types=["dense"],
                                             adapter_in_dim=64, adapter_out_dim=256)),
+    "minimax_m3_vl": ("minimax_m3_vl", "minimax_m3_vl_text", dict(hidden_size=64, intermediate_size=128,
+                                                                  num_hidden_layers=1, num_attention_heads=2,
+                                                                  patch_size=14)),
 }
-#: a wrapper's audio tower, where it has one (widths that allow Q8_0)
-AUDIO: dict[str, dict] = {
-    "dots3_vl": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                     downsample_hidden_size=64, adapter_input_size=64, adapter_out_dim=256),
+#: the rest of a wrapper's config, where its defaults are large: an audio tower, a projector's width
+WRAPPER_CONFIG: dict[str, dict] = {
+    "dots3_vl": dict(audio_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                       downsample_hidden_size=64, adapter_input_size=64, adapter_out_dim=256)),
+    "minimax_m3_vl": dict(projector_hidden_size=256),
 }
 
 
@@ -409,8 +425,7 @@ def _wrapped(arch: str, text: torch.nn.Module, seed: int, dtype: torch.dtype) ->
     from gemq_gguf.archs import key_mapping
     kind, _, vision = WRAPPERS[arch]
     text_cfg = {k: v for k, v in text.config.to_dict().items() if k != "architectures"}  # as released ones
-    audio = {"audio_config": AUDIO[arch]} if arch in AUDIO else {}
-    cfg = AutoConfig.for_model(kind, text_config=text_cfg, vision_config=vision, **audio,
+    cfg = AutoConfig.for_model(kind, text_config=text_cfg, vision_config=vision, **WRAPPER_CONFIG.get(arch, {}),
                                tie_word_embeddings=text.config.tie_word_embeddings)
     torch.manual_seed(seed + 1)
     model = transformers.AutoModelForImageTextToText.from_config(cfg, dtype=dtype)

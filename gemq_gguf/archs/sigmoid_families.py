@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .base import ArchAdapter
+from ..errors import GemqError
+from .base import ArchAdapter, MoeShape
 from .registry import register
 
 
@@ -51,6 +52,56 @@ class MiniMaxM2(SigmoidScores):
             head_dim = hparams.get("head_dim") or hparams["hidden_size"] // hparams["num_attention_heads"]
             rope = hparams.get("rope_parameters") or {}
             extra["rotary_dim"] = int(head_dim * rope.get("partial_rotary_factor", hparams.get("partial_rotary_factor", 1.0)))
+        return extra
+
+
+@register
+class MiniMaxM3(MiniMaxM2):
+    """MiniMax-M3 (text model of `MiniMaxM3SparseForConditionalGeneration`): MiniMax-M2's routing, a shared
+    expert, dense first layers, clamped SwiGLU ("swigluoai", read from the experts module) and block-sparse
+    attention with an indexer in the MoE layers."""
+
+    hf_classes = ("MiniMaxM3SparseForConditionalGeneration", "MiniMaxM3VLForCausalLM")
+    name = "minimax-m3"
+
+    def moe_shape(self, config: Any) -> MoeShape:
+        # transformers 5.24 rotates `head_dim * partial_rotary_factor` dims and ignores `rotary_dim`, which is what
+        # the converter writes: where they disagree the GGUF computes another model than the one GEMQ calibrates
+        rotated = int(config.head_dim * (config.rope_parameters or {}).get("partial_rotary_factor", 1.0))
+        if rotated != config.rotary_dim:
+            raise GemqError(f"MiniMax-M3 with rotary_dim {config.rotary_dim} and a rope over {rotated} of "
+                            f"{config.head_dim} dims: transformers rotates the latter, llama.cpp's converter writes "
+                            "the former, so the GGUF would compute another model than the one GEMQ calibrates.",
+                            f"set rope_parameters.partial_rotary_factor to {config.rotary_dim / config.head_dim} "
+                            "in the text config.")
+        # llama.cpp's graph (src/models/minimax-m3.cpp): dense layers first, sized as the experts, and the sparse
+        # attention in exactly the MoE layers
+        mlp, attn = list(config.mlp_layer_types), list(config.layer_types)
+        n_dense = next((i for i, t in enumerate(mlp) if t != "dense"), len(mlp))
+        if mlp[n_dense:] != ["sparse"] * (len(mlp) - n_dense) or \
+                attn != ["full_attention"] * n_dense + ["minimax_m3_sparse"] * (len(mlp) - n_dense) or \
+                (n_dense and config.dense_intermediate_size != config.intermediate_size) or \
+                config.shared_intermediate_size % config.intermediate_size:
+            raise GemqError(f"MiniMax-M3 with MLP layers {mlp}, attention layers {attn}, dense/expert/shared widths "
+                            f"{config.dense_intermediate_size}/{config.intermediate_size}/"
+                            f"{config.shared_intermediate_size}: llama.cpp's graph takes the dense layers first and as "
+                            "wide as an expert, the shared expert as whole experts and the sparse attention in every "
+                            "MoE layer only.", "convert a checkpoint with that layout.")
+        return super().moe_shape(config)
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # transformers' config flattens the released `sparse_attention_config` and `moe_layer_freq` into its own
+        # keys and has no shared-expert count; the converter reads only the released ones
+        extra = super().converter_hparams(hparams)
+        if "sparse_attention_config" not in hparams:
+            extra["sparse_attention_config"] = {
+                "sparse_num_index_heads": hparams["index_n_heads"], "sparse_index_dim": hparams["index_head_dim"],
+                "sparse_topk_blocks": hparams["index_topk_blocks"], "sparse_block_size": hparams["index_block_size"],
+                "sparse_local_block": hparams["index_local_blocks"]}
+        if "moe_layer_freq" not in hparams:
+            extra["moe_layer_freq"] = [int(t == "sparse") for t in hparams["mlp_layer_types"]]
+        if "n_shared_experts" not in hparams:
+            extra["n_shared_experts"] = hparams["shared_intermediate_size"] // hparams["intermediate_size"]
         return extra
 
 

@@ -33,8 +33,6 @@ def text_config(config: Any) -> Any:
         return config
     text = copy.deepcopy(config.get_text_config())
     name = causal_lm_name(type(text))
-    if name in _MADE:
-        _take_conversions(name, config.model_type)
     # the causal LM's class first (transformers, the adapters), then the checkpoint's (llama.cpp's converter
     # knows the latter: tensor names for GEMQ's non-expert statistics)
     text.architectures = [name, *(config.architectures or [])] if name else None
@@ -52,6 +50,7 @@ def key_mapping(config: Any) -> dict[str, str]:
     key = config.to_json_string(use_diff=False)
     if key not in _MAPPINGS:
         _MAPPINGS[key] = _measure_mapping(config)
+        _take_conversions(config, _MAPPINGS[key])
     return dict(_MAPPINGS[key])
 
 
@@ -123,14 +122,21 @@ def causal_lm_name(config_class: type) -> str | None:
 _MADE: dict[str, type] = {}
 
 
-def _take_conversions(name: str, wrapper_type: str) -> None:
-    """transformers keys a checkpoint's weight conversions (e.g. Qwen3-VL-MoE's transposed experts) by the
-    wrapper's model_type; a made causal LM loads the same tensors, so it gets the same conversions."""
+def _take_conversions(config: Any, renames: dict[str, str]) -> None:
+    """transformers keys a checkpoint's weight conversions (Qwen3-VL-MoE's transposed experts, GLM-4.5V's and
+    MiniMax-M3's per-expert tensors, MiniMax-M3's released names) by the wrapper's model_type; the causal LM loads
+    the same tensors, so where it has no conversions of its own it gets the wrapper's, followed by `renames` (they
+    name the wrapper's modules, as MiniMax-M3's `language_model.model.` -> `model.language_model.` does)."""
     from transformers.conversion_mapping import (USER_REGISTERED_MAPPINGS, get_checkpoint_conversion_mapping,
                                                  register_checkpoint_conversion_mapping)
-    mapping = get_checkpoint_conversion_mapping(wrapper_type)
-    if mapping and name not in USER_REGISTERED_MAPPINGS:
-        register_checkpoint_conversion_mapping(name, mapping)
+    from transformers.core_model_loading import WeightRenaming
+    text = config.get_text_config()
+    name = causal_lm_name(type(text))
+    mapping = get_checkpoint_conversion_mapping(config.model_type)
+    if not mapping or name is None or name in USER_REGISTERED_MAPPINGS or \
+            get_checkpoint_conversion_mapping(name) or get_checkpoint_conversion_mapping(text.model_type):
+        return
+    register_checkpoint_conversion_mapping(name, [*mapping, *(WeightRenaming(k, v) for k, v in renames.items())])
 
 
 class TextForCausalLM:
