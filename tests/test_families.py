@@ -26,7 +26,8 @@ FAMILIES = ["deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe", "
             "kimi_linear", "glm_moe_dsa", "mimo_v2_flash", "granitemoe_swa",
             "deepseek_v32", "dots3", "gemma4", "hunyuan_moe", "sarvam_moe", "afmoe", "laguna",
             # multimodal checkpoints, quantized through their text model (tests/tiny_models.py: WRAPPERS)
-            "qwen3_5_moe_vl", "llama4_vl", "gemma4_vl", "qwen3_vl_moe_vl", "glm4v_moe_vl", "dots3_vl", "minimax_m3_vl"]
+            "qwen3_5_moe_vl", "llama4_vl", "gemma4_vl", "qwen3_vl_moe_vl", "glm4v_moe_vl", "dots3_vl", "minimax_m3_vl",
+            "qwen3_omni_moe_vl"]
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,7 @@ def _assert_equal(full: CalibStats, streamed: CalibStats) -> None:
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, "gemma4", "hunyuan_moe", "sarvam_moe", "afmoe", "laguna", "gemma4_vl", "llama4_vl",
-                                  "glm4v_moe_vl", "dots3_vl", "minimax_m3_vl"])
+                                  "glm4v_moe_vl", "dots3_vl", "minimax_m3_vl", "qwen3_omni_moe_vl"])
 def test_streamed_equals_whole_model(tmp_path: Path, arch: str) -> None:
     """The first five families, Gemma 4, Hunyuan-MoE v1, Sarvam-MoE, AfMoE, Laguna and five multimodal checkpoints;
     sampled Fisher targets (drawn in the same order), an uneven last batch; deepseek_v2 has a dense first layer and

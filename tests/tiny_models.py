@@ -217,6 +217,13 @@ CONFIGS: dict[str, dict] = {
                                layer_types=["full_attention", "minimax_m3_sparse", "minimax_m3_sparse"],
                                index_n_heads=2, index_head_dim=64, index_block_size=16, index_topk_blocks=8,
                                index_local_blocks=1),
+    # the text model of Qwen3-Omni's thinker (only inside its wrapper): Qwen3-MoE's layers, M-RoPE sections as
+    # Qwen3-VL-MoE's
+    "qwen3_omni_moe_text": dict(model_type="qwen3_omni_moe_text", num_key_value_heads=2, head_dim=64,
+                                intermediate_size=512, moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2,
+                                decoder_sparse_step=1, mlp_only_layers=[],
+                                rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[12, 10, 10],
+                                                     mrope_interleaved=True)),
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
@@ -378,6 +385,10 @@ WRAPPERS: dict[str, tuple[str, str, dict]] = {
     "dots3_vl": ("dots3_note", "dots3", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                             num_attention_heads=2, patch_size=14, mlp_layer_types=["dense"],
                                             adapter_in_dim=64, adapter_out_dim=256)),
+    "qwen3_omni_moe_vl": ("qwen3_omni_moe", "qwen3_omni_moe_text", dict(depth=1, hidden_size=64, intermediate_size=128,
+                                                                    num_heads=2, out_hidden_size=256, patch_size=16,
+                                                                    num_position_embeddings=64,
+                                                                    deepstack_visual_indexes=[0])),
     "minimax_m3_vl": ("minimax_m3_vl", "minimax_m3_vl_text", dict(hidden_size=64, intermediate_size=128,
                                                                   num_hidden_layers=1, num_attention_heads=2,
                                                                   patch_size=14)),
@@ -387,7 +398,13 @@ WRAPPER_CONFIG: dict[str, dict] = {
     "dots3_vl": dict(audio_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                                        downsample_hidden_size=64, adapter_input_size=64, adapter_out_dim=256)),
     "minimax_m3_vl": dict(projector_hidden_size=256),
+    "qwen3_omni_moe_vl": dict(enable_audio_output=False, thinker_config=dict(audio_config=dict(
+        d_model=64, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128, output_dim=256,
+        downsample_hidden_size=32))),
 }
+#: wrappers that keep the text and vision configs in a sub-config (Qwen3-Omni's thinker), and their class
+#: (transformers maps none of the Auto classes to them)
+NESTED: dict[str, tuple[str, str]] = {"qwen3_omni_moe_vl": ("thinker_config", "Qwen3OmniMoeForConditionalGeneration")}
 
 
 #: expert tensors a family's released checkpoints store transposed from transformers' layout, which its
@@ -425,10 +442,17 @@ def _wrapped(arch: str, text: torch.nn.Module, seed: int, dtype: torch.dtype) ->
     from gemq_gguf.archs import key_mapping
     kind, _, vision = WRAPPERS[arch]
     text_cfg = {k: v for k, v in text.config.to_dict().items() if k != "architectures"}  # as released ones
-    cfg = AutoConfig.for_model(kind, text_config=text_cfg, vision_config=vision, **WRAPPER_CONFIG.get(arch, {}),
-                               tie_word_embeddings=text.config.tie_word_embeddings)
+    subs, extra = dict(text_config=text_cfg, vision_config=vision), dict(WRAPPER_CONFIG.get(arch, {}))
+    if arch in NESTED:
+        key = NESTED[arch][0]
+        subs, extra = {}, {**extra, key: {**extra.get(key, {}), **subs}}
+    cfg = AutoConfig.for_model(kind, **subs, **extra, tie_word_embeddings=text.config.tie_word_embeddings)
     torch.manual_seed(seed + 1)
-    model = transformers.AutoModelForImageTextToText.from_config(cfg, dtype=dtype)
+    if arch in NESTED:
+        cfg.architectures = [NESTED[arch][1]]
+        model = getattr(transformers, NESTED[arch][1])._from_config(cfg, dtype=dtype)
+    else:
+        model = transformers.AutoModelForImageTextToText.from_config(cfg, dtype=dtype)
     renames = [(re.compile(k), v) for k, v in key_mapping(model.config).items()]
     text_sd, copied = text.state_dict(), set()
     for name, p in model.state_dict().items():
