@@ -27,7 +27,7 @@ FAMILIES = ["deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe", "
             "deepseek_v32", "dots3", "gemma4", "hunyuan_moe", "sarvam_moe", "afmoe", "laguna",
             # multimodal checkpoints, quantized through their text model (tests/tiny_models.py: WRAPPERS)
             "qwen3_5_moe_vl", "llama4_vl", "gemma4_vl", "qwen3_vl_moe_vl", "glm4v_moe_vl", "dots3_vl", "minimax_m3_vl",
-            "qwen3_omni_moe_vl"]
+            "qwen3_omni_moe_vl", "glm5_next_vl"]
 
 
 @pytest.fixture(scope="session")
@@ -202,9 +202,9 @@ def test_minimax_m3_configs_llama_cpp_computes_differently_are_refused() -> None
     from transformers import AutoConfig
 
     from gemq_gguf.errors import GemqError
-    from tiny_models import CONFIGS
+    from tiny_models import COMMON, CONFIGS
     m3 = adapter_for(["MiniMaxM3SparseForConditionalGeneration"])
-    text = {k: v for k, v in CONFIGS["minimax_m3_vl_text"].items() if k != "model_type"}
+    text = {k: v for k, v in {**COMMON, **CONFIGS["minimax_m3_vl_text"]}.items() if k != "model_type"}
     assert m3.moe_shape(AutoConfig.for_model("minimax_m3_vl_text", **text)).moe_layers == (1, 2)
     with pytest.raises(GemqError, match="rotary_dim 32"):
         m3.moe_shape(AutoConfig.for_model("minimax_m3_vl_text", **{**text, "rope_parameters": None}))
@@ -215,6 +215,29 @@ def test_minimax_m3_configs_llama_cpp_computes_differently_are_refused() -> None
     extra = m3.converter_hparams(AutoConfig.for_model("minimax_m3_vl_text", **text).to_dict())
     assert extra["moe_layer_freq"] == [0, 1, 1] and extra["n_shared_experts"] == 1
     assert extra["sparse_attention_config"]["sparse_topk_blocks"] == 8 and extra["scoring_func"] == "sigmoid"
+
+
+def test_glm5_next_keys_and_streams() -> None:
+    """The converter gets GLM-5.3-Flash's released keys that transformers flattens or drops; a hyper-connection count
+    llama.cpp's graph does not run (it aborts the process on load) is refused before any work; its indexer's
+    position embedding stays float (ggml's CPU add takes no quantized operand: the verify step aborted)."""
+    from transformers import AutoConfig
+
+    from gemq_gguf.archs.text_model import causal_lm_name
+    from gemq_gguf.errors import GemqError
+    from gemq_gguf.ggml.names import tensor_category
+    from tiny_models import COMMON, CONFIGS
+    g5 = adapter_for(["Glm5NextForConditionalGeneration"])
+    text = {k: v for k, v in {**COMMON, **CONFIGS["glm5_next_text"]}.items() if k != "model_type"}
+    causal_lm_name(type(AutoConfig.for_model("glm5_next_text", **text)))  # makes its causal LM, as text_config does
+    assert g5.moe_shape(AutoConfig.for_model("glm5_next_text", **text)).moe_layers == (1, 2, 3)
+    with pytest.raises(GemqError, match="hc_mult 2"):
+        g5.moe_shape(AutoConfig.for_model("glm5_next_text", **{**text, "hc_mult": 2}))
+    extra = g5.converter_hparams(AutoConfig.for_model("glm5_next_text", **text).to_dict())
+    assert extra["linear_attn_config"] == {"num_heads": 4, "head_dim": 64, "short_conv_kernel_size": 4,
+                                           "gate_lower_bound": -5.0}
+    assert extra["mla_use_nope"] and extra["first_k_dense_replace"] == 1 and extra["scoring_func"] == "sigmoid"
+    assert tensor_category("blk.3.indexer_compressor_ape.weight", 2) == "f32"
 
 
 def test_laguna_layer_patterns_llama_cpp_cannot_run_are_refused() -> None:

@@ -224,6 +224,14 @@ CONFIGS: dict[str, dict] = {
                                 decoder_sparse_step=1, mlp_only_layers=[],
                                 rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[12, 10, 10],
                                                      mrope_interleaved=True)),
+    # the text model of GLM-5.3-Flash (only inside its wrapper): KDA layers and one indexed MLA layer (every 4th, as
+    # released), nope-only MLA, dense first layer, hyper-connections; the indexer keeps every key of the tests
+    "glm5_next_text": dict(model_type="glm5_next_text", num_key_value_heads=4, intermediate_size=512,
+                           moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                           q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, v_head_dim=64, num_hidden_layers=4,
+                           mlp_layer_types=["dense", "sparse", "sparse", "sparse"], linear_num_heads=4,
+                           linear_head_dim=64, index_topk=128, index_head_dim=64, index_n_heads=16, index_kpool=16,
+                           rms_norm_eps=1e-5),
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
@@ -234,7 +242,7 @@ GLM_SPECIALS = ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|observation|
 #: special tokens a family's llama.cpp converter looks up by name (added to the trained vocabulary)
 SPECIALS: dict[str, tuple[str, ...]] = {
     "qwen3_5_moe": ("<|endoftext|>",),  # transformers' Qwen3.5 tokenizer class adds it when missing
-    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "glm4v_moe_text": GLM_SPECIALS, "glm_moe_dsa": GLM_SPECIALS,
+    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "glm5_next_text": GLM_SPECIALS, "glm4v_moe_text": GLM_SPECIALS, "glm_moe_dsa": GLM_SPECIALS,
     "dots3": ("<|endofassistant|>",), "solar_open": ("<|startoftext|>", "<|endoftext|>", "<unk>"),
 }
 
@@ -389,6 +397,8 @@ WRAPPERS: dict[str, tuple[str, str, dict]] = {
                                                                     num_heads=2, out_hidden_size=256, patch_size=16,
                                                                     num_position_embeddings=64,
                                                                     deepstack_visual_indexes=[0])),
+    "glm5_next_vl": ("glm5_next", "glm5_next_text", dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2,
+                                                         out_hidden_size=256, patch_size=14)),
     "minimax_m3_vl": ("minimax_m3_vl", "minimax_m3_vl_text", dict(hidden_size=64, intermediate_size=128,
                                                                   num_hidden_layers=1, num_attention_heads=2,
                                                                   patch_size=14)),

@@ -106,6 +106,33 @@ class MiniMaxM3(MiniMaxM2):
 
 
 @register
+class Glm5Next(SigmoidScores):
+    """GLM-5.3-Flash (text model of `Glm5NextForConditionalGeneration`): KDA linear-attention layers and indexed
+    nope-only MLA layers, hyper-connections, GLM-5's routing, a shared expert, dense first layers."""
+
+    hf_classes = ("Glm5NextForConditionalGeneration", "Glm5NextTextForCausalLM")
+    name = "glm5-next"
+
+    def moe_shape(self, config: Any) -> MoeShape:
+        if config.hc_mult != 4:  # src/models/glm5-next.cpp asserts it (the process aborts on load)
+            raise GemqError(f"GLM-5.3-Flash with hc_mult {config.hc_mult}: llama.cpp's graph runs only 4 "
+                            "hyper-connection streams.", "convert a checkpoint with hc_mult 4 (the released one).")
+        return super().moe_shape(config)
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # transformers' config flattens the released `linear_attn_config`; the converter reads only that, and
+        # `mla_use_nope` and `first_k_dense_replace`
+        extra = {**super().converter_hparams(hparams), **leading_dense(hparams)}
+        if "linear_attn_config" not in hparams:
+            extra["linear_attn_config"] = {
+                "num_heads": hparams["linear_num_heads"], "head_dim": hparams["linear_head_dim"],
+                "short_conv_kernel_size": hparams["linear_conv_kernel_dim"],
+                "gate_lower_bound": hparams["linear_lower_bound"]}
+        extra.setdefault("mla_use_nope", hparams.get("mla_use_nope", hparams["qk_rope_head_dim"] == 0))
+        return extra
+
+
+@register
 class Dots1(SigmoidScores):
     """dots.llm1: DeepSeek-V3's routing (sigmoid, bias, scaling), the first layers dense."""
 
