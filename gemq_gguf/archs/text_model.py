@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import GemqError
+
 
 def is_wrapper(config: Any) -> bool:
     """A multimodal config: its text model has a config of its own (`text_config`)."""
@@ -109,7 +111,9 @@ def _head(model: nn.Module, text: Any) -> str:
         return _name(model, head)
     heads = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and
              (m.out_features, m.in_features) == (text.vocab_size, text.hidden_size)]
-    assert len(heads) == 1, heads
+    if len(heads) != 1:
+        raise GemqError(f"{type(model).__name__} names no LM head, and {len(heads)} of its layers have its shape.",
+                        "please report the model.")
     return heads[0]
 
 
