@@ -27,7 +27,7 @@ FAMILIES = ["deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe", "
             "deepseek_v32", "dots3", "gemma4", "hunyuan_moe", "sarvam_moe", "afmoe", "laguna",
             # multimodal checkpoints, quantized through their text model (tests/tiny_models.py: WRAPPERS)
             "qwen3_5_moe_vl", "llama4_vl", "gemma4_vl", "qwen3_vl_moe_vl", "glm4v_moe_vl", "dots3_vl", "minimax_m3_vl",
-            "qwen3_omni_moe_vl", "glm5_next_vl"]
+            "qwen3_omni_moe_vl", "glm5_next_vl", "step3p7_vl"]
 
 
 @pytest.fixture(scope="session")
@@ -238,6 +238,34 @@ def test_glm5_next_keys_and_streams() -> None:
                                            "gate_lower_bound": -5.0}
     assert extra["mla_use_nope"] and extra["first_k_dense_replace"] == 1 and extra["scoring_func"] == "sigmoid"
     assert tensor_category("blk.3.indexer_compressor_ape.weight", 2) == "f32"
+
+
+def test_step3p7_keys_and_experts() -> None:
+    """The converter gets Step-3.7-Flash's released keys that transformers' config turns into its own (without them it
+    stops at a KeyError); its experts module, outside the experts interface, is read with the layout given by the
+    adapter (concatenated gate/up, [E, out, in]) and its own clamped GLU."""
+    import torch
+    from transformers import AutoConfig
+
+    from gemq_gguf.archs.base import meta_model
+    from gemq_gguf.archs.text_model import causal_lm_name
+    from tiny_models import COMMON, CONFIGS
+    step = adapter_for(["Step3p7ForConditionalGeneration"])
+    cfg = AutoConfig.for_model("step3p5", **{k: v for k, v in {**COMMON, **CONFIGS["step3p5"]}.items()
+                                             if k != "model_type"}, swiglu_limits=[0.0, 0.0, 0.0, 0.3])
+    causal_lm_name(type(cfg))  # makes its causal LM, as text_config does
+    extra = step.converter_hparams(cfg.to_dict())
+    assert extra["moe_num_experts"] == 8 and extra["moe_top_k"] == 2 and extra["num_attention_groups"] == 2
+    assert extra["moe_layers_enum"] == "1,2,3" and extra["rope_theta"] == [5e6, 1e4, 1e4, 1e4]
+    assert extra["partial_rotary_factors"] == [0.5, 1.0, 1.0, 1.0] and extra["attention_other_setting"] == {
+        "num_attention_heads": 8, "num_attention_groups": 2}
+    assert step.moe_shape(cfg).moe_layers == (1, 2, 3)
+    block = step.moe_block(meta_model(cfg).to_empty(device="cpu"), 3)
+    view = step.experts(block)
+    gate, up = torch.full((1, 256), 2.0), torch.full((1, 256), -1.0)
+    # min(silu(2), 0.3) * clamp(-1, -0.3, 0.3): the gate clamped after its activation
+    assert torch.allclose(view.glu(gate, up), torch.full((1, 256), -0.09))
+    assert view.standard_act() is None
 
 
 def test_laguna_layer_patterns_llama_cpp_cannot_run_are_refused() -> None:

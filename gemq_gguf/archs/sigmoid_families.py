@@ -8,7 +8,10 @@ import re
 from typing import Any
 
 from ..errors import GemqError
+from torch import nn
+
 from .base import ArchAdapter, MoeShape
+from .experts import ExpertsView, Layout
 from .registry import register
 
 
@@ -130,6 +133,42 @@ class Glm5Next(SigmoidScores):
                 "gate_lower_bound": hparams["linear_lower_bound"]}
         extra.setdefault("mla_use_nope", hparams.get("mla_use_nope", hparams["qk_rope_head_dim"] == 0))
         return extra
+
+
+@register
+class Step3p7(SigmoidScores):
+    """Step-3.7-Flash (text model of `Step3p7ForConditionalGeneration`): full and sliding-window attention layers
+    with their own head counts and ropes, head-wise attention gates, sigmoid routing with a selection bias, a
+    shared expert, dense first layers. Its experts module is outside transformers' experts interface (concatenated
+    gate/up, [E, out, in]; its own clamped GLU, `_apply_gate`), so the layout is given here."""
+
+    hf_classes = ("Step3p7ForConditionalGeneration", "Step3p7TextForCausalLM")
+    name = "step35"
+    _layout = Layout(has_gate=True, is_transposed=False, is_concatenated=True)
+
+    def block_of(self, layer_module: nn.Module) -> nn.Module | None:
+        return layer_module.mlp if hasattr(layer_module.mlp, "experts") else None
+
+    def experts_module(self, block: nn.Module) -> nn.Module:
+        return block.experts
+
+    def experts(self, block: nn.Module) -> ExpertsView:
+        return ExpertsView(block.experts, self._layout)
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # the converter reads the released config's keys, which transformers' config turns into its own
+        types = hparams["layer_types"]
+        rope = hparams.get("rope_parameters") or {}
+        extra = {"num_attention_groups": hparams["num_key_value_heads"],
+                 "moe_num_experts": hparams["n_routed_experts"], "moe_top_k": hparams["num_experts_per_tok"],
+                 "norm_expert_weight": True,  # transformers' router always renormalises the top-k weights
+                 "moe_layers_enum": ",".join(str(i) for i, t in enumerate(hparams["mlp_layer_types"]) if t == "sparse"),
+                 "rope_theta": [rope[t]["rope_theta"] for t in types],
+                 "partial_rotary_factors": [rope[t].get("partial_rotary_factor", 1.0) for t in types]}
+        if "sliding_attention" in types:
+            extra["attention_other_setting"] = {"num_attention_heads": hparams["num_sliding_attention_heads"],
+                                                "num_attention_groups": hparams["num_key_value_heads"]}
+        return {**super().converter_hparams(hparams), **{k: v for k, v in extra.items() if k not in hparams}}
 
 
 @register
