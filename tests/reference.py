@@ -36,11 +36,17 @@ def hf_logits(model: torch.nn.Module, tokens: list[int]) -> np.ndarray:
 def wrapper_logits(model_dir: Path, tokens: list[int]) -> np.ndarray:
     """A multimodal checkpoint's logits for text alone, from its own class (vision tower and all). Where the
     wrapper's language model is itself a causal LM (Llama 4) its call gives them: the wrapper's forward passes
-    text straight to it (and in transformers 5.24 fails after it, reading `image_outputs` off its output)."""
-    from transformers import AutoModelForImageTextToText
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    lm = model.get_decoder()
-    run = lm if lm.get_output_embeddings() is not None else model
+    text straight to it (and in transformers 5.24 fails after it, reading `image_outputs` off its output).
+    Qwen3-Omni's wrapper only generates: its thinker (towers, text model and LM head) gives the logits."""
+    import transformers
+    from transformers import AutoConfig
+    cls = getattr(transformers, AutoConfig.from_pretrained(model_dir).architectures[0])
+    model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if hasattr(model, "thinker"):
+        run = model.thinker
+    else:
+        lm = model.get_decoder()
+        run = lm if lm.get_output_embeddings() is not None else model
     return run(input_ids=torch.tensor([tokens])).logits[0].double().numpy()
 
 

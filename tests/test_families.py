@@ -26,7 +26,8 @@ FAMILIES = ["deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe", "
             "kimi_linear", "glm_moe_dsa", "mimo_v2_flash", "granitemoe_swa",
             "deepseek_v32", "dots3", "gemma4", "hunyuan_moe", "sarvam_moe", "afmoe", "laguna",
             # multimodal checkpoints, quantized through their text model (tests/tiny_models.py: WRAPPERS)
-            "qwen3_5_moe_vl", "llama4_vl", "gemma4_vl", "qwen3_vl_moe_vl", "glm4v_moe_vl"]
+            "qwen3_5_moe_vl", "llama4_vl", "gemma4_vl", "qwen3_vl_moe_vl", "glm4v_moe_vl", "dots3_vl", "minimax_m3_vl",
+            "qwen3_omni_moe_vl", "glm5_next_vl", "step3p7_vl"]
 
 
 @pytest.fixture(scope="session")
@@ -191,6 +192,80 @@ def test_afmoe_configs_llama_cpp_computes_differently_are_refused() -> None:
         afmoe.moe_shape(AutoConfig.for_model("afmoe", mup_enabled=True, global_attn_every_n_layers=2, **small))
     assert afmoe.converter_hparams({}) == {"route_norm": True}
     assert afmoe.converter_hparams({"route_norm": False}) == {}
+
+
+def test_minimax_m3_configs_llama_cpp_computes_differently_are_refused() -> None:
+    """transformers' MiniMax-M3 rotates `partial_rotary_factor` of each head and ignores `rotary_dim`, which the
+    converter writes (with rotary_dim 32 of 64 and no factor a tiny checkpoint's F32 conversion was 115 % off at
+    worst, KL 2.4e-2, exact at the first token; exact with both saying 32); llama.cpp's graph fixes the layer
+    layout. Such configs are refused before any work. The converter gets the released keys transformers drops."""
+    from transformers import AutoConfig
+
+    from gemq_gguf.errors import GemqError
+    from tiny_models import COMMON, CONFIGS
+    m3 = adapter_for(["MiniMaxM3SparseForConditionalGeneration"])
+    text = {k: v for k, v in {**COMMON, **CONFIGS["minimax_m3_vl_text"]}.items() if k != "model_type"}
+    assert m3.moe_shape(AutoConfig.for_model("minimax_m3_vl_text", **text)).moe_layers == (1, 2)
+    with pytest.raises(GemqError, match="rotary_dim 32"):
+        m3.moe_shape(AutoConfig.for_model("minimax_m3_vl_text", **{**text, "rope_parameters": None}))
+    with pytest.raises(GemqError, match="dense layers first"):
+        m3.moe_shape(AutoConfig.for_model("minimax_m3_vl_text", **{**text, "dense_intermediate_size": 512}))
+    with pytest.raises(GemqError, match="dense layers first"):
+        m3.moe_shape(AutoConfig.for_model("minimax_m3_vl_text", **{**text, "layer_types": ["full_attention"] * 3}))
+    extra = m3.converter_hparams(AutoConfig.for_model("minimax_m3_vl_text", **text).to_dict())
+    assert extra["moe_layer_freq"] == [0, 1, 1] and extra["n_shared_experts"] == 1
+    assert extra["sparse_attention_config"]["sparse_topk_blocks"] == 8 and extra["scoring_func"] == "sigmoid"
+
+
+def test_glm5_next_keys_and_streams() -> None:
+    """The converter gets GLM-5.3-Flash's released keys that transformers flattens or drops; a hyper-connection count
+    llama.cpp's graph does not run (it aborts the process on load) is refused before any work; its indexer's
+    position embedding stays float (ggml's CPU add takes no quantized operand: the verify step aborted)."""
+    from transformers import AutoConfig
+
+    from gemq_gguf.archs.text_model import causal_lm_name
+    from gemq_gguf.errors import GemqError
+    from gemq_gguf.ggml.names import tensor_category
+    from tiny_models import COMMON, CONFIGS
+    g5 = adapter_for(["Glm5NextForConditionalGeneration"])
+    text = {k: v for k, v in {**COMMON, **CONFIGS["glm5_next_text"]}.items() if k != "model_type"}
+    causal_lm_name(type(AutoConfig.for_model("glm5_next_text", **text)))  # makes its causal LM, as text_config does
+    assert g5.moe_shape(AutoConfig.for_model("glm5_next_text", **text)).moe_layers == (1, 2, 3)
+    with pytest.raises(GemqError, match="hc_mult 2"):
+        g5.moe_shape(AutoConfig.for_model("glm5_next_text", **{**text, "hc_mult": 2}))
+    extra = g5.converter_hparams(AutoConfig.for_model("glm5_next_text", **text).to_dict())
+    assert extra["linear_attn_config"] == {"num_heads": 4, "head_dim": 64, "short_conv_kernel_size": 4,
+                                           "gate_lower_bound": -5.0}
+    assert extra["mla_use_nope"] and extra["first_k_dense_replace"] == 1 and extra["scoring_func"] == "sigmoid"
+    assert tensor_category("blk.3.indexer_compressor_ape.weight", 2) == "f32"
+
+
+def test_step3p7_keys_and_experts() -> None:
+    """The converter gets Step-3.7-Flash's released keys that transformers' config turns into its own (without them it
+    stops at a KeyError); its experts module, outside the experts interface, is read with the layout given by the
+    adapter (concatenated gate/up, [E, out, in]) and its own clamped GLU."""
+    import torch
+    from transformers import AutoConfig
+
+    from gemq_gguf.archs.base import meta_model
+    from gemq_gguf.archs.text_model import causal_lm_name
+    from tiny_models import COMMON, CONFIGS
+    step = adapter_for(["Step3p7ForConditionalGeneration"])
+    cfg = AutoConfig.for_model("step3p5", **{k: v for k, v in {**COMMON, **CONFIGS["step3p5"]}.items()
+                                             if k != "model_type"}, swiglu_limits=[0.0, 0.0, 0.0, 0.3])
+    causal_lm_name(type(cfg))  # makes its causal LM, as text_config does
+    extra = step.converter_hparams(cfg.to_dict())
+    assert extra["moe_num_experts"] == 8 and extra["moe_top_k"] == 2 and extra["num_attention_groups"] == 2
+    assert extra["moe_layers_enum"] == "1,2,3" and extra["rope_theta"] == [5e6, 1e4, 1e4, 1e4]
+    assert extra["partial_rotary_factors"] == [0.5, 1.0, 1.0, 1.0] and extra["attention_other_setting"] == {
+        "num_attention_heads": 8, "num_attention_groups": 2}
+    assert step.moe_shape(cfg).moe_layers == (1, 2, 3)
+    block = step.moe_block(meta_model(cfg).to_empty(device="cpu"), 3)
+    view = step.experts(block)
+    gate, up = torch.full((1, 256), 2.0), torch.full((1, 256), -1.0)
+    # min(silu(2), 0.3) * clamp(-1, -0.3, 0.3): the gate clamped after its activation
+    assert torch.allclose(view.glu(gate, up), torch.full((1, 256), -0.09))
+    assert view.standard_act() is None
 
 
 def test_laguna_layer_patterns_llama_cpp_cannot_run_are_refused() -> None:

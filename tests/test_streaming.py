@@ -52,9 +52,10 @@ def _assert_equal(full: CalibStats, streamed: CalibStats) -> None:
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, "gemma4", "hunyuan_moe", "sarvam_moe", "afmoe", "laguna", "gemma4_vl", "llama4_vl",
-                                  "glm4v_moe_vl"])
+                                  "glm4v_moe_vl", "dots3_vl", "minimax_m3_vl", "qwen3_omni_moe_vl",
+                                  "step3p7_vl"])
 def test_streamed_equals_whole_model(tmp_path: Path, arch: str) -> None:
-    """The first five families, Gemma 4, Hunyuan-MoE v1, Sarvam-MoE, AfMoE, Laguna and three multimodal checkpoints;
+    """The first five families, Gemma 4, Hunyuan-MoE v1, Sarvam-MoE, AfMoE, Laguna and seven multimodal checkpoints;
     sampled Fisher targets (drawn in the same order), an uneven last batch; deepseek_v2 has a dense first layer and
     shared experts, qwen2_moe a gated shared expert, gemma4 decoder layers called with a positional (None) per-layer
     input, hunyuan_moe per-expert checkpoint tensors (as released) and a float32 router, sarvam_moe Bailing-V2's fused
@@ -62,7 +63,10 @@ def test_streamed_equals_whole_model(tmp_path: Path, arch: str) -> None:
     laguna a rope and a mask per layer kind; the multimodal ones keep their text model under a prefix
     (`model.language_model.`, Llama 4's `language_model.model.` and `language_model.lm_head.`) beside a vision tower
     that is never read; GLM-4.5V's text model is a made causal LM (`TextForCausalLM`) whose per-expert tensors are
-    fused by its wrapper's conversions."""
+    fused by its wrapper's conversions; dots3-note's wrapper is saved with the released names (`model.layers.`,
+    `vision_encoder.`, `audio_encoder.`), MiniMax-M3's with them and per-expert tensors (`language_model.model.`,
+    `block_sparse_moe.experts.E.w1`), which its wrapper's conversions rename and fuse; Qwen3-Omni's under its
+    thinker (`thinker.model.`); Step-3.7's experts outside the experts interface."""
     path = make_tiny_model(arch, tmp_path / arch)
     tokens = _tokens()
     kw = dict(batch_size=2, labels="sampled", seed=3)
@@ -70,7 +74,7 @@ def test_streamed_equals_whole_model(tmp_path: Path, arch: str) -> None:
     _assert_equal(_full(path, tokens, **kw), streamed)
     assert all(p.device.type == "meta" for p in source.model.parameters())  # every part dropped again
     read = [key for keys in source._parts.values() for _, key in keys]
-    assert read and not [k for k in read if "vision" in k or "projector" in k]  # the vision tower is never read
+    assert read and not [k for k in read if any(w in k for w in ("vision", "projector", "audio"))]  # never read
 
 
 def test_spilled_sharded_tied(tmp_path: Path) -> None:

@@ -205,6 +205,42 @@ CONFIGS: dict[str, dict] = {
                            norm_topk_prob=True, num_hidden_layers=3, rms_norm_eps=1e-5,
                            rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5,
                                                 mrope_section=[4, 6, 6])),
+    # the text model of MiniMax-M3 (only inside its wrapper): the layout llama.cpp's graph assumes, dense layers first
+    # (a rope factor that agrees with rotary_dim: transformers rotates by the former, the converter by the latter)
+    # and sparse attention in every MoE layer, expert, shared-expert and dense widths equal; the indexer keeps every
+    # key of the 96-token tests (8 blocks of 16)
+    "minimax_m3_vl_text": dict(model_type="minimax_m3_vl_text", num_key_value_heads=2, head_dim=64, rotary_dim=32,
+                               rope_parameters=dict(rope_type="default", rope_theta=5e6, partial_rotary_factor=0.5),
+                               intermediate_size=256, dense_intermediate_size=256, shared_intermediate_size=256,
+                               num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=3,
+                               mlp_layer_types=["dense", "sparse", "sparse"],
+                               layer_types=["full_attention", "minimax_m3_sparse", "minimax_m3_sparse"],
+                               index_n_heads=2, index_head_dim=64, index_block_size=16, index_topk_blocks=8,
+                               index_local_blocks=1),
+    # the text model of Qwen3-Omni's thinker (only inside its wrapper): Qwen3-MoE's layers, M-RoPE sections as
+    # Qwen3-VL-MoE's
+    "qwen3_omni_moe_text": dict(model_type="qwen3_omni_moe_text", num_key_value_heads=2, head_dim=64,
+                                intermediate_size=512, moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2,
+                                decoder_sparse_step=1, mlp_only_layers=[],
+                                rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[12, 10, 10],
+                                                     mrope_interleaved=True)),
+    # the text model of GLM-5.3-Flash (only inside its wrapper): KDA layers and one indexed MLA layer (every 4th, as
+    # released), nope-only MLA, dense first layer, hyper-connections; the indexer keeps every key of the tests
+    "glm5_next_text": dict(model_type="glm5_next_text", num_key_value_heads=4, intermediate_size=512,
+                           moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                           q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, v_head_dim=64, num_hidden_layers=4,
+                           mlp_layer_types=["dense", "sparse", "sparse", "sparse"], linear_num_heads=4,
+                           linear_head_dim=64, index_topk=128, index_head_dim=64, index_n_heads=16, index_kpool=16,
+                           rms_norm_eps=1e-5),
+    # the text model of Step-3.7-Flash (only inside its wrapper): the released layer kinds (full attention first,
+    # rope over half of each head; sliding-window layers with their own heads and a full rope), a dense first layer,
+    # head-wise attention gates
+    "step3p5": dict(model_type="step3p5", num_key_value_heads=2, head_dim=64, intermediate_size=512,
+                    moe_intermediate_size=256, share_expert_dim=256, n_routed_experts=8, num_experts_per_tok=2,
+                    num_hidden_layers=4, mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+                    layer_types=["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"],
+                    sliding_window=33, num_sliding_attention_heads=8, moe_router_scaling_factor=2.5, gating="per-head",
+                    rope_theta=[5e6, 1e4, 1e4, 1e4], partial_rotary_factors=[0.5, 1.0, 1.0, 1.0]),
     "dbrx": dict(model_type="dbrx", d_model=256, n_heads=4, n_layers=2, max_seq_len=1024,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=256, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0)),
@@ -215,7 +251,7 @@ GLM_SPECIALS = ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|observation|
 #: special tokens a family's llama.cpp converter looks up by name (added to the trained vocabulary)
 SPECIALS: dict[str, tuple[str, ...]] = {
     "qwen3_5_moe": ("<|endoftext|>",),  # transformers' Qwen3.5 tokenizer class adds it when missing
-    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "glm4v_moe_text": GLM_SPECIALS, "glm_moe_dsa": GLM_SPECIALS,
+    "glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "glm5_next_text": GLM_SPECIALS, "glm4v_moe_text": GLM_SPECIALS, "glm_moe_dsa": GLM_SPECIALS,
     "dots3": ("<|endofassistant|>",), "solar_open": ("<|startoftext|>", "<|endoftext|>", "<unk>"),
 }
 
@@ -361,7 +397,35 @@ WRAPPERS: dict[str, tuple[str, str, dict]] = {
                                                          out_hidden_size=256, patch_size=14)),
     "gemma4_vl": ("gemma4", "gemma4", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                            num_attention_heads=2, num_key_value_heads=2, head_dim=32)),
+    # vision and audio towers (WRAPPER_CONFIG), each ending in an adapter to the text width; the vision tower's MoE
+    # layers dense (its experts are the vision tower's, not the text model's)
+    "dots3_vl": ("dots3_note", "dots3", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                            num_attention_heads=2, patch_size=14, mlp_layer_types=["dense"],
+                                            adapter_in_dim=64, adapter_out_dim=256)),
+    "qwen3_omni_moe_vl": ("qwen3_omni_moe", "qwen3_omni_moe_text", dict(depth=1, hidden_size=64, intermediate_size=128,
+                                                                    num_heads=2, out_hidden_size=256, patch_size=16,
+                                                                    num_position_embeddings=64,
+                                                                    deepstack_visual_indexes=[0])),
+    "glm5_next_vl": ("glm5_next", "glm5_next_text", dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2,
+                                                         out_hidden_size=256, patch_size=14)),
+    "step3p7_vl": ("step3p7", "step3p5", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                              num_attention_heads=2, image_size=28, patch_size=14)),
+    "minimax_m3_vl": ("minimax_m3_vl", "minimax_m3_vl_text", dict(hidden_size=64, intermediate_size=128,
+                                                                  num_hidden_layers=1, num_attention_heads=2,
+                                                                  patch_size=14)),
 }
+#: the rest of a wrapper's config, where its defaults are large: an audio tower, a projector's width
+WRAPPER_CONFIG: dict[str, dict] = {
+    "dots3_vl": dict(audio_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                       downsample_hidden_size=64, adapter_input_size=64, adapter_out_dim=256)),
+    "minimax_m3_vl": dict(projector_hidden_size=256),
+    "qwen3_omni_moe_vl": dict(enable_audio_output=False, thinker_config=dict(audio_config=dict(
+        d_model=64, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128, output_dim=256,
+        downsample_hidden_size=32))),
+}
+#: wrappers that keep the text and vision configs in a sub-config (Qwen3-Omni's thinker), and their class
+#: (transformers maps none of the Auto classes to them)
+NESTED: dict[str, tuple[str, str]] = {"qwen3_omni_moe_vl": ("thinker_config", "Qwen3OmniMoeForConditionalGeneration")}
 
 
 #: expert tensors a family's released checkpoints store transposed from transformers' layout, which its
@@ -399,10 +463,17 @@ def _wrapped(arch: str, text: torch.nn.Module, seed: int, dtype: torch.dtype) ->
     from gemq_gguf.archs import key_mapping
     kind, _, vision = WRAPPERS[arch]
     text_cfg = {k: v for k, v in text.config.to_dict().items() if k != "architectures"}  # as released ones
-    cfg = AutoConfig.for_model(kind, text_config=text_cfg, vision_config=vision,
-                               tie_word_embeddings=text.config.tie_word_embeddings)
+    subs, extra = dict(text_config=text_cfg, vision_config=vision), dict(WRAPPER_CONFIG.get(arch, {}))
+    if arch in NESTED:
+        key = NESTED[arch][0]
+        subs, extra = {}, {**extra, key: {**extra.get(key, {}), **subs}}
+    cfg = AutoConfig.for_model(kind, **subs, **extra, tie_word_embeddings=text.config.tie_word_embeddings)
     torch.manual_seed(seed + 1)
-    model = transformers.AutoModelForImageTextToText.from_config(cfg, dtype=dtype)
+    if arch in NESTED:
+        cfg.architectures = [NESTED[arch][1]]
+        model = getattr(transformers, NESTED[arch][1])._from_config(cfg, dtype=dtype)
+    else:
+        model = transformers.AutoModelForImageTextToText.from_config(cfg, dtype=dtype)
     renames = [(re.compile(k), v) for k, v in key_mapping(model.config).items()]
     text_sd, copied = text.state_dict(), set()
     for name, p in model.state_dict().items():

@@ -114,7 +114,7 @@ class ExpertsView:
             return m.act_fn(up)
         if not hasattr(m, "_apply_gate"):  # a module outside the interface: act(gate) * up
             return m.act_fn(gate) * up
-        fused = torch.cat([gate, up], -1) if m.is_concatenated else torch.stack([gate, up], -1).flatten(-2)
+        fused = torch.cat([gate, up], -1) if self.layout.is_concatenated else torch.stack([gate, up], -1).flatten(-2)
         return m._apply_gate(fused)
 
     def standard_act(self) -> Callable[[torch.Tensor], torch.Tensor] | None:

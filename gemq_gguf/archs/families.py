@@ -107,6 +107,16 @@ class Qwen3VLMoe(ArchAdapter):
 
 
 @register
+class Qwen3OmniMoe(ArchAdapter):
+    """Qwen3-Omni (text model of its thinker): Qwen3-MoE's layers with interleaved M-RoPE, beside the thinker's
+    vision and audio towers and the talker; transformers maps no class to its text config
+    (`text_model.TextForCausalLM` over `Qwen3OmniMoeThinkerTextModel`)."""
+
+    hf_classes = ("Qwen3OmniMoeForConditionalGeneration", "Qwen3OmniMoeThinkerTextForCausalLM")
+    name = "qwen3omnimoe"
+
+
+@register
 class Glm4vMoe(ArchAdapter):
     """GLM-4.5V (text model of the vision-language checkpoint): GLM-4.5's MoE with M-RoPE; transformers has no
     causal-LM class for it (`text_model.TextForCausalLM`)."""

@@ -7,7 +7,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .base import ArchAdapter
+from ..errors import GemqError
+from torch import nn
+
+from .base import ArchAdapter, MoeShape
+from .experts import ExpertsView, Layout
 from .registry import register
 
 
@@ -52,6 +56,119 @@ class MiniMaxM2(SigmoidScores):
             rope = hparams.get("rope_parameters") or {}
             extra["rotary_dim"] = int(head_dim * rope.get("partial_rotary_factor", hparams.get("partial_rotary_factor", 1.0)))
         return extra
+
+
+@register
+class MiniMaxM3(MiniMaxM2):
+    """MiniMax-M3 (text model of `MiniMaxM3SparseForConditionalGeneration`): MiniMax-M2's routing, a shared
+    expert, dense first layers, clamped SwiGLU ("swigluoai", read from the experts module) and block-sparse
+    attention with an indexer in the MoE layers."""
+
+    hf_classes = ("MiniMaxM3SparseForConditionalGeneration", "MiniMaxM3VLForCausalLM")
+    name = "minimax-m3"
+
+    def moe_shape(self, config: Any) -> MoeShape:
+        # transformers 5.24 rotates `head_dim * partial_rotary_factor` dims and ignores `rotary_dim`, which is what
+        # the converter writes: where they disagree the GGUF computes another model than the one GEMQ calibrates
+        rotated = int(config.head_dim * (config.rope_parameters or {}).get("partial_rotary_factor", 1.0))
+        if rotated != config.rotary_dim:
+            raise GemqError(f"MiniMax-M3 with rotary_dim {config.rotary_dim} and a rope over {rotated} of "
+                            f"{config.head_dim} dims: transformers rotates the latter, llama.cpp's converter writes "
+                            "the former, so the GGUF would compute another model than the one GEMQ calibrates.",
+                            f"set rope_parameters.partial_rotary_factor to {config.rotary_dim / config.head_dim} "
+                            "in the text config.")
+        # llama.cpp's graph (src/models/minimax-m3.cpp): dense layers first, sized as the experts, and the sparse
+        # attention in exactly the MoE layers
+        mlp, attn = list(config.mlp_layer_types), list(config.layer_types)
+        n_dense = next((i for i, t in enumerate(mlp) if t != "dense"), len(mlp))
+        if mlp[n_dense:] != ["sparse"] * (len(mlp) - n_dense) or \
+                attn != ["full_attention"] * n_dense + ["minimax_m3_sparse"] * (len(mlp) - n_dense) or \
+                (n_dense and config.dense_intermediate_size != config.intermediate_size) or \
+                config.shared_intermediate_size % config.intermediate_size:
+            raise GemqError(f"MiniMax-M3 with MLP layers {mlp}, attention layers {attn}, dense/expert/shared widths "
+                            f"{config.dense_intermediate_size}/{config.intermediate_size}/"
+                            f"{config.shared_intermediate_size}: llama.cpp's graph takes the dense layers first and as "
+                            "wide as an expert, the shared expert as whole experts and the sparse attention in every "
+                            "MoE layer only.", "convert a checkpoint with that layout.")
+        return super().moe_shape(config)
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # transformers' config flattens the released `sparse_attention_config` and `moe_layer_freq` into its own
+        # keys and has no shared-expert count; the converter reads only the released ones
+        extra = super().converter_hparams(hparams)
+        if "sparse_attention_config" not in hparams:
+            extra["sparse_attention_config"] = {
+                "sparse_num_index_heads": hparams["index_n_heads"], "sparse_index_dim": hparams["index_head_dim"],
+                "sparse_topk_blocks": hparams["index_topk_blocks"], "sparse_block_size": hparams["index_block_size"],
+                "sparse_local_block": hparams["index_local_blocks"]}
+        if "moe_layer_freq" not in hparams:
+            extra["moe_layer_freq"] = [int(t == "sparse") for t in hparams["mlp_layer_types"]]
+        if "n_shared_experts" not in hparams:
+            extra["n_shared_experts"] = hparams["shared_intermediate_size"] // hparams["intermediate_size"]
+        return extra
+
+
+@register
+class Glm5Next(SigmoidScores):
+    """GLM-5.3-Flash (text model of `Glm5NextForConditionalGeneration`): KDA linear-attention layers and indexed
+    nope-only MLA layers, hyper-connections, GLM-5's routing, a shared expert, dense first layers."""
+
+    hf_classes = ("Glm5NextForConditionalGeneration", "Glm5NextTextForCausalLM")
+    name = "glm5-next"
+
+    def moe_shape(self, config: Any) -> MoeShape:
+        if config.hc_mult != 4:  # src/models/glm5-next.cpp asserts it (the process aborts on load)
+            raise GemqError(f"GLM-5.3-Flash with hc_mult {config.hc_mult}: llama.cpp's graph runs only 4 "
+                            "hyper-connection streams.", "convert a checkpoint with hc_mult 4 (the released one).")
+        return super().moe_shape(config)
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # transformers' config flattens the released `linear_attn_config`; the converter reads only that, and
+        # `mla_use_nope` and `first_k_dense_replace`
+        extra = {**super().converter_hparams(hparams), **leading_dense(hparams)}
+        if "linear_attn_config" not in hparams:
+            extra["linear_attn_config"] = {
+                "num_heads": hparams["linear_num_heads"], "head_dim": hparams["linear_head_dim"],
+                "short_conv_kernel_size": hparams["linear_conv_kernel_dim"],
+                "gate_lower_bound": hparams["linear_lower_bound"]}
+        extra.setdefault("mla_use_nope", hparams.get("mla_use_nope", hparams["qk_rope_head_dim"] == 0))
+        return extra
+
+
+@register
+class Step3p7(SigmoidScores):
+    """Step-3.7-Flash (text model of `Step3p7ForConditionalGeneration`): full and sliding-window attention layers
+    with their own head counts and ropes, head-wise attention gates, sigmoid routing with a selection bias, a
+    shared expert, dense first layers. Its experts module is outside transformers' experts interface (concatenated
+    gate/up, [E, out, in]; its own clamped GLU, `_apply_gate`), so the layout is given here."""
+
+    hf_classes = ("Step3p7ForConditionalGeneration", "Step3p7TextForCausalLM")
+    name = "step35"
+    _layout = Layout(has_gate=True, is_transposed=False, is_concatenated=True)
+
+    def block_of(self, layer_module: nn.Module) -> nn.Module | None:
+        return layer_module.mlp if hasattr(layer_module.mlp, "experts") else None
+
+    def experts_module(self, block: nn.Module) -> nn.Module:
+        return block.experts
+
+    def experts(self, block: nn.Module) -> ExpertsView:
+        return ExpertsView(block.experts, self._layout)
+
+    def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        # the converter reads the released config's keys, which transformers' config turns into its own
+        types = hparams["layer_types"]
+        rope = hparams.get("rope_parameters") or {}
+        extra = {"num_attention_groups": hparams["num_key_value_heads"],
+                 "moe_num_experts": hparams["n_routed_experts"], "moe_top_k": hparams["num_experts_per_tok"],
+                 "norm_expert_weight": True,  # transformers' router always renormalises the top-k weights
+                 "moe_layers_enum": ",".join(str(i) for i, t in enumerate(hparams["mlp_layer_types"]) if t == "sparse"),
+                 "rope_theta": [rope[t]["rope_theta"] for t in types],
+                 "partial_rotary_factors": [rope[t].get("partial_rotary_factor", 1.0) for t in types]}
+        if "sliding_attention" in types:
+            extra["attention_other_setting"] = {"num_attention_heads": hparams["num_sliding_attention_heads"],
+                                                "num_attention_groups": hparams["num_key_value_heads"]}
+        return {**super().converter_hparams(hparams), **{k: v for k, v in extra.items() if k not in hparams}}
 
 
 @register
@@ -167,7 +284,7 @@ class Dots3(SigmoidScores):
     """dots.llm3 (dots3-note, text): MLA with a sparse-attention indexer in the full layers and its own MLA
     sizes in the sliding-window layers, DeepSeek-V3's routing, a shared expert, dense first layers."""
 
-    hf_classes = ("Dots3NoteForCausalLM",)
+    hf_classes = ("Dots3NoteForCausalLM", "Dots3NoteForConditionalGeneration")
     name = "dots3"
 
     def converter_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -182,6 +299,9 @@ class Dots3(SigmoidScores):
         extra.update({f"swa_{k}": swa.get(k, hparams.get(k)) for k in sizes if f"swa_{k}" not in hparams})
         if "sliding_window_size" not in hparams and hparams.get("sliding_window") is not None:
             extra["sliding_window_size"] = hparams["sliding_window"]
+        # the converter counts the layers before it moves a wrapper's text_config to the top level (released
+        # Dots3Note wrappers keep the text config there; transformers saves it nested)
+        extra["num_hidden_layers"] = hparams["num_hidden_layers"]
         if "apply_mla_qkv_lora_rescale" not in hparams:  # transformers' class always rescales the Q/KV latents
             extra["apply_mla_qkv_lora_rescale"] = True
         rope = hparams.get("rope_parameters") or {}

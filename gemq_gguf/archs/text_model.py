@@ -1,7 +1,7 @@
 """The language model inside a multimodal (`*ForConditionalGeneration`) checkpoint, as a causal LM.
 
-Released Qwen3.5-MoE, Llama 4, Gemma 4, Qwen3-VL-MoE and GLM-4.5V checkpoints are vision-language
-wrappers: a vision tower and projector around the text model. GEMQ quantizes the text model only
+Released Qwen3.5-MoE, Llama 4, Gemma 4, Qwen3-VL-MoE, GLM-4.5V, dots3-note, MiniMax-M3 and Qwen3-Omni checkpoints
+are vision-language wrappers: a vision tower and projector (some an audio tower too) around the text model. GEMQ quantizes the text model only
 (llama.cpp's converter writes the text model from the same checkpoint; the vision projector is a separate
 `--mmproj` file), so calibration, costs and router tuning run on the causal LM of the wrapper's
 `text_config` (transformers' class, or `TextForCausalLM` made from its text base model where transformers
@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import GemqError
+
 
 def is_wrapper(config: Any) -> bool:
     """A multimodal config: its text model has a config of its own (`text_config`)."""
@@ -33,8 +35,6 @@ def text_config(config: Any) -> Any:
         return config
     text = copy.deepcopy(config.get_text_config())
     name = causal_lm_name(type(text))
-    if name in _MADE:
-        _take_conversions(name, config.model_type)
     # the causal LM's class first (transformers, the adapters), then the checkpoint's (llama.cpp's converter
     # knows the latter: tensor names for GEMQ's non-expert statistics)
     text.architectures = [name, *(config.architectures or [])] if name else None
@@ -52,6 +52,7 @@ def key_mapping(config: Any) -> dict[str, str]:
     key = config.to_json_string(use_diff=False)
     if key not in _MAPPINGS:
         _MAPPINGS[key] = _measure_mapping(config)
+        _take_conversions(config, _MAPPINGS[key])
     return dict(_MAPPINGS[key])
 
 
@@ -67,17 +68,53 @@ def _measure_mapping(config: Any) -> dict[str, str]:
     with torch.device("meta"):
         wrapper = wrapper_cls(config) if wrapper_cls is not None else AutoModelForImageTextToText.from_config(config)
         text = AutoModelForCausalLM.from_config(text_config(config))
-    renames = {}
-    for outer, inner in ((_base(wrapper), _base(text)), (_name(wrapper, wrapper.get_output_embeddings()),
-                                                         _name(text, text.get_output_embeddings()))):
-        if outer != inner:
-            renames[f"^{re.escape(outer)}\\."] = f"{inner}."
+    renames, inner = {}, _base(text)
+    for outer, inner in ((_base(wrapper, type(text.get_submodule(inner))), inner),
+                         (_head(wrapper, text.config), _name(text, text.get_output_embeddings()))):
+        for prefix in dict.fromkeys((outer, _saved_prefix(wrapper, outer))):
+            if prefix != inner:
+                renames[f"^{re.escape(prefix)}\\."] = f"{inner}."
     return renames
 
 
-def _base(model: nn.Module) -> str:
-    """Where the text base model (embeddings, layers, final norm) sits: the parent of the input embeddings."""
-    return _name(model, model.get_input_embeddings()).rpartition(".")[0]
+def _saved_prefix(model: nn.Module, prefix: str) -> str:
+    """The name a save gives the module at `prefix`: transformers saves some wrappers under their released
+    checkpoints' names (its weight conversions reversed, as `revert_weight_conversion` does for a model not
+    loaded from a checkpoint): Qwen3-Omni's `thinker.model.language_model.` as `thinker.model.`, MiniMax-M3's
+    `model.language_model.` as `language_model.model.`."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+    leaf = next(n for n, _ in model.get_submodule(prefix).named_parameters())
+    conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+    saved = apply_renamings(f"{prefix}.{leaf}", [c.reverse_transform() for c in conversions[::-1]
+                                                 if isinstance(c, WeightRenaming)])
+    return saved.removesuffix(f".{leaf}") if saved.endswith(f".{leaf}") else prefix
+
+
+def _base(model: nn.Module, base: type | None = None) -> str:
+    """Where the text base model (embeddings, layers, final norm) sits: the parent of the input embeddings, or
+    the module of class `base` in a wrapper that does not say (Qwen3-Omni keeps it in its `thinker`)."""
+    try:
+        return _name(model, model.get_input_embeddings()).rpartition(".")[0]
+    except NotImplementedError:
+        return next(n for n, m in model.named_modules() if type(m) is base)
+
+
+def _head(model: nn.Module, text: Any) -> str:
+    """The LM head of a wrapper: its output embeddings, or the one [vocab, hidden] linear layer where it does
+    not say."""
+    try:
+        head = model.get_output_embeddings()
+    except NotImplementedError:
+        head = None
+    if head is not None:
+        return _name(model, head)
+    heads = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and
+             (m.out_features, m.in_features) == (text.vocab_size, text.hidden_size)]
+    if len(heads) != 1:
+        raise GemqError(f"{type(model).__name__} names no LM head, and {len(heads)} of its layers have its shape.",
+                        "please report the model.")
+    return heads[0]
 
 
 def _name(model: nn.Module, module: nn.Module) -> str:
@@ -106,7 +143,7 @@ def causal_lm_name(config_class: type) -> str | None:
     if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[kind]
     base_name = MODEL_MAPPING_NAMES.get(kind)
-    base = getattr(transformers, base_name, None) if base_name else None
+    base = getattr(transformers, base_name, None) if base_name else _unregistered_text_model(config_class)
     if base is None:
         return None
     name = base.__name__.removesuffix("Model") + "ForCausalLM"
@@ -123,14 +160,35 @@ def causal_lm_name(config_class: type) -> str | None:
 _MADE: dict[str, type] = {}
 
 
-def _take_conversions(name: str, wrapper_type: str) -> None:
-    """transformers keys a checkpoint's weight conversions (e.g. Qwen3-VL-MoE's transposed experts) by the
-    wrapper's model_type; a made causal LM loads the same tensors, so it gets the same conversions."""
+def _unregistered_text_model(config_class: type) -> type | None:
+    """The `*TextModel` of the config's family that transformers does not map to its text config (Qwen3-Omni's
+    thinker text model, Step-3.7's): the family's modeling module names it with that config class."""
+    import importlib
+
+    from transformers import PreTrainedModel
+    try:
+        module = importlib.import_module(config_class.__module__.replace(".configuration_", ".modeling_"))
+    except ImportError:
+        return None
+    return next((c for n, c in vars(module).items() if n.endswith("TextModel") and isinstance(c, type) and
+                 issubclass(c, PreTrainedModel) and getattr(c, "config_class", None) is config_class), None)
+
+
+def _take_conversions(config: Any, renames: dict[str, str]) -> None:
+    """transformers keys a checkpoint's weight conversions (Qwen3-VL-MoE's transposed experts, GLM-4.5V's and
+    MiniMax-M3's per-expert tensors, MiniMax-M3's released names) by the wrapper's model_type; the causal LM loads
+    the same tensors, so where it has no conversions of its own it gets the wrapper's, followed by `renames` (they
+    name the wrapper's modules, as MiniMax-M3's `language_model.model.` -> `model.language_model.` does)."""
     from transformers.conversion_mapping import (USER_REGISTERED_MAPPINGS, get_checkpoint_conversion_mapping,
                                                  register_checkpoint_conversion_mapping)
-    mapping = get_checkpoint_conversion_mapping(wrapper_type)
-    if mapping and name not in USER_REGISTERED_MAPPINGS:
-        register_checkpoint_conversion_mapping(name, mapping)
+    from transformers.core_model_loading import WeightRenaming
+    text = config.get_text_config()
+    name = causal_lm_name(type(text))
+    mapping = get_checkpoint_conversion_mapping(config.model_type)
+    if not mapping or name is None or name in USER_REGISTERED_MAPPINGS or \
+            get_checkpoint_conversion_mapping(name) or get_checkpoint_conversion_mapping(text.model_type):
+        return
+    register_checkpoint_conversion_mapping(name, [*mapping, *(WeightRenaming(k, v) for k, v in renames.items())])
 
 
 class TextForCausalLM:

@@ -221,8 +221,12 @@ def hf_to_float_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", verb
     adapter = adapter_for(hparams["architectures"]) if any(
         a in supported() for a in hparams.get("architectures") or []) else None  # others convert as llama.cpp does
     if adapter is not None:  # may name the converter class too (`architectures`); a multimodal checkpoint's
-        # converter reads its text_config merged over the top level
-        hparams = {**hparams, **adapter.converter_hparams({**hparams, **(hparams.get("text_config") or {})})}
+        # converter reads its text_config merged over the top level (after some classes read the top level), so
+        # the adapter's keys go to both (in the text_config only, a key the top level needs would be missing; at
+        # the top only, the text_config's own value would replace it: Dots3Note's rope per layer kind)
+        text = hparams.get("text_config") or {}
+        extra = adapter.converter_hparams({**hparams, **text})
+        hparams = {**hparams, **extra, **({"text_config": {**text, **extra}} if text else {})}
     arch = conversion.get_model_architecture(hparams, conversion.ModelType.TEXT)
     try:
         cls = conversion.get_model_class(arch)

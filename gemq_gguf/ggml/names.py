@@ -51,9 +51,11 @@ def router_tensor_name(layer: int, suffix: str = ROUTER) -> str:
 
 #: parts of names of 2-D tensors that llama-quantize never quantizes (llama-quant.cpp; nor anything whose
 #: name does not end in `.weight`, e.g. Mamba-2's [1, n_head] `ssm_a`): norms, recurrent
-#: layers' small convolution weights (llama.cpp's ssm_conv kernel takes only F32 weights), ...
+#: layers' small convolution weights (llama.cpp's ssm_conv kernel takes only F32 weights), GLM-5.3-Flash's
+#: indexer position embedding (added to activations: ggml's CPU add takes no quantized operand), ...
 KEEP_FLOAT = ("_norm.weight", "ssm_conv1d", "shortconv.conv.weight", "altup", "laurel", "per_layer_model_proj",
-              "indexer.k_proj.weight", "indexer.q_proj.weight", "attn_rel_b.weight", ".position_embd")
+              "indexer.k_proj.weight", "indexer.q_proj.weight", "attn_rel_b.weight", ".position_embd",
+              "indexer_compressor_ape")
 
 #: categories of non-expert tensors (typed by policy, or by the whole-file allocation)
 CATEGORIES = ("embd", "output", "attn", "shexp", "ffn", "router", "other")
