@@ -170,3 +170,47 @@ def test_merged_gate_up_refuses_per_projection_types_early(tmp_path) -> None:
         check_merged_gate_up(merged, AllocOptions(budget=4.0, granularity="expert-proj"))
     check_merged_gate_up(merged, AllocOptions(budget=4.0))
     check_merged_gate_up(split, AllocOptions(budget=4.0, granularity="expert-proj"))
+
+
+def _bf16_src(path: Path, layers: int, bf16: bool) -> Path:
+    """A model whose experts are bf16-exact values, stored as BF16 (or as F32, for reference)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize as gguf_quantize
+    rng = np.random.default_rng(1)
+    w = GGUFWriter(path, "mixtral")
+    w.add_block_count(layers)
+    w.add_tensor("token_embd.weight", rng.standard_normal((64, H)).astype(np.float32))
+    for l in range(layers):
+        w.add_tensor(f"blk.{l}.ffn_gate_inp.weight", rng.standard_normal((E, H)).astype(np.float32))
+        for p in ("gate", "up", "down"):
+            raw = gguf_quantize(rng.standard_normal((2 * E, I, H)).astype(np.float32), GGMLQuantizationType.BF16)
+            if bf16:
+                w.add_tensor(f"blk.{l}.ffn_{p}_exps.weight", raw, raw_dtype=GGMLQuantizationType.BF16)
+            else:
+                f32 = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+                w.add_tensor(f"blk.{l}.ffn_{p}_exps.weight", f32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_bf16_source_is_widened_one_expert_at_a_time(tmp_path) -> None:
+    """A bf16 model is never widened whole: the writer's allocations stay near one expert's float rows
+    (the model's float32 experts are 24x that here), and the file equals the one from float32 values."""
+    import tracemalloc
+    layers = 4
+    plan = uniform_plan(list(range(layers)), 2 * E, "Q4_K")
+    ref = tmp_path / "ref.gguf"
+    write_gguf(_bf16_src(tmp_path / "f32.gguf", layers, bf16=False), ref, plan, TensorPolicy(), progress=False)
+    src = _bf16_src(tmp_path / "bf16.gguf", layers, bf16=True)
+    tracemalloc.start()
+    try:
+        write_gguf(src, tmp_path / "out.gguf", plan, TensorPolicy(), progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    model_f32 = layers * 3 * 2 * E * I * H * 4
+    assert peak < model_f32 / 8, f"writer peak {peak:,} bytes for {model_f32:,} bytes of float32 experts"
+    assert (tmp_path / "out.gguf").read_bytes() == ref.read_bytes()

@@ -6,14 +6,16 @@ stock name, so a file without mixed projections is a plain llama.cpp file. Exper
 group by group (router rows and every per-expert tensor alike, so the model is unchanged): the
 patched CUDA runtime then finds an expert's group by comparing its index with the group bounds
 instead of reading the map, which costs a memory latency per thread block of the decode kernels.
-The source is memory-mapped and the output streamed: peak memory is about one expert tensor. The
-file appears under its final name only when complete.
+The source is memory-mapped (bf16 stays bf16 until one expert's rows are quantized) and the output
+streamed: peak memory is about one expert tensor, whatever the model's size. The file appears under its
+final name only when complete.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import mmap
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -168,7 +170,7 @@ class _Planner:
         byte_shape = (*data.shape[:-1], nbytes_row) if data.ndim > 1 else (nbytes_row,)
 
         def make() -> np.ndarray:
-            q = quantize(np.asarray(rows, dtype=np.float32), t, None if imat is None else imat.reshape(-1))
+            q = quantize(_floats(rows), t, None if imat is None else imat.reshape(-1))
             return q.reshape(byte_shape)
         return _Out(name, t, byte_shape, int(data.size), make)
 
@@ -178,7 +180,7 @@ class _Planner:
             imat = self._expert_imatrix(name)
             if imat is not None:
                 imat = imat.reshape(data.shape[0], -1)[e] if imat.size == data.shape[0] * data.shape[2] else imat.reshape(-1)
-            self.cache[key] = quantize(np.asarray(data[e], dtype=np.float32), t, imat)
+            self.cache[key] = quantize(_floats(data[e]), t, imat)
         return self.cache.pop(key)
 
     def _plan_types(self, name: str, layer: int, proj: str) -> list[str]:
@@ -269,7 +271,7 @@ def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
             raise GemqError(f"{src} holds {t.name} as {t.tensor_type.name}; re-typing needs float tensors.",
                             "convert from the Hugging Face checkpoint (or a F32/F16/BF16 GGUF).")
         if t.tensor_type == GGMLQuantizationType.BF16:
-            data = widen_bf16(data)
+            data = data.view(np.uint16)  # still the mapping: widened one expert (or tensor) at a time, in make()
         parsed = parse_expert_name(t.name)
         outs.extend(planner.experts(t.name, data, *parsed) if parsed else [planner.plain(t.name, data)])
 
@@ -297,6 +299,7 @@ def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
                 if arr.nbytes != o.nbytes:
                     raise AssertionError(f"{o.name}: produced {arr.nbytes} bytes, planned {o.nbytes}")
                 writer.write_tensor_data(arr)
+                _drop_mapped_pages(reader)
                 bar.update(o.nbytes)
         writer.close()
         size = tmp.stat().st_size
@@ -313,6 +316,19 @@ def write_gguf(src: Path, dst: Path, plan: ExpertPlan, policy: TensorPolicy, *,
                         expert_params=expert_params, expert_bytes=expert_bytes, grouped=planner.grouped,
                         type_counts=dict(counts), expert_type_counts=dict(planner.expert_counts),
                         fallbacks=planner.fallbacks)
+
+
+def _drop_mapped_pages(reader: GGUFReader) -> None:
+    """Unmap the source pages read so far: they stay in the page cache, but no longer count in this process's
+    RSS, which would otherwise grow to the whole float GGUF's size (memory users see as held by the run)."""
+    mm = getattr(reader.data, "_mmap", None)  # numpy.memmap's mapping
+    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
+
+
+def _floats(a: np.ndarray) -> np.ndarray:
+    """float32 rows for the quantizer; bf16 arrives as its uint16 bit patterns (the memory-mapped source)."""
+    return widen_bf16(a) if a.dtype == np.uint16 else np.asarray(a, dtype=np.float32)
 
 
 def _expert_orders(fitted: dict[tuple[int, str], list[str]], n_routing_groups: int) -> dict[int, list[int]]:
