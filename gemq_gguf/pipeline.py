@@ -22,6 +22,7 @@ from .convert.writer import write_gguf
 from .disk import check_disk, run_needs
 from .errors import GemqError
 from .ggml.imatrix import read_imatrix
+from .ggml.quant import SavedQuantCache
 from .ggml.types import canonical
 from .options import (AllocOptions, CalibOptions, ConvertRequest, FileTarget, OutputOptions, PlanFile, UniformTypes, VerifyOptions,
                       WholeFileOptions)
@@ -218,6 +219,8 @@ def _run(req: ConvertRequest, src: Source) -> dict[str, Any]:
                                  quant_cache=typed.quant_cache, tensor_types=typed.tensor_types,
                                  max_bytes=target.size if target else None)
             report["file"] = summary.to_dict()
+            if isinstance(typed.quant_cache, SavedQuantCache):
+                report["file"]["expert_matrices"] = typed.quant_cache.close()
             line = None
             if target is not None:
                 report["whole_file"].update(_target_numbers(target, summary.file_bytes, summary.file_bpw),
