@@ -267,15 +267,17 @@ def _check_disk(req: ConvertRequest, src: Source, outtype: str, types: list[str]
             other += list(load_tensor_types(path).values())
         case WholeFileOptions() as whole:
             other += [canonical(t) for t in whole.tensor_types]
-    calib = None
+    calib, cache_dir = None, None
     if isinstance(req.experts, (AllocOptions, WholeFileOptions)):
+        from .gemq.cache import cache_root
         seq = req.calib.seq_len
         calib = (-(-req.calib.tokens // seq) * seq, req.calib.memory)
+        cache_dir = cache_root(req.cache)
     verify_tokens = req.verify.chunks * req.verify.ctx if req.verify and not req.output.dry_run else 0
     check_disk(run_needs(src.model_dir, check_safetensors(src.model_dir), src.config, src.shape, outtype=outtype,
                          tied_output=src.tied_output, work_dir=work_dir,
                          output_dir=None if req.output.dry_run else out_dir, expert_types=expert, other_types=other,
-                         calib=calib, verify_tokens=verify_tokens))
+                         calib=calib, verify_tokens=verify_tokens, cache_dir=cache_dir))
 
 
 def _verify(out: OutputOptions, float_gguf: Path, calib: CalibOptions, opts: VerifyOptions, work: Path) -> Verification:

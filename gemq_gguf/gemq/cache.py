@@ -50,11 +50,17 @@ def default_cache_dir() -> Path:
     return home().expanduser() / "stats"
 
 
-def open_cache(opts: CacheOptions) -> "StatsCache | None":
-    """The cache `opts` asks for, or None with `--no-cache`."""
+def cache_root(opts: CacheOptions) -> Path | None:
+    """The folder of the cache `opts` asks for, or None with `--no-cache`."""
     if not opts.enabled:
         return None
-    return StatsCache(Path(opts.dir).expanduser() if opts.dir else default_cache_dir())
+    return Path(opts.dir).expanduser() if opts.dir else default_cache_dir()
+
+
+def open_cache(opts: CacheOptions) -> "StatsCache | None":
+    """The cache `opts` asks for, or None with `--no-cache`."""
+    root = cache_root(opts)
+    return StatsCache(root) if root is not None else None
 
 
 def _atomic(path: Path, write: Any) -> None:
