@@ -262,6 +262,8 @@ def run(args: argparse.Namespace) -> dict:
     res["ours_cached"] = measure([*ours, "--budget", "2.5", "-o", str(files / "gemq-2.5.gguf")],
                                  run_dir / "ours_cached.log", disk, env)
     res["steps_cached"] = _step_times(run_dir / "ours_cached.log")
+    cached = json.loads((files / "gemq-2.5.json").read_text())
+    res["ours_cached"]["expert_matrices"] = cached["file"].get("expert_matrices")  # the writer's reuse
     return res
 
 
@@ -302,6 +304,9 @@ def table(r: dict) -> str:
               f"(with convert_hf_to_gguf on their side: {c['wall_s'] / (llama + v['wall_s']):.1f}x)",
               f"cached / llama-quantize: {h['wall_s'] / q['wall_s']:.1f}x wall "
               f"(with convert_hf_to_gguf: {h['wall_s'] / (q['wall_s'] + v['wall_s']):.1f}x)"]
+    if h.get("expert_matrices"):
+        lines.append("cached run's writer: {from_cache} expert matrices from the cache, {quantized} quantized"
+                     .format(**h["expert_matrices"]))
     return "\n".join(lines)
 
 

@@ -11,7 +11,9 @@ space; a shortfall is one line naming the bytes needed and free, and the fix. Wh
 - output: an upper bound: every matrix at the widest type the request can give it (candidate or uniform
   or plan types for experts, the tensor policy's types for the rest, llama.cpp's row-width fallback
   applied), routers and 1-D tensors F32.
-The statistics cache is best effort (a write that fails is logged and skipped), so it is not counted.
+- statistics cache (when on, and the run calibrates and writes): the expert part of the output bound, which
+  the store of the writer's quantized experts (gemq.quant_store) may add. Its other entries are best effort
+  (a write that fails is logged and skipped) and small next to it, so they are not counted.
 """
 from __future__ import annotations
 
@@ -71,12 +73,28 @@ def output_bound(tensors: dict[str, tuple[int, ...]], shape: MoeShape, expert_ty
     expert_types, other_types = sorted(set(expert_types)), sorted(set(other_types))
     total = 0
     for name, s in tensors.items():
-        if len(s) <= 1 or (len(s) == 2 and shape.n_experts in s and ".experts." not in name):
+        if _float(name, s, shape):
             total += math.prod(s) * 4
             continue
-        expert = ".experts." in name or len(s) == 3
-        total += max(_bytes_at(s, t) for t in (expert_types if expert else other_types))
+        total += max(_bytes_at(s, t) for t in (expert_types if _expert(name, s) else other_types))
     return total
+
+
+def expert_bound(tensors: dict[str, tuple[int, ...]], shape: MoeShape, expert_types: Iterable[str]) -> int:
+    """The routed experts' part of `output_bound`: what the statistics cache's store of quantized experts
+    (gemq.quant_store) may add in one run."""
+    types = sorted(set(expert_types))
+    return sum(max(_bytes_at(s, t) for t in types) for name, s in tensors.items()
+               if not _float(name, s, shape) and _expert(name, s))
+
+
+def _float(name: str, s: tuple[int, ...], shape: MoeShape) -> bool:
+    """1-D tensors and routers (a dimension of n_experts), which stay F32."""
+    return len(s) <= 1 or (len(s) == 2 and shape.n_experts in s and ".experts." not in name)
+
+
+def _expert(name: str, s: tuple[int, ...]) -> bool:
+    return ".experts." in name or len(s) == 3
 
 
 def calibration_spill(shape: MoeShape, n_tokens: int, streamed: bool, boundary_itemsize: int) -> int:
@@ -112,9 +130,11 @@ def _gib(n: int) -> str:
 
 def run_needs(model_dir: Path, tensors: dict[str, tuple[int, ...]], config: Any, shape: MoeShape, *, outtype: str,
               tied_output: bool, work_dir: Path, output_dir: Path | None, expert_types: Sequence[str],
-              other_types: Sequence[str], calib: tuple[int, str] | None, verify_tokens: int) -> list[DiskNeed]:
+              other_types: Sequence[str], calib: tuple[int, str] | None, verify_tokens: int,
+              cache_dir: Path | None = None) -> list[DiskNeed]:
     """What a run writes where (`output_dir` None: no output, `--dry-run`). `calib`: (tokens, `--calib-memory`) when the run calibrates, else None;
-    `verify_tokens`: tokens the verification scores (0: no verification)."""
+    `verify_tokens`: tokens the verification scores (0: no verification); `cache_dir`: the statistics
+    cache when it is on and the writer persists the experts it quantizes (up to `quant_store.STORE_LIMIT`)."""
     tokenizer = sum(f.stat().st_size for f in model_dir.glob("tokenizer*") if f.is_file())
     needs = [DiskNeed("float GGUF", work_dir, float_gguf_bytes(tensors, outtype, tied_output) + tokenizer)]
     if output_dir is not None:
@@ -129,6 +149,18 @@ def run_needs(model_dir: Path, tensors: dict[str, tuple[int, ...]], config: Any,
         itemsize = torch.empty(0, dtype=calibration_dtype(config)).element_size()
         needs.append(DiskNeed("calibration spill files", work_dir,
                               calibration_spill(shape, n_tokens, use_streaming(model_dir, memory), itemsize)))
+    if cache_dir is not None and output_dir is not None:
+        from .gemq.quant_store import STORE_LIMIT
+        needs.append(DiskNeed("statistics cache: quantized experts", _existing(cache_dir),
+                              min(expert_bound(tensors, shape, expert_types), STORE_LIMIT)))
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     needs.append(DiskNeed("verification log-probs", work_dir, verify_tokens * vocab * 2))
     return needs
+
+
+def _existing(path: Path) -> Path:
+    """`path` or its nearest existing parent (the cache folder is made on first use)."""
+    path = path.expanduser().absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path

@@ -22,6 +22,7 @@ from .convert.writer import write_gguf
 from .disk import check_disk, run_needs
 from .errors import GemqError
 from .ggml.imatrix import read_imatrix
+from .ggml.quant import SavedQuantCache
 from .ggml.types import canonical
 from .options import (AllocOptions, CalibOptions, ConvertRequest, FileTarget, OutputOptions, PlanFile, UniformTypes, VerifyOptions,
                       WholeFileOptions)
@@ -218,6 +219,8 @@ def _run(req: ConvertRequest, src: Source) -> dict[str, Any]:
                                  quant_cache=typed.quant_cache, tensor_types=typed.tensor_types,
                                  max_bytes=target.size if target else None)
             report["file"] = summary.to_dict()
+            if isinstance(typed.quant_cache, SavedQuantCache):
+                report["file"]["expert_matrices"] = typed.quant_cache.close()
             line = None
             if target is not None:
                 report["whole_file"].update(_target_numbers(target, summary.file_bytes, summary.file_bpw),
@@ -264,15 +267,17 @@ def _check_disk(req: ConvertRequest, src: Source, outtype: str, types: list[str]
             other += list(load_tensor_types(path).values())
         case WholeFileOptions() as whole:
             other += [canonical(t) for t in whole.tensor_types]
-    calib = None
+    calib, cache_dir = None, None
     if isinstance(req.experts, (AllocOptions, WholeFileOptions)):
+        from .gemq.cache import cache_root
         seq = req.calib.seq_len
         calib = (-(-req.calib.tokens // seq) * seq, req.calib.memory)
+        cache_dir = cache_root(req.cache)
     verify_tokens = req.verify.chunks * req.verify.ctx if req.verify and not req.output.dry_run else 0
     check_disk(run_needs(src.model_dir, check_safetensors(src.model_dir), src.config, src.shape, outtype=outtype,
                          tied_output=src.tied_output, work_dir=work_dir,
                          output_dir=None if req.output.dry_run else out_dir, expert_types=expert, other_types=other,
-                         calib=calib, verify_tokens=verify_tokens))
+                         calib=calib, verify_tokens=verify_tokens, cache_dir=cache_dir))
 
 
 def _verify(out: OutputOptions, float_gguf: Path, calib: CalibOptions, opts: VerifyOptions, work: Path) -> Verification:

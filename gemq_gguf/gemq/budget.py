@@ -29,6 +29,7 @@ from ..report import plot_heatmap, print_allocation, report_dict, tensor_section
 from .calib import calibration_tokens
 from .cache import StatsCache, open_cache
 from .costs import CostTable, check_cost_rows, cost_fraction, estimate_costs, prune_cache
+from .quant_store import StoredQuant, store_key
 from .stats import CalibStats, collect_stats, load_for_calibration
 from .streaming import LayerWindowAdapter, open_layer_source, stream_stats, use_streaming
 from .units import Widths, unit_bits, unit_keys, unit_projs
@@ -184,6 +185,14 @@ def cost_table(c: Calibration, adapter: ArchAdapter, shape: MoeShape, types: lis
     return table, entry.quant_cache()
 
 
+def writer_cache(c: Calibration, store: StatsCache | None, cache: QuantCache) -> QuantCache:
+    """What the writer reads quantized experts from: `cache` (the cost pass's candidates), and with the
+    statistics cache on, the store of what earlier writes quantized (gemq.quant_store), which it extends."""
+    if store is None or c.cache_key is None:
+        return cache
+    return StoredQuant(store.root, store_key(c.cache_key, c.imatrix), cache)
+
+
 def allocate_experts(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, float_gguf: Path, opts: AllocOptions,
                      types: list[str], calib: CalibOptions, tune: TuneOptions | None,
                      output: OutputOptions, cache_opts: CacheOptions = CacheOptions()) -> ExpertTypes:
@@ -220,7 +229,7 @@ def allocate_experts(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, flo
                         "report this as a bug.")
     return ExpertTypes(plan=plan, origin=PlanOrigin(opts.strategy, opts.granularity, opts.budget, tuple(types)),
                        report={"allocation": report_dict(alloc, report), **tuning_report}, imatrix=c.imatrix,
-                       quant_cache=cache, routers=routers)
+                       quant_cache=writer_cache(c, store, cache), routers=routers)
 
 
 def _solve_and_tune(c: Calibration, adapter: ArchAdapter, shape: MoeShape, float_gguf: Path, problem: AllocationProblem,
@@ -303,7 +312,7 @@ def allocate_whole_file(model_dir: Path, adapter: ArchAdapter, shape: MoeShape, 
     return ExpertTypes(plan=plan, origin=PlanOrigin(opts.strategy, opts.granularity, None, tuple(types)),
                        report={"allocation": report_dict(experts, report), "non_expert": tensor_section(tensors),
                                "whole_file": file},
-                       imatrix=c.imatrix, quant_cache=cache, tensor_types=tensors.as_dict())
+                       imatrix=c.imatrix, quant_cache=writer_cache(c, store, cache), tensor_types=tensors.as_dict())
 
 
 def _whole_file_numbers(joint: JointProblem, alloc: Allocation, fixed: FileBits, target: int, what: str,

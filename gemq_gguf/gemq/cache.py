@@ -10,6 +10,10 @@ Entries (names from `cache_key`: checkpoint, calibration tokens and settings, co
   (`costs.LayerCosts`), each written to a temporary name and renamed, so an interrupted cost pass resumes
   from the last finished layer; and `L.quant.safetensors`, that layer's quantized candidates (ggml's
   bytes), which the writer then reads instead of quantizing again (when all layers' fit `QUANT_LIMIT`).
+- `quant-KEY/` (KEY: the calibration's plus the imatrix; not types, granularity or strategy): the expert
+  matrices the writer quantized, per layer and run `L.RUN.safetensors`, so the next run on the model
+  quantizes only matrices whose type is new (gemq.quant_store; up to its `STORE_LIMIT`). The writer looks
+  in the cost entry's candidates first, then here.
 Only numpy/safetensors arrays and JSON: nothing is unpickled. An entry that fails to load (truncated,
 corrupt, another layout) is reported, removed and computed again.
 """
@@ -50,11 +54,17 @@ def default_cache_dir() -> Path:
     return home().expanduser() / "stats"
 
 
-def open_cache(opts: CacheOptions) -> "StatsCache | None":
-    """The cache `opts` asks for, or None with `--no-cache`."""
+def cache_root(opts: CacheOptions) -> Path | None:
+    """The folder of the cache `opts` asks for, or None with `--no-cache`."""
     if not opts.enabled:
         return None
-    return StatsCache(Path(opts.dir).expanduser() if opts.dir else default_cache_dir())
+    return Path(opts.dir).expanduser() if opts.dir else default_cache_dir()
+
+
+def open_cache(opts: CacheOptions) -> "StatsCache | None":
+    """The cache `opts` asks for, or None with `--no-cache`."""
+    root = cache_root(opts)
+    return StatsCache(root) if root is not None else None
 
 
 def _atomic(path: Path, write: Any) -> None:

@@ -11,6 +11,7 @@ import ctypes
 import os
 from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -19,8 +20,17 @@ from ..errors import GemqError
 from .types import TypeInfo, fitting_type, ggml_lib, traits, type_info
 
 # (GGUF tensor name, expert, type) -> quantized bytes: cost estimation hands its work to the writer
-# (a dict, or the stats cache's files: gemq.cache.QuantFiles).
+# (a dict, the stats cache's files: gemq.cache.QuantFiles, or its store of what writers quantized).
 QuantCache = MutableMapping[tuple[str, int, str], np.ndarray]
+
+
+@runtime_checkable
+class SavedQuantCache(Protocol):
+    """A QuantCache that saves what the writer adds (gemq.quant_store): `close()` after the write
+    persists the rest and returns {"from_cache": n, "quantized": m} expert matrices."""
+
+    def close(self) -> dict[str, int]: ...
+
 
 _FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
 _ROWS_PER_TASK = 32
