@@ -113,10 +113,11 @@ def make_checkpoint(path: Path, layers: int, vocab: int, seed: int = 0) -> None:
 
 # ---- measuring a command --------------------------------------------------------------------------------
 
-def _tree_rss(root: int) -> int:
-    """RSS bytes of `root` and all its descendants (from /proc)."""
+def _tree_rss(root: int) -> tuple[int, int]:
+    """RSS bytes of `root` and all its descendants (from /proc), and the anonymous part of it (RSS less
+    file-backed pages: what memory-mapped model files add is reclaimable page cache, not memory held)."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
+    rss: dict[int, tuple[int, int]] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -124,16 +125,18 @@ def _tree_rss(root: int) -> int:
             with open(f"/proc/{d}/stat") as f:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
             with open(f"/proc/{d}/statm") as f:
-                rss[int(d)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                resident, shared = (int(x) * os.sysconf("SC_PAGE_SIZE") for x in f.read().split()[1:3])
+                rss[int(d)] = (resident, resident - shared)
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(ppid, []).append(int(d))
-    total, todo = 0, [root]
+    total, anon, todo = 0, 0, [root]
     while todo:
         pid = todo.pop()
-        total += rss.get(pid, 0)
+        r, a = rss.get(pid, (0, 0))
+        total, anon = total + r, anon + a
         todo.extend(children.get(pid, []))
-    return total
+    return total, anon
 
 
 def _disk_bytes(folders: list[Path]) -> int:
@@ -153,7 +156,7 @@ def measure(cmd: list[str], log: Path, disk: list[Path], env: dict[str, str] | N
     """Run `cmd`; wall time, CPU time, peak RSS of its process tree, peak bytes under `disk` beyond
     what was there at the start."""
     base = _disk_bytes(disk)
-    peak = {"rss": 0, "disk": 0}
+    peak = {"rss": 0, "anon": 0, "disk": 0}
     with log.open("w") as fh:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -163,7 +166,8 @@ def measure(cmd: list[str], log: Path, disk: list[Path], env: dict[str, str] | N
         def sample() -> None:
             n = 0
             while not done.is_set():
-                peak["rss"] = max(peak["rss"], _tree_rss(proc.pid))
+                rss, anon = _tree_rss(proc.pid)
+                peak["rss"], peak["anon"] = max(peak["rss"], rss), max(peak["anon"], anon)
                 if n % 5 == 0:
                     peak["disk"] = max(peak["disk"], _disk_bytes(disk) - base)
                 n += 1
@@ -187,7 +191,7 @@ def measure(cmd: list[str], log: Path, disk: list[Path], env: dict[str, str] | N
     if rc != 0:
         raise SystemExit(f"{cmd[0]} ... failed ({rc}); see {log}:\n" + log.read_text()[-3000:])
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss": peak["rss"],
-            "peak_disk": peak["disk"], "max_child_rss": usage.ru_maxrss * 1024}
+            "peak_anon": peak["anon"], "peak_disk": peak["disk"], "max_child_rss": usage.ru_maxrss * 1024}
 
 
 # ---- the benchmark --------------------------------------------------------------------------------------
@@ -291,11 +295,11 @@ def table(r: dict) -> str:
              f"{r['checkpoint_bytes'] / gib:.2f} GiB bf16, one layer {r['layer_bytes_bf16'] / gib:.2f} GiB; "
              f"{r['calib_tokens']} calibration tokens; {r['threads']} threads; intermediate {r['intermediate_type']}; "
              f"--cost-rows {r.get('cost_rows_asked', '1')} (used: {r.get('cost_rows', 1)})",
-             "", f"| {'run':<34} | wall s | CPU s | peak RSS (tree) GiB | peak extra disk GiB |",
-             f"|{'-' * 36}|-------:|------:|------:|------:|"]
+             "", f"| {'run':<34} | wall s | CPU s | peak RSS (tree) GiB | of it anonymous GiB | peak extra disk GiB |",
+             f"|{'-' * 36}|-------:|------:|------:|------:|------:|"]
     for name, m in rows:
         lines.append(f"| {name:<34} | {m['wall_s']:6.1f} | {m['cpu_s']:6.1f} | {m['peak_rss'] / gib:6.2f} | "
-                     f"{m['peak_disk'] / gib:6.2f} |")
+                     f"{m.get('peak_anon', float('nan')) / gib:6.2f} | {m['peak_disk'] / gib:6.2f} |")
     llama = i["wall_s"] + q["wall_s"]
     for key, what in (("steps", "cold"), ("steps_cached", "cached")):
         lines.append(f"{what} run, seconds per step: " + "; ".join(f"{k} {v:.1f}" for k, v in r[key].items()))
