@@ -113,7 +113,7 @@ class _LayerJobs:
 
     layer: int
     view: ExpertsView
-    weights: list[dict[str, np.ndarray]]
+    weights: list[dict[str, torch.Tensor]]            # per expert, on the model's device (views, no copies)
     eff: dict[str, dict[str, str | None]]            # proj -> candidate -> effective type
     futures: dict[tuple[str, int, str], Future]      # QuantCache key -> quantized bytes
     fallback: bool                                   # a type the rows cannot take becomes llama.cpp's fallback
@@ -169,8 +169,7 @@ def _submit_layer(pool: ThreadPoolExecutor, view: ExpertsView, layer: int, types
                   means: dict[str, np.ndarray] | None, fallback: bool, cache: QuantCache,
                   fraction: float = 1.0) -> _LayerJobs:
     n_experts, projs = view.n_experts, view.projs
-    weights = [{p: w.detach().to("cpu", torch.float32).numpy() for p, w in view.weights(e).items()}
-               for e in range(n_experts)]
+    weights = [{p: w.detach() for p, w in view.weights(e).items()} for e in range(n_experts)]
     imat = {p: expert_imatrix(means, layer, p, n_experts) if means else None for p in projs}
     eff = {p: {t: effective_type(t, weights[0][p].shape[1], fallback, imat[p] is not None) for t in types}
            for p in projs}
@@ -182,7 +181,7 @@ def _submit_layer(pool: ThreadPoolExecutor, view: ExpertsView, layer: int, types
             idx = sample_rows(weights[e][p].shape[0], fraction, layer, e, p)
             if idx is not None:
                 rows[(e, p)] = idx
-            w = weights[e][p] if idx is None else np.ascontiguousarray(weights[e][p][idx])
+            w = _host_rows(weights[e][p], idx)
             for et in {v for v in eff[p].values() if v is not None}:
                 key = (name, e, et)
                 if key in cache:  # ggml's rows are independent: the sampled rows of a full matrix are the same bytes
@@ -191,6 +190,13 @@ def _submit_layer(pool: ThreadPoolExecutor, view: ExpertsView, layer: int, types
                     im = None if imat[p] is None else imat[p][e]
                     futures[key] = pool.submit(quantize, w, et, im, 1)
     return _LayerJobs(layer, view, weights, eff, futures, fallback, {p: imat[p] is not None for p in projs}, rows)
+
+
+def _host_rows(w: torch.Tensor, idx: np.ndarray | None) -> np.ndarray:
+    """float32 rows for ggml's quantizer (the sampled ones, or all): only these are copied to the host, so
+    on a GPU the layer is not held twice (measured at Qwen3-30B shapes: 9.8 GiB of host memory otherwise)."""
+    rows = w if idx is None else w[torch.from_numpy(idx).to(w.device)]
+    return np.ascontiguousarray(rows.to("cpu", torch.float32).numpy())
 
 
 def _done(value: np.ndarray) -> Future:
@@ -223,7 +229,7 @@ def _expert_costs(jobs: _LayerJobs, s: LayerStats, e: int, types: Sequence[str],
     g = s.g[tok].to(device, dtype)
     x, gw = (x * rw, g) if jobs.view.input_weighted else (x, g * rw)  # E(w x) or w E(x)
     projs = jobs.view.projs
-    w = {p: torch.from_numpy(jobs.weights[e][p]).to(device, dtype) for p in projs}
+    w = {p: jobs.weights[e][p].to(device, dtype) for p in projs}
     base = expert_pass(x, w, expert_fn(jobs.view, e, device, dtype))
     rows = {p: jobs.rows.get((e, p)) for p in projs}
     patched = base.fn.finish is None and all(r is not None for r in rows.values())  # sampled: rows only
@@ -359,15 +365,15 @@ def _layer_costs(jobs: _LayerJobs, s: LayerStats, types: Sequence[str], granular
     if granularity == "tensor":
         cost = per_expert.sum(axis=0)
         bits = [_unit_bits(jobs, (p,), types, n_experts) for p in projs]
-        params = [n_experts * jobs.weights[0][p].size for p in projs]
+        params = [n_experts * jobs.weights[0][p].numel() for p in projs]
     elif granularity == "expert":
         cost = _fill_never_routed(per_expert, routed)
         bits = [_unit_bits(jobs, projs, types)] * n_experts
-        params = [sum(jobs.weights[0][p].size for p in projs)] * n_experts
+        params = [sum(jobs.weights[0][p].numel() for p in projs)] * n_experts
     else:
         cost = _fill_never_routed(per_expert, routed).reshape(-1, len(types))
         bits = [_unit_bits(jobs, (p,), types) for _ in range(n_experts) for p in projs]
-        params = [jobs.weights[0][p].size for _ in range(n_experts) for p in projs]
+        params = [jobs.weights[0][p].numel() for _ in range(n_experts) for p in projs]
     return LayerCosts(layer=jobs.layer, cost=np.asarray(cost, dtype=np.float64).reshape(-1, len(types)),
                       bits=np.stack(bits), params=np.asarray(params, dtype=np.float64),
                       never_routed=np.flatnonzero(~routed).tolist(), token_counts=s.counts.numpy().copy(),
