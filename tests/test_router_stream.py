@@ -120,3 +120,31 @@ def test_score_before_tuning_reads_checkpoint_routers(arch_path) -> None:
     a = score(full.model, full.adapter, tokens, teacher, 2)
     b = streamed.score(tokens, teacher, 2)
     assert (a.kd, a.ce, a.shift, a.route) == (b.kd, b.ce, b.shift, b.route)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [("--finetune-routers", "--ft-select", "last"), ("--progressive", "2")],
+                         ids=["finetune", "progressive"])
+def test_budget_streamed_tuning_never_loads_the_whole_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            flags: tuple[str, ...]) -> None:
+    """`--calib-memory stream` with router tuning (kd+route, the default loss) never calls
+    `Calibration.whole_model` and writes the same bytes and report numbers as `--calib-memory full`."""
+    import json
+
+    from gemq_gguf.cli import main as convert_main
+    from gemq_gguf.gemq import budget
+    path = make_tiny_model("qwen2_moe", tmp_path / "hf")
+    args = ["--budget", "3.0", "--calib-tokens", "1024", "--seq-len", "128", "--seed", "1", "--no-cache", *flags]
+    outs = {m: tmp_path / f"{m}.gguf" for m in ("full", "stream")}
+    assert convert_main([str(path), "-o", str(outs["full"]), *args, "--calib-memory", "full"]) == 0
+
+    def whole_model(self: budget.Calibration) -> None:
+        raise AssertionError("the streamed run loaded the whole model")
+    monkeypatch.setattr(budget.Calibration, "whole_model", whole_model)
+    assert convert_main([str(path), "-o", str(outs["stream"]), *args, "--calib-memory", "stream"]) == 0
+    reports = {m: json.loads(o.with_suffix(".json").read_text()) for m, o in outs.items()}
+    tuning = {m: {k: v for k, v in r["router_tuning"].items() if k != "seconds"} for m, r in reports.items()}
+    assert tuning["full"] == tuning["stream"] and tuning["full"]["steps"] > 0
+    assert tuning["full"]["routers_shipped"] or "--progressive" in flags
+    assert reports["full"].get("progressive") == reports["stream"].get("progressive")
+    assert outs["full"].read_bytes() == outs["stream"].read_bytes()
