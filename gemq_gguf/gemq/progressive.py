@@ -6,7 +6,7 @@ quantizes the experts to that plan and tunes the routers against them. The next 
 measured in that context: calibration statistics (block inputs, gradients, routing) come from a pass
 of the quantized-and-tuned model, while the cost of a candidate type is still the change from the
 full-precision expert (the experts are restored from the float GGUF, which is what the writer
-quantizes). The routers keep their tuning from step to step; a step whose tuning does not beat the
+quantizes; layer-streamed, `router_stream.streamed_measure`, they are read from the shards). The routers keep their tuning from step to step; a step whose tuning does not beat the
 routers it started from keeps those, and the routers of the last step that was kept ship.
 """
 from __future__ import annotations

@@ -4,7 +4,8 @@ Quantization changes what the experts return, so the hidden states the later rou
 tokens go to other experts than in full precision. We replace every routed expert's weights in the
 Hugging Face model by ggml's round trip of its planned type (exactly what llama.cpp will hold) and
 train only the router weights (`ffn_gate_inp`, and the shared-expert gate `ffn_gate_inp_shexp`) on the
-calibration tokens, with everything else frozen.
+calibration tokens, with everything else frozen. The passes run on a `Runner`: the whole model in
+memory (`ModelRunner`), or one decoder layer at a time (`router_stream.StreamedRunner`).
 
 Losses:
 - `ce`: the LM cross-entropy on the calibration text (the paper's choice).
