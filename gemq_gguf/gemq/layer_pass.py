@@ -219,3 +219,19 @@ class LayerPass:
             grad = below
             done()
         return grad
+
+
+class _NoBar:
+    def update(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, show: bool, desc: str) -> Any:
+    """A tqdm bar of `total` steps (layers) when `show`, else one that shows nothing."""
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="step")

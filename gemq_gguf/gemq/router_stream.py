@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from ..ggml.quant import QuantCache
 from ..options import AllocOptions, CalibOptions
 from ..plan import ExpertPlan
 from .costs import estimate_costs
-from .layer_pass import DEFAULT_BOUNDARY_LIMIT, LayerPass, Transformed
+from .layer_pass import DEFAULT_BOUNDARY_LIMIT, LayerPass, Transformed, progress_bar
 from .layer_source import LayerSource
 from .progressive import Measure
 from .router_ft import (ROUTE_WEIGHT, Routes, Score, Teacher, TEACHER_TOP_K, ce_loss, kd_loss, lm_loss,
@@ -101,7 +101,7 @@ class StreamedRunner:
                         progress: bool, desc: str) -> tuple[LayerPass, Routes]:
         """Embeddings and every layer without gradients, with the routing recorded (ids, centered logits)."""
         lp = self._pass(source, tokens, batch_size)
-        bar = _bar(lp.n_layers, progress, desc)
+        bar = progress_bar(lp.n_layers, progress, desc)
         with record_routing(source.model, self.adapter, logits=True) as routes:
             lp.forward(bar.update)
         bar.close()
@@ -230,18 +230,3 @@ def streamed_measure(runner: StreamedRunner, tokens: torch.Tensor, types: list[s
         finally:
             source.release()
     return measure
-
-
-class _NoBar:
-    def update(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(total: int, show: bool, desc: str) -> Any:
-    if not show:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="layer")

@@ -30,7 +30,7 @@ from torch import nn
 from ..archs import ArchAdapter
 from ..options import CALIB_MEMORY, FISHER_LABELS
 from .hooks import experts_hooks
-from .layer_pass import DEFAULT_BOUNDARY_LIMIT, LayerPass, Transformed, first_layer_input
+from .layer_pass import DEFAULT_BOUNDARY_LIMIT, LayerPass, Transformed, first_layer_input, progress_bar
 from .layer_source import LayerSource, safetensors_files
 from .stats import (DEFAULT_RAM_LIMIT, CalibStats, StatsRecorder, calibration_dtype, finish_stats, gradient_targets,
                     new_layer_stats, new_tensor_recorder, sequence_loss)
@@ -50,7 +50,7 @@ def stream_stats(source: LayerSource | Transformed, adapter: ArchAdapter, tokens
     seq_len = tokens.shape[1]
     lp = LayerPass(source, tokens, batch_size, boundary_limit, work_dir)
     tensors, trec = new_tensor_recorder(model, adapter, tokens, tensor_tokens, store_dtype, ram_limit, work_dir)
-    steps = _progress(2 * lp.n_layers + 2 + (trec is not None), progress)
+    steps = progress_bar(2 * lp.n_layers + 2 + (trec is not None), progress, "calibration (layer-streamed)")
     lp.embed()
     steps.update()
     lp.forward(steps.update)
@@ -167,18 +167,3 @@ class LayerWindowAdapter:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.adapter, name)
-
-
-class _NoBar:
-    def update(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, show: bool) -> Any:
-    if not show:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, desc="calibration (layer-streamed)", unit="step")
