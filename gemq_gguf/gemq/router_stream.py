@@ -154,8 +154,9 @@ class StreamedRunner:
         """The current router values; layers never loaded yet are read once for their checkpoint values."""
         for l in self.student.shape.moe_layers:
             if not set(self.student.params(l)) <= set(self.student.routers):
-                with self.student_source.loaded(l):
-                    pass
+                with self.source.loaded(l):  # the checkpoint's values, no experts quantized for nothing
+                    self.student.routers.update({n: p.detach().float().clone() for n, p in self.student.params(l).items()
+                                                 if n not in self.student.routers})
         return {n: v.clone() for n, v in self.student.routers.items()}
 
     def set_routers(self, values: dict[str, torch.Tensor]) -> None:
