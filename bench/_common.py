@@ -83,12 +83,13 @@ class Bench:
     def tuned_routers(self, plan: ExpertPlan, tune: TuneOptions) -> dict[str, Any] | None:
         """Routers tuned against this plan's quantized experts, on a fresh copy of the model."""
         from gemq_gguf.gemq.budget import calib_tokens
-        from gemq_gguf.gemq.router_ft import tune_for_plan
+        from gemq_gguf.gemq.router_ft import ModelRunner, tune_for_plan
         from gemq_gguf.gemq.stats import load_for_calibration
         assert self.calib is not None, "prepare_costs first"
         model = load_for_calibration(self.src.model_dir)
-        return tune_for_plan(model, self.src.adapter, calib_tokens(self.src.model_dir, self.calib), plan, self.imatrix,
-                             dict(self.cache), tune, seed=self.calib.seed).routers
+        runner = ModelRunner(model, self.src.adapter, self.imatrix, dict(self.cache))
+        return tune_for_plan(runner, calib_tokens(self.src.model_dir, self.calib), plan, tune,
+                             seed=self.calib.seed).routers
 
     def write(self, name: str, plan: ExpertPlan, origin: PlanOrigin, routers: dict | None = None) -> Path:
         out = self.out_dir / f"{name}.gguf"

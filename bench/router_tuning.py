@@ -33,8 +33,9 @@ from gemq_gguf.data import eval_texts
 from gemq_gguf.errors import GemqError
 from gemq_gguf.gemq.budget import calibrate
 from gemq_gguf.gemq.costs import estimate_costs
-from gemq_gguf.gemq.progressive import progressive_allocation, restore_experts_
+from gemq_gguf.gemq.progressive import progressive_allocation, restore_experts_, whole_model_measure
 from gemq_gguf.gemq.router_ft import (
+    ModelRunner,
     quantize_experts_,
     router_tensors,
     score,
@@ -109,7 +110,7 @@ class RouterBench:
         quantize_experts_(self.model, src.adapter, plan, self.bench.imatrix, self.bench.cache)
         routers, tuning = None, None
         if variant != "none":
-            tuned = tune_quantized(self.model, src.adapter, self.tokens, self.teacher,
+            tuned = tune_quantized(ModelRunner(self.model, src.adapter), self.tokens, self.teacher,
                                    TuneOptions(loss=variant, lr=lr, epochs=epochs), batch_size=a.batch_size, seed=a.seed)
             routers, tuning = tuned.routers, tuned.report
         row = {"budget": budget, "variant": variant, "lr": lr, "epochs": epochs, "bpw": alloc.bpw, **self.hf_side()}
@@ -128,9 +129,10 @@ class RouterBench:
         t0 = time.perf_counter()
         self.reset()
         tune = TuneOptions(loss=a.progressive_loss, lr=a.lr[0], epochs=a.epochs[0], progressive=a.progressive)
-        res = progressive_allocation(self.model, src.adapter, self.bench.ref, self.tokens, self.bench.imatrix,
-                                     self.problem, self.bench.cache, AllocOptions(budget, granularity=a.granularity),
-                                     tune, self.calib)
+        runner = ModelRunner(self.model, src.adapter, self.bench.imatrix, self.bench.cache)
+        opts = AllocOptions(budget, granularity=a.granularity)
+        measure = whole_model_measure(runner, self.bench.ref, self.tokens, list(self.problem.types), opts, self.calib)
+        res = progressive_allocation(runner, src.shape, self.tokens, self.problem, measure, opts, tune, self.calib)
         path = self.bench.write(f"rt-{a.granularity}-{budget}-progressive", self.bench.plan_of(res.allocation), meta,
                                 routers=res.tuning.routers)
         return {"budget": budget, "variant": f"progressive {a.progressive} ({a.progressive_loss})",

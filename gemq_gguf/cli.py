@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--imatrix", type=Path, help="llama.cpp imatrix GGUF to quantize with instead of our own statistics")
     c.add_argument("--calib-memory", choices=CALIB_MEMORY, default=CalibOptions.memory,
                    help="stream = hold one decoder layer's weights at a time (read from the safetensors shards; "
-                        "same statistics, one extra forward); full = load the whole model; auto (default) = stream "
+                        "same statistics, one extra forward; router tuning streams too); full = load the whole model; auto (default) = stream "
                         "when the model would not fit comfortably in memory")
     c.add_argument("--cache-dir", type=Path, help="where calibration statistics and cost tables are cached "
                                                  "(default ${GEMQ_GGUF_HOME:-~/.cache/gemq-gguf}/stats)")

@@ -14,6 +14,7 @@ from gemq_gguf.archs import adapter_for
 from gemq_gguf.gemq.calib import calibration_tokens
 from gemq_gguf.gemq.progressive import step_budgets
 from gemq_gguf.gemq.router_ft import (
+    ModelRunner,
     finetune_routers,
     kd_loss,
     quantize_experts_,
@@ -118,7 +119,7 @@ def test_finetune_changes_only_routers_and_is_reproducible(tiny, tokens) -> None
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         kd_before = score(model, adapter, tokens, teacher).kd
         history: list[float] = []
-        routers = finetune_routers(model, adapter, tokens, loss="kd", teacher=teacher, lr=1e-3, batch_size=2,
+        routers = finetune_routers(ModelRunner(model, adapter), tokens, loss="kd", teacher=teacher, lr=1e-3, batch_size=2,
                                    seed=3, progress=False, history=history)
         names = set(router_tensors(model, adapter))
         assert names == set(routers) and any("ffn_gate_inp_shexp" in n for n in names)
@@ -136,7 +137,7 @@ def test_finetune_changes_only_routers_and_is_reproducible(tiny, tokens) -> None
 
 def test_finetune_ce_needs_no_teacher(tiny, tokens) -> None:
     model, adapter = _load(tiny)
-    routers = finetune_routers(model, adapter, tokens[:2], loss="ce", batch_size=2, progress=False)
+    routers = finetune_routers(ModelRunner(model, adapter), tokens[:2], loss="ce", batch_size=2, progress=False)
     assert all(v.dtype == np.float32 for v in routers.values())
     assert all(p.requires_grad for p in model.parameters())  # flags restored
 
@@ -151,7 +152,7 @@ def test_route_loss_training_restores_full_precision_routing(tiny, tokens) -> No
     quantize_experts_(model, adapter, uniform_plan(list(shape.moe_layers), shape.n_experts, "Q2_K"), None)
     before = score(model, adapter, tokens, teacher)
     assert before.route > 0 and before.mean_shift > 0
-    finetune_routers(model, adapter, tokens, loss="route", teacher=teacher, lr=1e-3, epochs=4, batch_size=2,
+    finetune_routers(ModelRunner(model, adapter), tokens, loss="route", teacher=teacher, lr=1e-3, epochs=4, batch_size=2,
                      progress=False)
     after = score(model, adapter, tokens, teacher)
     assert after.route < 0.7 * before.route and after.mean_shift < before.mean_shift
@@ -166,7 +167,7 @@ def test_tune_keeps_the_epoch_with_the_lowest_heldout_kd(tiny, tokens, lr) -> No
     original = {n: p.detach().clone() for n, p in router_tensors(model, adapter).items()}
     teacher = teacher_pass(model, adapter, tokens)
     quantize_experts_(model, adapter, uniform_plan(list(shape.moe_layers), shape.n_experts, "Q2_K"), None)
-    tuned = tune_quantized(model, adapter, tokens, teacher, TuneOptions(loss="kd", lr=lr, epochs=3), batch_size=2,
+    tuned = tune_quantized(ModelRunner(model, adapter), tokens, teacher, TuneOptions(loss="kd", lr=lr, epochs=3), batch_size=2,
                            progress=False)
     report = tuned.report
     curve = report["heldout_kd_per_epoch"]

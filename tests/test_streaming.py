@@ -149,7 +149,7 @@ def test_costs_on_the_skeleton(tmp_path: Path) -> None:
 def test_per_token_layer_inputs_are_a_clear_error() -> None:
     """A decoder layer fed per-token tensors besides the hidden states (Gemma's per-layer inputs) cannot be
     streamed with arguments recorded once per batch shape: one line naming the fix, not a TypeError."""
-    from gemq_gguf.gemq.streaming import _Probe
+    from gemq_gguf.gemq.layer_pass import _Probe
     probe = _Probe(0, {})
     probe(torch.zeros(1, 2, 4), None)  # None placeholders are fine
     with pytest.raises(GemqError, match="--calib-memory full"):

@@ -105,8 +105,8 @@ class Calibration:
     """What one forward + backward pass over the calibration text gave (or the cache kept of it).
 
     `model` is the whole model; None when the statistics were layer-streamed (`stream`) or came from
-    the cache. Later steps get weights through `costs` (layer by layer when streaming) and
-    `whole_model` (router tuning trains through all of it)."""
+    the cache. Later steps get weights through `costs` (layer by layer when streaming) and, when not
+    streaming, `whole_model` (router tuning streams too when `stream`: router_stream.py)."""
 
     model_dir: Path
     model: nn.Module | None
@@ -236,18 +236,30 @@ def _solve_and_tune(c: Calibration, adapter: ArchAdapter, shape: MoeShape, float
                     cache: QuantCache, opts: AllocOptions, calib: CalibOptions,
                     tune: TuneOptions | None) -> tuple[Allocation, dict[str, np.ndarray] | None, dict[str, Any]]:
     """The allocation at the budget, and with router tuning (once, or progressively) the tuned routers
-    and their report sections (router_ft.py, progressive.py)."""
-    if tune is not None and tune.progressive:
-        from .progressive import progressive_allocation
-        res = progressive_allocation(c.whole_model(), adapter, float_gguf, c.tokens, c.imatrix, problem, cache, opts, tune,
-                                     calib)
+    and their report sections (router_ft.py, progressive.py). When calibration streamed, so does the
+    tuning (router_stream.py), in memory bounded by one layer: each training step then reads every
+    layer twice (forward and recomputation), the teacher pass and each held-out score once."""
+    if tune is None:
+        return solve(opts.strategy, problem, opts.budget, max_types=opts.max_types), None, {}
+    from .progressive import Measure, progressive_allocation, whole_model_measure
+    from .router_ft import ModelRunner, Runner, tune_for_plan
+    types = list(problem.types)
+    runner: Runner
+    measure: Measure
+    if c.stream:  # teacher pass, training steps, scores and re-measurement streamed: no whole model
+        from .router_stream import StreamedRunner, streamed_measure
+        streamed = StreamedRunner(open_layer_source(c.model_dir, adapter), adapter, c.imatrix, cache,
+                                  work_dir=float_gguf.parent)
+        runner, measure = streamed, streamed_measure(streamed, c.tokens, types, opts, calib)
+    else:
+        in_memory = ModelRunner(c.whole_model(), adapter, c.imatrix, cache)
+        runner, measure = in_memory, whole_model_measure(in_memory, float_gguf, c.tokens, types, opts, calib)
+    if tune.progressive:
+        res = progressive_allocation(runner, shape, c.tokens, problem, measure, opts, tune, calib)
         return res.allocation, res.tuning.routers, {"router_tuning": res.tuning.report, "progressive": res.steps}
     alloc = solve(opts.strategy, problem, opts.budget, max_types=opts.max_types)
-    if tune is None:
-        return alloc, None, {}
-    from .router_ft import tune_for_plan
     plan = plan_from_allocation(alloc, list(shape.moe_layers), shape.n_experts)
-    tuning = tune_for_plan(c.whole_model(), adapter, c.tokens, plan, c.imatrix, cache, tune, seed=calib.seed)
+    tuning = tune_for_plan(runner, c.tokens, plan, tune, seed=calib.seed)
     return alloc, tuning.routers, {"router_tuning": tuning.report}
 
 

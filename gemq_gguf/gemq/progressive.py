@@ -6,7 +6,7 @@ quantizes the experts to that plan and tunes the routers against them. The next 
 measured in that context: calibration statistics (block inputs, gradients, routing) come from a pass
 of the quantized-and-tuned model, while the cost of a candidate type is still the change from the
 full-precision expert (the experts are restored from the float GGUF, which is what the writer
-quantizes). The routers keep their tuning from step to step; a step whose tuning does not beat the
+quantizes; layer-streamed, `router_stream.streamed_measure`, they are read from the shards). The routers keep their tuning from step to step; a step whose tuning does not beat the
 routers it started from keeps those, and the routers of the last step that was kept ship.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -23,14 +23,14 @@ from gguf import GGMLQuantizationType, GGUFReader
 from torch import nn
 
 from ..allocate import Allocation, AllocationProblem, solve
-from ..archs import ArchAdapter
+from ..archs import ArchAdapter, MoeShape
 from ..errors import GemqError
 from ..ggml.names import expert_tensor_name
-from ..ggml.quant import QuantCache, widen_bf16
+from ..ggml.quant import widen_bf16
 from ..options import AllocOptions, CalibOptions, TuneOptions
 from ..plan import plan_from_allocation
 from .costs import estimate_costs
-from .router_ft import RouterTuning, quantize_experts_, teacher_pass, tune_quantized
+from .router_ft import ModelRunner, Runner, RouterTuning, tune_quantized
 from .stats import collect_stats
 
 log = logging.getLogger("gemq")
@@ -76,28 +76,40 @@ class ProgressiveResult:
     steps: list[dict[str, Any]]
 
 
-def progressive_allocation(model: nn.Module, adapter: ArchAdapter, float_gguf: Path, tokens: torch.Tensor,
-                           imatrix: dict[str, np.ndarray], problem: AllocationProblem, cache: QuantCache,
-                           alloc_opts: AllocOptions, tune: TuneOptions, calib: CalibOptions) -> ProgressiveResult:
-    """Reach `alloc_opts.budget` in `tune.progressive` steps; `problem` holds the full-precision costs of step 1."""
+#: step i's costs (i >= 1), measured on the model as the runner holds it after step i - 1
+Measure = Callable[[int], AllocationProblem]
+
+
+def whole_model_measure(runner: ModelRunner, float_gguf: Path, tokens: torch.Tensor, types: list[str],
+                        alloc_opts: AllocOptions, calib: CalibOptions) -> Measure:
+    """The in-memory re-measurement: statistics of the quantized-and-tuned model, then the costs with the
+    experts restored to full precision from the float GGUF (the next step quantizes those)."""
+    def measure(step: int) -> AllocationProblem:
+        model, adapter = runner.model, runner.adapter
+        stats = collect_stats(model, adapter, tokens, progress=True, work_dir=float_gguf.parent,
+                              labels=calib.fisher, seed=calib.seed + step)
+        restore_experts_(model, adapter, float_gguf)
+        return estimate_costs(model, adapter, stats, runner.imatrix, types=types, granularity=alloc_opts.granularity,
+                              cache=runner.cache, progress=True, rows=alloc_opts.cost_rows).problem()
+    return measure
+
+
+def progressive_allocation(runner: Runner, shape: MoeShape, tokens: torch.Tensor, problem: AllocationProblem,
+                           measure: Measure, alloc_opts: AllocOptions, tune: TuneOptions,
+                           calib: CalibOptions) -> ProgressiveResult:
+    """Reach `alloc_opts.budget` in `tune.progressive` steps; `problem` holds the full-precision costs of step 1,
+    `measure` gives the later steps' (`whole_model_measure`, or `router_stream.streamed_measure`)."""
     budgets = step_budgets(alloc_opts.budget, problem.bpw_range()[1], tune.progressive)
-    shape = adapter.moe_shape(model.config)
-    teacher = teacher_pass(model, adapter, tokens, progress=True)
+    teacher = runner.teacher_pass(tokens, progress=True)
     steps: list[dict[str, Any]] = []
     shipped: dict[str, np.ndarray] | None = None  # the float32 masters of the last step whose tuning was kept
     for i, budget in enumerate(budgets):
         log.info("progressive step %d/%d: %.4f bpw", i + 1, len(budgets), budget)
         if i > 0:
-            stats = collect_stats(model, adapter, tokens, progress=True, work_dir=float_gguf.parent,
-                                  labels=calib.fisher, seed=calib.seed + i)
-            restore_experts_(model, adapter, float_gguf)
-            problem = estimate_costs(model, adapter, stats, imatrix, types=problem.types,
-                                     granularity=alloc_opts.granularity, cache=cache, progress=True,
-                                     rows=alloc_opts.cost_rows).problem()
-            del stats
+            problem = measure(i)
         alloc = solve(alloc_opts.strategy, problem, budget, max_types=alloc_opts.max_types)
-        quantize_experts_(model, adapter, plan_from_allocation(alloc, list(shape.moe_layers), shape.n_experts), imatrix, cache)
-        tuning = tune_quantized(model, adapter, tokens, teacher, tune, seed=calib.seed)
+        runner.quantize(plan_from_allocation(alloc, list(shape.moe_layers), shape.n_experts))
+        tuning = tune_quantized(runner, tokens, teacher, tune, seed=calib.seed)
         shipped = tuning.routers if tuning.routers is not None else shipped
         steps.append(_step_record(budget, alloc, tuning))
     return ProgressiveResult(alloc, RouterTuning(shipped, tuning.report), steps)

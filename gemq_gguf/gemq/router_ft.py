@@ -4,7 +4,8 @@ Quantization changes what the experts return, so the hidden states the later rou
 tokens go to other experts than in full precision. We replace every routed expert's weights in the
 Hugging Face model by ggml's round trip of its planned type (exactly what llama.cpp will hold) and
 train only the router weights (`ffn_gate_inp`, and the shared-expert gate `ffn_gate_inp_shexp`) on the
-calibration tokens, with everything else frozen.
+calibration tokens, with everything else frozen. The passes run on a `Runner`: the whole model in
+memory (`ModelRunner`), or one decoder layer at a time (`router_stream.StreamedRunner`).
 
 Losses:
 - `ce`: the LM cross-entropy on the calibration text (the paper's choice).
@@ -35,7 +36,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -76,11 +77,17 @@ def quantize_experts_(model: nn.Module, adapter: ArchAdapter, plan: ExpertPlan,
     """
     shape = adapter.moe_shape(model.config)
     for l in shape.moe_layers:
-        view = adapter.experts(adapter.moe_block(model, l))
-        for e in range(shape.n_experts):
-            w = view.weights(e)
-            view.set_weights(e, {p: torch.from_numpy(_roundtrip(w[p], l, e, p, plan[(l, p)][e], imatrix, cache,
-                                                                shape.n_experts)) for p in view.projs})
+        quantize_block_(adapter, adapter.moe_block(model, l), l, shape.n_experts, plan, imatrix, cache)
+
+
+def quantize_block_(adapter: ArchAdapter, block: nn.Module, layer: int, n_experts: int, plan: ExpertPlan,
+                    imatrix: dict[str, np.ndarray] | None, cache: QuantCache | None = None) -> None:
+    """`quantize_experts_` for the MoE block of one layer (what a layer-streamed student does on every load)."""
+    view = adapter.experts(block)
+    for e in range(n_experts):
+        w = view.weights(e)
+        view.set_weights(e, {p: torch.from_numpy(_roundtrip(w[p], layer, e, p, plan[(layer, p)][e], imatrix, cache,
+                                                            n_experts)) for p in view.projs})
 
 
 def _roundtrip(w: torch.Tensor, layer: int, expert: int, proj: str, planned: str,
@@ -232,15 +239,21 @@ def _batch_loss(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, te
     dev = _device(model)
     with record_routing(model, adapter, grad=True) if "route" in parts else contextlib.nullcontext() as routes:
         logits = model(input_ids=tokens.to(dev), use_cache=False).logits
+    total = lm_loss(logits, tokens, teacher, parts)
+    if "route" in parts:
+        assert teacher is not None
+        total = total + ROUTE_WEIGHT * route_loss(routes.logits, teacher.router_logits).to(total.device)
+    return total
+
+
+def lm_loss(logits: torch.Tensor, tokens: torch.Tensor, teacher: Teacher | None, parts: list[str]) -> torch.Tensor:
+    """The LM part (`ce`, `kd` or neither: zero) of the training loss of one batch, from its logits."""
     total = torch.zeros((), device=logits.device)
     if "ce" in parts:
         total = total + ce_loss(logits, tokens.to(logits.device))
     if "kd" in parts:
         assert teacher is not None
         total = total + kd_loss(logits, teacher.logp.to(logits.device), teacher.idx.to(logits.device))
-    if "route" in parts:
-        assert teacher is not None
-        total = total + ROUTE_WEIGHT * route_loss(routes.logits, teacher.router_logits).to(total.device)
     return total
 
 
@@ -290,40 +303,98 @@ def _deterministic(seed: int, threads: int | None) -> Iterator[None]:
         torch.set_num_threads(was_threads)
 
 
-def finetune_routers(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, *, loss: str = TuneOptions.loss,
+class Runner(Protocol):
+    """What router tuning runs its passes on: the whole model in memory (`ModelRunner`), or the model
+    streamed one decoder layer at a time (`router_stream.StreamedRunner`). Router values are float32
+    tensors keyed by GGUF name."""
+
+    def teacher_pass(self, tokens: torch.Tensor, progress: bool = False) -> Teacher: ...
+
+    def quantize(self, plan: ExpertPlan) -> None: ...
+
+    def score(self, tokens: torch.Tensor, teacher: Teacher, batch_size: int = 4) -> Score: ...
+
+    def routers(self) -> dict[str, torch.Tensor]: ...
+
+    def set_routers(self, values: dict[str, torch.Tensor]) -> None: ...
+
+    def training(self) -> ContextManager[Any]: ...
+
+    def step(self, tokens: torch.Tensor, teacher: Teacher | None,
+             loss: str) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]: ...
+
+
+class ModelRunner:
+    """Router tuning on the whole model in memory; `imatrix` and `cache` serve `quantize`."""
+
+    def __init__(self, model: nn.Module, adapter: ArchAdapter, imatrix: dict[str, np.ndarray] | None = None,
+                 cache: QuantCache | None = None) -> None:
+        self.model, self.adapter, self.imatrix, self.cache = model, adapter, imatrix, cache
+        self.params = router_tensors(model, adapter)
+
+    def teacher_pass(self, tokens: torch.Tensor, progress: bool = False) -> Teacher:
+        return teacher_pass(self.model, self.adapter, tokens, progress=progress)
+
+    def quantize(self, plan: ExpertPlan) -> None:
+        """The experts, now full precision, replaced in place by their round trip per `plan`."""
+        quantize_experts_(self.model, self.adapter, plan, self.imatrix, self.cache)
+
+    def score(self, tokens: torch.Tensor, teacher: Teacher, batch_size: int = 4) -> Score:
+        return score(self.model, self.adapter, tokens, teacher, batch_size)
+
+    def routers(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().float().clone() for n, p in self.params.items()}
+
+    def set_routers(self, values: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(values[n])
+
+    def training(self) -> ContextManager[Any]:
+        return frozen(self.model, self.params.values())
+
+    def step(self, tokens: torch.Tensor, teacher: Teacher | None,
+             loss: str) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        """One batch's loss and the routers' gradients (None: no gradient, e.g. the shared-expert gate
+        under `route` alone)."""
+        value = _batch_loss(self.model, self.adapter, tokens, teacher, loss)
+        value.backward()
+        grads = {}
+        for n, p in self.params.items():
+            grads[n] = None if p.grad is None else p.grad.float()
+            p.grad = None
+        return value.detach(), grads
+
+
+def finetune_routers(runner: Runner, tokens: torch.Tensor, *, loss: str = TuneOptions.loss,
                      teacher: Teacher | None = None, lr: float = TuneOptions.lr, epochs: int = 1, batch_size: int = 4,
                      seed: int = 0, threads: int | None = None, progress: bool = True,
                      history: list[float] | None = None,
                      on_epoch: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> dict[str, np.ndarray]:
     """Train only the routers (AdamW) on `tokens` [N, L]; returns the float32 weights by GGUF name.
 
-    The model's routers are updated in place. `teacher` (rows aligned with `tokens`) is required for
-    every loss but `ce`. Each step's loss is appended to `history` when given; `on_epoch(epoch, masters)`
-    runs after every epoch with the float32 master weights (for held-out selection).
+    The runner's routers are updated after every step. `teacher` (rows aligned with `tokens`) is required
+    for every loss but `ce`. Each step's loss is appended to `history` when given; `on_epoch(epoch,
+    masters)` runs after every epoch with the float32 master weights (for held-out selection).
     """
     if loss not in LOSSES:
         raise GemqError(f"unknown router-tuning loss '{loss}'.", f"use one of: {', '.join(LOSSES)}.")
     if loss != "ce" and teacher is None:
         raise ValueError(f"{loss} needs the teacher's cached distributions (teacher_pass before quantizing)")
-    params = router_tensors(model, adapter)
-    masters = {n: p.detach().float().clone().requires_grad_(True) for n, p in params.items()}
-    with _deterministic(seed, threads), frozen(model, params.values()):
+    masters = {n: v.requires_grad_(True) for n, v in runner.routers().items()}
+    with _deterministic(seed, threads), runner.training():
         opt = torch.optim.AdamW(list(masters.values()), lr=lr, weight_decay=0.0)
         gen = torch.Generator().manual_seed(seed)
         steps = [b for _ in range(epochs) for b in _batches(len(tokens), batch_size, torch.randperm(len(tokens), generator=gen))]
         per_epoch = len(steps) // epochs
         bar = _progress(steps, progress, f"router tuning ({loss})")
         for i, rows in enumerate(bar):
-            value = _batch_loss(model, adapter, tokens[rows], None if teacher is None else teacher.rows(rows), loss)
-            value.backward()
-            for n, p in params.items():
-                masters[n].grad = None if p.grad is None else p.grad.float()  # `route` alone: no shexp grad
-                p.grad = None
+            value, grads = runner.step(tokens[rows], None if teacher is None else teacher.rows(rows), loss)
+            for n, m in masters.items():
+                m.grad = grads[n]  # `route` alone: no shexp grad
             opt.step()
             opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(masters[n])
+            runner.set_routers(masters)
             if history is not None:
                 history.append(float(value.detach()))
             if progress:
@@ -368,10 +439,10 @@ class RouterTuning:
     report: dict[str, Any]
 
 
-def tune_quantized(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, teacher: Teacher,
+def tune_quantized(runner: Runner, tokens: torch.Tensor, teacher: Teacher,
                    opts: TuneOptions = TuneOptions(), *, batch_size: int = 4, seed: int = 0,
                    progress: bool = True) -> RouterTuning:
-    """Tune the routers of an already quantized model.
+    """Tune the routers of an already quantized model (`runner`: in memory or layer-streamed).
 
     Held-out sequences judge the tuning: KD and CE loss and routing shift per layer, before and after,
     plus the training loss curve. With `select="best"` the routers kept are those of the epoch with the
@@ -385,24 +456,21 @@ def tune_quantized(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor,
     t0 = time.perf_counter()
     train, val = split_rows(len(tokens), seed)
     val_teacher = teacher.rows(val)
-    before = score(model, adapter, tokens[val], val_teacher, batch_size)
-    params = router_tensors(model, adapter)
-    best = {"score": before, "epoch": 0, "routers": {n: p.detach().float().clone() for n, p in params.items()}}
+    before = runner.score(tokens[val], val_teacher, batch_size)
+    best = {"score": before, "epoch": 0, "routers": runner.routers()}
     heldout_kd = [before.kd]
 
     def judge(epoch: int, masters: dict[str, torch.Tensor]) -> None:
-        s = score(model, adapter, tokens[val], val_teacher, batch_size)
+        s = runner.score(tokens[val], val_teacher, batch_size)
         heldout_kd.append(s.kd)
         if opts.select == "last" or s.kd < best["score"].kd:
             best.update(score=s, epoch=epoch, routers={n: m.detach().clone() for n, m in masters.items()})
 
     history: list[float] = []
-    finetune_routers(model, adapter, tokens[train], loss=opts.loss, teacher=teacher.rows(train), lr=opts.lr,
+    finetune_routers(runner, tokens[train], loss=opts.loss, teacher=teacher.rows(train), lr=opts.lr,
                      epochs=opts.epochs, batch_size=batch_size, seed=seed, progress=progress, history=history,
                      on_epoch=judge)
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(best["routers"][n])
+    runner.set_routers(best["routers"])
     after = best["score"]  # judged with exactly these routers in the model
     shipped = best["epoch"] > 0
     if not shipped:
@@ -423,11 +491,10 @@ def tune_quantized(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor,
     return RouterTuning(routers, section)
 
 
-def tune_for_plan(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, plan: ExpertPlan,
-                  imatrix: dict[str, np.ndarray] | None, cache: QuantCache | None = None,
-                  opts: TuneOptions = TuneOptions(), *, seed: int = 0, progress: bool = True) -> RouterTuning:
-    """Teacher pass, quantize the experts per `plan`, tune the routers. The model's experts stay
+def tune_for_plan(runner: Runner, tokens: torch.Tensor, plan: ExpertPlan, opts: TuneOptions = TuneOptions(), *,
+                  seed: int = 0, progress: bool = True) -> RouterTuning:
+    """Teacher pass, quantize the experts per `plan`, tune the routers. The runner's experts stay
     quantized afterwards."""
-    teacher = teacher_pass(model, adapter, tokens, progress=progress)
-    quantize_experts_(model, adapter, plan, imatrix, cache)
-    return tune_quantized(model, adapter, tokens, teacher, opts, seed=seed, progress=progress)
+    teacher = runner.teacher_pass(tokens, progress=progress)
+    runner.quantize(plan)
+    return tune_quantized(runner, tokens, teacher, opts, seed=seed, progress=progress)

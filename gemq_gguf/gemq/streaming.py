@@ -1,24 +1,15 @@
 """Layer-streamed calibration statistics: the whole-model pass of `stats.collect_stats`, in memory
-bounded by one decoder layer's weights.
+bounded by one decoder layer's weights, on the engine of `layer_pass.py`.
 
-Forward: the embeddings turn every batch into the first layer's input; then layer by layer (its
-weights read from the shards only while it runs, `layer_source.py`) every batch's input becomes the
-next layer's input. The layer-boundary hidden states of all batches are kept (in RAM, or in memmap
-files past `boundary_limit` bytes). The head then gives each batch's logits, the loss (the same
-`sequence_loss` against the same targets: `--fisher sampled` draws in the same order from the same
-seeded generator) and its gradient at the last boundary. Backward: from the top layer down, each
-layer's forward is recomputed from its saved input with gradients on, and the boundary gradient is
-pushed through it. The MoE hooks of `stats.StatsRecorder` fire during that recomputation, so x, the
-routing, the imatrix sums and g at every MoE block's output are exactly those of the whole-model pass
-(same computations on the same values, layer by layer instead of model by model). The non-expert
-records (tensor_stats.py) come from the same recomputation (the LM head's from the head pass); the
-gradient at the embedding's output from one more pass through the embeddings, fed the gradient at the
-first layer's input.
-
-What each decoder layer is called with besides its hidden states (position ids, rotary cos/sin, the
-causal mask, ...) is produced by the model's own forward: probes stand in for the decoder layers and
-record their arguments, so no family's mask or rotary code is rewritten here. Masks and positions
-depend only on the batch's shape (calibration rows are unpadded), so they are recorded once per shape.
+Forward: embeddings, then every layer over all batches keeping the layer-boundary hidden states. The
+head gives each batch's logits, the loss (the same `sequence_loss` against the same targets: `--fisher
+sampled` draws in the same order from the same seeded generator) and its gradient at the last boundary.
+Backward: from the top layer down, each layer's forward is recomputed from its saved input and the
+boundary gradient pushed through it. The MoE hooks of `stats.StatsRecorder` fire during that
+recomputation, so x, the routing, the imatrix sums and g at every MoE block's output are exactly those
+of the whole-model pass. The non-expert records (tensor_stats.py) come from the same recomputation (the
+LM head's from the head pass); the gradient at the embedding's output from one more pass through the
+embeddings, fed the gradient at the first layer's input.
 
 Cost: one extra forward per layer (the recomputation) and reading each layer's weights twice.
 Memory: one layer's weights, the embeddings or head while they run, the boundary states
@@ -30,191 +21,88 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
-import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..archs import ArchAdapter
-from ..errors import GemqError
 from ..options import CALIB_MEMORY, FISHER_LABELS
 from .hooks import experts_hooks
+from .layer_pass import DEFAULT_BOUNDARY_LIMIT, LayerPass, Transformed, first_layer_input, progress_bar
 from .layer_source import LayerSource, safetensors_files
-from .buffers import host_buffer, spill_directory
 from .stats import (DEFAULT_RAM_LIMIT, CalibStats, StatsRecorder, calibration_dtype, finish_stats, gradient_targets,
                     new_layer_stats, new_tensor_recorder, sequence_loss)
 from .tensor_stats import TensorRecorder, tensor_hooks
 
-#: bytes of boundary hidden states kept in RAM before they go to memmap files
-DEFAULT_BOUNDARY_LIMIT = 2 * 2**30
 
-LayerKwargs = list[dict[str, Any]]  # per decoder layer: what the model's forward passes besides hidden states
-
-
-class _Stop(Exception):
-    """Raised by the last probe: the model's forward has nothing more to give."""
-
-
-class _Probe(nn.Module):
-    """Stands in for decoder layer `index`: records its keyword arguments and returns `replace` (when set)
-    or its input unchanged."""
-
-    def __init__(self, index: int, calls: dict[int, dict[str, Any]], replace: torch.Tensor | None = None,
-                 stop: bool = False) -> None:
-        super().__init__()
-        self.index, self.calls, self.replace, self.stop = index, calls, replace, stop
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if any(a is not None for a in args):  # recorded once per batch shape: nothing may depend on the tokens
-            raise GemqError("layer-streamed calibration cannot take this model: its decoder layers get per-token "
-                            "inputs besides the hidden states (e.g. Gemma's per-layer inputs).",
-                            "pass --calib-memory full (the whole model in memory).")
-        self.calls[self.index] = {"input": hidden_states, "args": args, **kwargs}
-        if self.stop:
-            raise _Stop
-        return hidden_states if self.replace is None else self.replace
-
-
-@contextlib.contextmanager
-def _probed(layers: nn.ModuleList, make: Callable[[int], _Probe]) -> Iterator[None]:
-    """The decoder layers replaced by probes for the duration of the block."""
-    saved = list(layers)
-    for i in range(len(saved)):
-        layers[i] = make(i)
-    try:
-        yield
-    finally:
-        for i, layer in enumerate(saved):
-            layers[i] = layer
-
-
-def _layer_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-class _Boundaries:
-    """Hidden states at the n_layers + 1 layer boundaries for all tokens [T, H], in RAM or memmap files."""
-
-    def __init__(self, n: int, n_tok: int, hidden: int, dtype: torch.dtype, limit: int,
-                 work_dir: Path | None) -> None:
-        size = (n + 1) * n_tok * hidden * torch.empty(0, dtype=dtype).element_size()
-        self.dir = spill_directory(work_dir, "gemq-boundaries-") if size > limit else None
-        self.h = [host_buffer((n_tok, hidden), dtype, self.dir / f"h{i}.bin" if self.dir else None) for i in range(n + 1)]
-        if self.dir is not None:
-            weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
-
-
-def stream_stats(source: LayerSource, adapter: ArchAdapter, tokens: torch.Tensor, *, batch_size: int = 4,
-                 store_dtype: torch.dtype = torch.bfloat16, ram_limit: int = DEFAULT_RAM_LIMIT,
+def stream_stats(source: LayerSource | Transformed, adapter: ArchAdapter, tokens: torch.Tensor, *,
+                 batch_size: int = 4, store_dtype: torch.dtype = torch.bfloat16, ram_limit: int = DEFAULT_RAM_LIMIT,
                  boundary_limit: int = DEFAULT_BOUNDARY_LIMIT, work_dir: Path | None = None,
                  datasets: list[str] | None = None, labels: str = FISHER_LABELS[0], seed: int = 0,
                  tensor_tokens: int = 0, progress: bool = False) -> CalibStats:
     """`collect_stats`'s statistics for the model of `source`, holding one layer's weights at a time."""
     if labels not in FISHER_LABELS:
         raise ValueError(f"labels must be one of {FISHER_LABELS}, not {labels!r}")
-    model, layers, device = source.model, source.layers, source.device
+    model = source.model
     shape = adapter.moe_shape(model.config)
-    n_seq, seq_len = tokens.shape
-    n_tok, n_layers = n_seq * seq_len, len(layers)
-    starts = list(range(0, n_seq, batch_size))
-    rows = {s: slice(s * seq_len, min(s + batch_size, n_seq) * seq_len) for s in starts}
-
-    def batch_view(t: torch.Tensor, s: int) -> torch.Tensor:  # [T, H] rows of batch s -> [B, L, H] on device
-        return t[rows[s]].reshape(-1, seq_len, t.shape[-1]).to(device)
-
+    seq_len = tokens.shape[1]
+    lp = LayerPass(source, tokens, batch_size, boundary_limit, work_dir)
     tensors, trec = new_tensor_recorder(model, adapter, tokens, tensor_tokens, store_dtype, ram_limit, work_dir)
-    steps = _progress(2 * n_layers + 2 + (trec is not None), progress)
-    # embeddings: the first layer's input of every batch, and each layer's arguments per batch shape
-    kwargs: dict[int, LayerKwargs] = {}
-    with source.loaded("embed"):
-        h0 = None
-        for s in starts:
-            batch = tokens[s:s + batch_size].to(device)
-            calls: dict[int, dict[str, Any]] = {}
-            with _probed(layers, lambda i: _Probe(i, calls, stop=i == n_layers - 1)):
-                with contextlib.suppress(_Stop), torch.no_grad():
-                    model(input_ids=batch, use_cache=False)
-            if h0 is None:
-                bounds = _Boundaries(n_layers, n_tok, calls[0]["input"].shape[-1], calls[0]["input"].dtype,
-                                     boundary_limit, work_dir)
-                h0 = bounds.h[0]
-            h0[rows[s]] = calls[0]["input"].reshape(-1, h0.shape[-1]).cpu()
-            kwargs.setdefault(batch.shape[0], [{k: v for k, v in calls[i].items() if k != "input"}
-                                               for i in range(n_layers)])  # "args": Nones (Gemma 4's per_layer_input)
+    steps = progress_bar(2 * lp.n_layers + 2 + (trec is not None), progress, "calibration (layer-streamed)")
+    lp.embed()
     steps.update()
+    lp.forward(steps.update)
 
-    def run(i: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        kw = dict(kwargs[x.shape[0]][i])
-        return _layer_output(layer(x, *kw.pop("args"), **kw))
-
-    for i in range(n_layers):  # forward, layer by layer
-        with source.loaded(i) as layer, torch.no_grad():
-            for s in starts:
-                bounds.h[i + 1][rows[s]] = run(i, layer, batch_view(bounds.h[i], s)).reshape(
-                    -1, bounds.h[i].shape[-1]).cpu()
-        steps.update()
-
-    grad = torch.zeros_like(bounds.h[n_layers], device="cpu")
     total = 0.0
     gen: torch.Generator | None = None
-    with source.loaded("head"), tensor_hooks(model, trec, embedding=False):  # logits, loss and its gradient at
-        for s in starts:                                                      # the last boundary, batch by batch
-            if trec is not None:
-                trec.begin(s * seq_len)
-            hl = batch_view(bounds.h[n_layers], s).requires_grad_(True)
-            calls = {}
-            with _probed(layers, lambda i: _Probe(i, calls, replace=hl if i == 0 else None)):
-                logits = model(inputs_embeds=hl.detach(), use_cache=False).logits
-            if gen is None:
-                gen = torch.Generator(device=logits.device).manual_seed(seed)
-            batch = tokens[s:s + batch_size].to(logits.device)
-            loss = sequence_loss(logits, gradient_targets(logits, batch, labels, gen))
-            loss.backward()
-            grad[rows[s]] = hl.grad.reshape(-1, hl.shape[-1]).cpu()
-            total += float(loss.detach())
+
+    def loss(s: int, logits: torch.Tensor) -> torch.Tensor:
+        nonlocal gen, total
+        if gen is None:
+            gen = torch.Generator(device=logits.device).manual_seed(seed)
+        batch = lp.batch(s).to(logits.device)
+        value = sequence_loss(logits, gradient_targets(logits, batch, labels, gen))
+        total += float(value.detach())
+        return value
+
+    def begin(s: int) -> None:
+        if trec is not None:
+            trec.begin(s * seq_len)
+
+    with tensor_hooks(model, trec, embedding=False):  # logits, loss and its gradient at the last boundary
+        grad = lp.head(loss, grad=True, begin=begin)
     steps.update()
 
-    stats, spill_dir = new_layer_stats(shape, n_tok, store_dtype, ram_limit, work_dir)
+    stats, spill_dir = new_layer_stats(shape, tokens.numel(), store_dtype, ram_limit, work_dir)
     recorder = StatsRecorder(adapter, stats)
+
+    def begin_stats(s: int) -> None:
+        recorder.offset = s * seq_len
+        begin(s)
+
     with experts_hooks(model, adapter, recorder.hook), tensor_hooks(model, trec, embedding=False):
-        for i in reversed(range(n_layers)):  # backward: recompute each layer from its input, record at MoE blocks
-            below = torch.zeros_like(grad) if i > 0 or trec is not None else None
-            with source.loaded(i) as layer:
-                for s in starts:
-                    recorder.offset = s * seq_len
-                    if trec is not None:
-                        trec.begin(s * seq_len)
-                    x = batch_view(bounds.h[i], s).requires_grad_(True)
-                    out = run(i, layer, x)
-                    out.backward(batch_view(grad, s).to(out.dtype))
-                    if below is not None:
-                        below[rows[s]] = x.grad.reshape(-1, x.shape[-1]).cpu()
-            grad = below
-            steps.update()
+        assert grad is not None  # backward: recompute each layer from its input, record at MoE blocks
+        grad = lp.backward(grad, input_grad=trec is not None, begin=begin_stats, done=steps.update)
     if trec is not None:
-        _embedding_gradients(source, trec, tokens, starts, batch_size, lambda s: batch_view(grad, s))
+        assert grad is not None
+        _embedding_gradients(source, trec, lp, grad)
         steps.update()
     steps.close()
-    return finish_stats(stats, tokens, total / n_seq, shape, datasets, spill_dir, tensors)
+    return finish_stats(stats, tokens, total / len(tokens), shape, datasets, spill_dir, tensors)
 
 
-def _embedding_gradients(source: LayerSource, trec: TensorRecorder, tokens: torch.Tensor, starts: list[int],
-                         batch_size: int, grad: Callable[[int], torch.Tensor]) -> None:
+def _embedding_gradients(source: LayerSource | Transformed, trec: TensorRecorder, lp: LayerPass,
+                         grad: torch.Tensor) -> None:
     """g at the input embedding's output: the embeddings run again with gradients up to the first layer's
-    input (whatever the family does in between, e.g. Gemma's scaling), and `grad(s)`, batch s's gradient
-    there, is pushed back through them."""
-    model, layers = source.model, source.layers
-    with source.loaded("embed"), tensor_hooks(model, trec, linear=False):
-        for s in starts:
-            trec.begin(s * tokens.shape[1])
-            calls: dict[int, dict[str, Any]] = {}
-            with _probed(layers, lambda i: _Probe(i, calls, stop=True)), contextlib.suppress(_Stop):
-                model(input_ids=tokens[s:s + batch_size].to(source.device), use_cache=False)
-            h0 = calls[0]["input"]
-            h0.backward(grad(s).to(h0.dtype))
+    input (whatever the family does in between, e.g. Gemma's scaling), and `grad`, the gradient there, is
+    pushed back through them batch by batch."""
+    with source.loaded("embed"), tensor_hooks(source.model, trec, linear=False):
+        for s in lp.starts:
+            trec.begin(s * lp.seq_len)
+            h0, _ = first_layer_input(source, lp.batch(s))
+            h0.backward(lp.view(grad, s).to(h0.dtype))
 
 
 def model_bytes(model_dir: Path, dtype: torch.dtype) -> int:
@@ -279,18 +167,3 @@ class LayerWindowAdapter:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.adapter, name)
-
-
-class _NoBar:
-    def update(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, show: bool) -> Any:
-    if not show:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, desc="calibration (layer-streamed)", unit="step")
