@@ -58,16 +58,13 @@ def run_mode(path: Path, mode: str, args: argparse.Namespace) -> dict:
             from gemq_gguf.gemq.router_ft import ModelRunner
             tune_s, kd = _tune(ModelRunner(model, adapter, stats.imatrix().means()), adapter, model.config, tokens)
     else:
-        from gemq_gguf.gemq.streaming import LayerWindowAdapter, open_layer_source, stream_stats
+        from gemq_gguf.gemq.streaming import open_layer_source, stream_stats, streamed_costs
         source = open_layer_source(path, adapter)
         stats = stream_stats(source, adapter, tokens, work_dir=args.out_dir)
         cost_s = None
         if mode == "stream+costs":
-            from gemq_gguf.gemq.costs import estimate_costs
             t1 = time.perf_counter()
-            estimate_costs(source.model, LayerWindowAdapter(adapter, source), stats,  # type: ignore[arg-type]
-                           stats.imatrix().means(), types=("Q4_K",))
-            source.release()
+            streamed_costs(source, adapter, stats, stats.imatrix().means(), types=("Q4_K",))
             cost_s = time.perf_counter() - t1
         if mode == "stream+tune":
             from gemq_gguf.gemq.router_stream import StreamedRunner

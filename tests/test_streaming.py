@@ -126,11 +126,12 @@ def test_budget_file_identical_streamed(tmp_path: Path) -> None:
     assert reports["full"]["units"] == reports["stream"]["units"]
 
 
-def test_costs_on_the_skeleton(tmp_path: Path) -> None:
-    """Cost estimation on the streamed skeleton, two layers' weights held at a time, equals it on the
+def test_costs_on_the_skeleton(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cost estimation on the streamed skeleton, one layer's weights held at a time, equals it on the
     whole model."""
+    from gemq_gguf.gemq import costs
     from gemq_gguf.gemq.costs import estimate_costs
-    from gemq_gguf.gemq.streaming import LayerWindowAdapter
+    from gemq_gguf.gemq.streaming import streamed_costs
     path = make_tiny_model("qwen2_moe", tmp_path / "m", num_hidden_layers=3)
     tokens = _tokens(2, 32)
     streamed, source = _streamed(path, tokens)
@@ -138,10 +139,14 @@ def test_costs_on_the_skeleton(tmp_path: Path) -> None:
     adapter = adapter_for(model.config.architectures)
     kw = dict(types=("Q3_K", "Q6_K"), granularity="expert-proj", dtype=torch.float64)
     full = estimate_costs(model, adapter, streamed, streamed.imatrix().means(), **kw)
-    windowed = LayerWindowAdapter(adapter, source)
-    table = estimate_costs(source.model, windowed, streamed, streamed.imatrix().means(), **kw)  # type: ignore[arg-type]
-    assert len(source._held) == 2
-    source.release()
+    events: list[tuple[str, int]] = []
+    hold, layer_costs = source.hold, costs._layer_costs
+    monkeypatch.setattr(source, "hold", lambda l, window=2: (events.append(("load", l)), hold(l, window))[1])
+    monkeypatch.setattr(costs, "_layer_costs", lambda jobs, *a: (events.append(("costs", jobs.layer)),
+                                                                 layer_costs(jobs, *a))[1])
+    table = streamed_costs(source, adapter, streamed, streamed.imatrix().means(), **kw)
+    # no look-ahead: a layer's costs are done before the next layer loads, and one layer is held at a time
+    assert events == [(e, l) for l in range(3) for e in ("load", "costs")] and len(source._held) == 0
     assert all(p.device.type == "meta" for p in source.model.parameters())
     assert (full.cost > 0).all() and torch.equal(torch.from_numpy(full.cost), torch.from_numpy(table.cost))
 

@@ -31,7 +31,7 @@ from .cache import StatsCache, open_cache
 from .costs import CostTable, check_cost_rows, cost_fraction, estimate_costs, prune_cache
 from .quant_store import StoredQuant, store_key
 from .stats import CalibStats, collect_stats, load_for_calibration
-from .streaming import LayerWindowAdapter, open_layer_source, stream_stats, use_streaming
+from .streaming import open_layer_source, stream_stats, streamed_costs, use_streaming
 from .units import Widths, unit_bits, unit_keys, unit_projs
 
 log = logging.getLogger("gemq")
@@ -120,12 +120,7 @@ class Calibration:
         """The cost table; when streaming, each layer's weights are read while its costs are computed."""
         if not self.stream:
             return estimate_costs(self.whole_model(), adapter, self.stats, self.imatrix, **kwargs)
-        source = open_layer_source(self.model_dir, adapter)
-        try:
-            return estimate_costs(source.model, LayerWindowAdapter(adapter, source), self.stats,  # type: ignore[arg-type]
-                                  self.imatrix, **kwargs)
-        finally:
-            source.release()
+        return streamed_costs(open_layer_source(self.model_dir, adapter), adapter, self.stats, self.imatrix, **kwargs)
 
     def whole_model(self) -> nn.Module:
         """The model with all its weights, loaded on first use."""

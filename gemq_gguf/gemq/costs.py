@@ -207,11 +207,20 @@ def _done(value: np.ndarray) -> Future:
 
 def _layer_jobs(pool: ThreadPoolExecutor, model: nn.Module, adapter: ArchAdapter, layers: Sequence[int],
                 types: Sequence[str], means: dict[str, np.ndarray] | None, fallback: bool,
-                cache: QuantCache, fraction: float = 1.0) -> Iterator[_LayerJobs]:
-    """Yield each layer's jobs while the next layer's quantizations are already queued."""
+                cache: QuantCache, fraction: float = 1.0, ahead: bool = True) -> Iterator[_LayerJobs]:
+    """Yield each layer's jobs; `ahead`: while the next layer's quantizations are already queued (the whole
+    model in memory), else each layer's weights are let go before the next layer is asked for (streamed:
+    one layer held)."""
     def submit(l: int) -> _LayerJobs:
         return _submit_layer(pool, adapter.experts(adapter.moe_block(model, l)), l, types, means, fallback, cache,
                              fraction)
+    if not ahead:
+        for l in layers:
+            jobs = submit(l)
+            yield jobs
+            jobs.weights.clear()  # the consumer (or a progress bar) may still hold `jobs` while the next loads
+            jobs.futures.clear()
+        return
     pending = submit(layers[0]) if layers else None
     for i in range(len(layers)):
         current = pending
@@ -385,7 +394,8 @@ def estimate_costs(model: nn.Module, adapter: ArchAdapter, stats: CalibStats,
                    granularity: str = "expert", cache: QuantCache | None = None,
                    cache_limit: int = DEFAULT_CACHE_LIMIT, device: str | torch.device | None = None,
                    dtype: torch.dtype = torch.float32, threads: int | None = None,
-                   store: LayerStore | None = None, progress: bool = False, rows: float = 1.0) -> CostTable:
+                   store: LayerStore | None = None, progress: bool = False, rows: float = 1.0,
+                   ahead: bool = True) -> CostTable:
     """The GEMQ cost table of every unit and candidate type.
 
     imatrix: per-matrix means keyed by GGUF name ([E, n_in] for expert tensors), e.g.
@@ -395,7 +405,8 @@ def estimate_costs(model: nn.Module, adapter: ArchAdapter, stats: CalibStats,
     `store`: layers finished earlier are taken from it, and each new layer goes to it with its
     quantized candidates (which then stay out of `cache`: the store hands them to the writer).
     `rows` < 1: costs estimated from that fraction of each matrix's rows (module docstring); the partial
-    candidates go to neither `cache` nor `store`.
+    candidates go to neither `cache` nor `store`. `ahead=False` (a layer-streamed model): no look-ahead,
+    so one layer's weights are held, not two.
     """
     t0 = time.perf_counter()
     shape = adapter.moe_shape(model.config)
@@ -413,7 +424,7 @@ def estimate_costs(model: nn.Module, adapter: ArchAdapter, stats: CalibStats,
         _quant_bytes(adapter, model, layers, shape.n_experts, types, fallback) <= cache_limit
     cache = {} if cache is None else cache
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-        it = _layer_jobs(pool, model, adapter, todo, types, imatrix, fallback, cache, rows)
+        it = _layer_jobs(pool, model, adapter, todo, types, imatrix, fallback, cache, rows, ahead)
         if progress:
             from tqdm import tqdm
             it = tqdm(it, total=len(todo), desc="GEMQ costs", unit="layer")

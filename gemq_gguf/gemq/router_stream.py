@@ -16,7 +16,7 @@ the passes of `router_ft.py` on the engine of `layer_pass.py`, one decoder layer
   recomputation only); the routers' gradients are read before the layer is dropped.
 - Held-out score: forward with routing recorded, head without gradients.
 - Progressive re-measurement: `stream_stats` on the student; the costs with the full-precision experts
-  read from the shards (`LayerWindowAdapter` on the plain source).
+  read from the shards (`streamed_costs` on the plain source).
 
 I/O cost: every training step reads every layer twice (forward and recomputation) plus the embeddings
 and the head once; the teacher pass and each held-out score read every layer once. So `--ft-epochs 2`
@@ -39,13 +39,12 @@ from ..ggml.names import router_tensor_name
 from ..ggml.quant import QuantCache
 from ..options import AllocOptions, CalibOptions
 from ..plan import ExpertPlan
-from .costs import estimate_costs
 from .layer_pass import DEFAULT_BOUNDARY_LIMIT, LayerPass, Transformed, progress_bar
 from .layer_source import LayerSource
 from .progressive import Measure
 from .router_ft import (ROUTE_WEIGHT, Routes, Score, Teacher, TEACHER_TOP_K, ce_loss, kd_loss, lm_loss,
                         quantize_block_, record_routing, route_loss, routing_shift)
-from .streaming import LayerWindowAdapter, stream_stats
+from .streaming import stream_stats, streamed_costs
 
 
 class Student:
@@ -217,17 +216,14 @@ class StreamedRunner:
 def streamed_measure(runner: StreamedRunner, tokens: torch.Tensor, types: list[str], alloc_opts: AllocOptions,
                      calib: CalibOptions) -> Measure:
     """`--progressive`'s re-measurement, streamed: statistics of the student (quantized experts per the
-    step's plan, tuned routers), then the costs against the full-precision experts of the shards (two
-    layers held at a time)."""
+    step's plan, tuned routers), then the costs against the full-precision experts of the shards (one
+    layer held at a time)."""
     source, adapter = runner.source, runner.adapter
 
     def measure(step: int) -> AllocationProblem:
         stats = stream_stats(runner.student_source, adapter, tokens, progress=True, work_dir=runner.work_dir,
                              labels=calib.fisher, seed=calib.seed + step)
-        try:
-            return estimate_costs(source.model, LayerWindowAdapter(adapter, source), stats,  # type: ignore[arg-type]
-                                  runner.student.imatrix or {}, types=types, granularity=alloc_opts.granularity,
-                                  cache=runner.student.cache, progress=True, rows=alloc_opts.cost_rows).problem()
-        finally:
-            source.release()
+        return streamed_costs(source, adapter, stats, runner.student.imatrix or {}, types=types,
+                              granularity=alloc_opts.granularity, cache=runner.student.cache, progress=True,
+                              rows=alloc_opts.cost_rows).problem()
     return measure

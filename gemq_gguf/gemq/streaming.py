@@ -24,11 +24,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..archs import ArchAdapter
 from ..options import CALIB_MEMORY, FISHER_LABELS
+from .costs import CostTable, estimate_costs
 from .hooks import experts_hooks
 from .layer_pass import DEFAULT_BOUNDARY_LIMIT, LayerPass, Transformed, first_layer_input, progress_bar
 from .layer_source import LayerSource, safetensors_files
@@ -154,16 +156,28 @@ def _target(model_dir: Path) -> tuple[torch.dtype, torch.device]:
 
 
 class LayerWindowAdapter:
-    """`adapter`, with `moe_block` materialising the layer it is asked for from `source` (two layers held
-    at most): cost estimation walks the MoE layers in order, one ahead, so it runs on the skeleton
-    holding two layers' weights. Call `source.release()` afterwards."""
+    """`adapter`, with `moe_block` materialising the layer it is asked for from `source` and dropping the one
+    held before: cost estimation walks the MoE layers in order, so it runs on the skeleton holding one
+    layer's weights (`streamed_costs`). Call `source.release()` afterwards."""
 
     def __init__(self, adapter: ArchAdapter, source: LayerSource) -> None:
         self.adapter, self.source = adapter, source
 
     def moe_block(self, model: nn.Module, layer: int) -> nn.Module:
-        self.source.hold(layer)
+        self.source.hold(layer, window=1)
         return self.adapter.moe_block(model, layer)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.adapter, name)
+
+
+def streamed_costs(source: LayerSource, adapter: ArchAdapter, stats: CalibStats, imatrix: dict[str, np.ndarray],
+                   **kwargs: Any) -> CostTable:
+    """`estimate_costs` reading each layer's weights from `source` while its costs are computed, one layer
+    held at a time (measured at Qwen3-30B-A3B shapes on CPU, 2 layers: 6.2 GiB of anonymous memory with one
+    layer looked ahead)."""
+    try:
+        return estimate_costs(source.model, LayerWindowAdapter(adapter, source), stats, imatrix,  # type: ignore[arg-type]
+                              ahead=False, **kwargs)
+    finally:
+        source.release()
