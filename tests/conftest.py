@@ -17,6 +17,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def qwen2_moe_dir(tmp_path_factory: pytest.TempPathFactory):
+    """One tiny Qwen2-MoE checkpoint (it has a shared-expert gate) for the end-to-end tests that only read it."""
+    from tiny_models import make_tiny_model
+    return make_tiny_model("qwen2_moe", tmp_path_factory.mktemp("qwen2_moe") / "hf")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def stats_cache_dir(tmp_path_factory: pytest.TempPathFactory):
     """Conversions in tests cache their statistics in a session folder, never in the user's cache."""

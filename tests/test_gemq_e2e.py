@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from gguf import GGUFReader
-from tiny_models import make_tiny_model
 
 from gemq_gguf.cli import main as convert_main
 from gemq_gguf.ggml.types import type_info
@@ -15,8 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return make_tiny_model("qwen2_moe", tmp_path_factory.mktemp("q") / "hf")
+def model(qwen2_moe_dir: Path) -> Path:
+    return qwen2_moe_dir
 
 
 @pytest.mark.parametrize("granularity", ["expert", "tensor"])

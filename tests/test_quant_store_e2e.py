@@ -8,9 +8,8 @@ import logging
 from pathlib import Path
 
 import pytest
-from tiny_models import make_tiny_model
+from cached_runs import cached_run, uncached_run
 
-from gemq_gguf.cli import main as convert_main
 from gemq_gguf.convert import writer
 
 pytestmark = pytest.mark.slow
@@ -43,22 +42,18 @@ class WriterSpy:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model("qwen2_moe", tmp_path_factory.mktemp("m") / "hf")
+def model(qwen2_moe_dir: Path) -> Path:
+    return qwen2_moe_dir
 
 
 @pytest.fixture(scope="module")
 def uncached(model: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """The file of `--budget 3.5 --no-cache`: what a cached run must reproduce byte for byte."""
-    out = tmp_path_factory.mktemp("ref") / "ref.gguf"
-    assert convert_main([str(model), "--budget", "3.5", "--no-cache", "-o", str(out), *ARGS]) == 0
-    return out.read_bytes()
+    return uncached_run(model, tmp_path_factory.mktemp("ref") / "ref.gguf", ARGS)
 
 
 def _run(model: Path, out: Path, cache: Path, budget_bpw: str, *extra: str) -> bytes:
-    assert convert_main([str(model), "--budget", budget_bpw, "--cache-dir", str(cache), "-o", str(out), *ARGS,
-                         *extra]) == 0
-    return out.read_bytes()
+    return cached_run(model, out, cache, budget_bpw, ARGS, *extra)
 
 
 def test_second_budget_quantizes_only_new_matrices(model, uncached, tmp_path, monkeypatch) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFReader
-from tiny_models import make_tiny_model
 
 from gemq_gguf.cli import main as convert_main
 from gemq_gguf.gemq import router_ft
@@ -19,8 +18,8 @@ ARGS = ["--budget", "3.0", "--calib-tokens", "1024", "--seq-len", "128", "--seed
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return make_tiny_model("qwen2_moe", tmp_path_factory.mktemp("q") / "hf")  # has a shared-expert gate
+def model(qwen2_moe_dir: Path) -> Path:
+    return qwen2_moe_dir
 
 
 def _convert(model: Path, out: Path, *flags: str) -> Path:

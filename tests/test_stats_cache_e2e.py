@@ -7,9 +7,8 @@ import logging
 from pathlib import Path
 
 import pytest
-from tiny_models import make_tiny_model
+from cached_runs import cached_run, uncached_run
 
-from gemq_gguf.cli import main as convert_main
 from gemq_gguf.gemq import budget
 
 pytestmark = pytest.mark.slow
@@ -17,22 +16,18 @@ ARGS = ("--calib-tokens", "512", "--seq-len", "64", "--types", "Q2_K,Q3_K,Q4_K,Q
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model("qwen2_moe", tmp_path_factory.mktemp("m") / "hf")
+def model(qwen2_moe_dir: Path) -> Path:
+    return qwen2_moe_dir
 
 
 @pytest.fixture(scope="module")
 def uncached(model: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """The file of `--budget 3.5 --no-cache`: what every cached run must reproduce byte for byte."""
-    out = tmp_path_factory.mktemp("ref") / "ref.gguf"
-    assert convert_main([str(model), "--budget", "3.5", "--no-cache", "-o", str(out), *ARGS]) == 0
-    return out.read_bytes()
+    return uncached_run(model, tmp_path_factory.mktemp("ref") / "ref.gguf", ARGS)
 
 
 def _run(model: Path, out: Path, cache: Path, budget_bpw: str, *extra: str) -> bytes:
-    assert convert_main([str(model), "--budget", budget_bpw, "--cache-dir", str(cache), "-o", str(out), *ARGS,
-                         *extra]) == 0
-    return out.read_bytes()
+    return cached_run(model, out, cache, budget_bpw, ARGS, *extra)
 
 
 def _forbid_passes(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from gguf import GGUFReader
-from tiny_models import make_tiny_model
 
 from gemq_gguf.cli import main as convert_main
 from gemq_gguf.convert.file_size import plan_size_bound
@@ -21,8 +20,8 @@ CALIB = ["--calib-tokens", "1024", "--seq-len", "128", "--no-verify"]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return make_tiny_model("qwen2_moe", tmp_path_factory.mktemp("q") / "hf")
+def model(qwen2_moe_dir: Path) -> Path:
+    return qwen2_moe_dir
 
 
 def _types(path: Path) -> dict[str, str]:

@@ -139,13 +139,14 @@ class LayerSource:
             self._drop(part)
 
     def hold(self, layer: int, window: int = 2) -> nn.Module:
-        """Layer `layer` materialised until `release`, with at most `window` layers held (the oldest is
-        dropped): for readers that walk the layers in order, e.g. cost estimation one layer ahead."""
+        """Layer `layer` materialised until `release`, with at most `window` layers held (the oldest are
+        dropped before it loads, so a load's transient peak never meets more than `window - 1` held layers):
+        for readers that walk the layers in order, e.g. cost estimation."""
         if layer not in self._held:
+            while len(self._held) >= window:
+                self._drop(self._held.pop(0))
             self._load(layer)
             self._held.append(layer)
-            while len(self._held) > window:
-                self._drop(self._held.pop(0))
         return self.layers[layer]
 
     def release(self) -> None:
