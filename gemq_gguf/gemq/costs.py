@@ -20,7 +20,8 @@ Experts never routed during calibration get, per type, the largest cost of a rou
 same layer (a conservative default: they are assumed as sensitive as the layer's most sensitive
 expert); they are listed in `CostTable.never_routed` and `notes`.
 Quantization is the CPU hot spot: each distinct (matrix, effective type) is quantized once, in a
-thread pool (ggml releases the GIL), one layer ahead of the cost arithmetic; results go into the
+thread pool (ggml releases the GIL), one layer ahead of the cost arithmetic when the whole model is in
+memory (a streamed model holds one layer: no look-ahead, `streaming.streamed_costs`); results go into the
 writer's `QuantCache` when they fit `cache_limit` bytes, so the final write re-quantizes nothing.
 
 Sampled rows (`rows` < 1, `--cost-rows`): ggml quantizes row by row (a row's bytes depend only on that
