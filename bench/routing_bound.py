@@ -30,7 +30,8 @@ from gemq_gguf.data import eval_texts
 from gemq_gguf.ggml.imatrix import read_imatrix
 from gemq_gguf.pipeline import open_source
 from gemq_gguf.plan import load_plan
-from gemq_gguf.gemq.router_ft import quantize_experts_, routing_shift
+from gemq_gguf.gemq.router_ft import quantize_experts_
+from gemq_gguf.gemq.routing import routing_shift
 from gemq_gguf.gemq.stats import load_for_calibration
 
 

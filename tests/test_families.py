@@ -390,7 +390,7 @@ def test_router_logits_reproduce_the_routing(family: str, tiny_family) -> None:
     """Router tuning's logits (`router_logits` of the input `router_input_hooks` records) pick the experts the
     model's experts call receives; Gemma 4's router reads the residual through its own norm and scale, not
     the block's (the decoder layer's) input; Hunyuan-MoE v1's router is nested (`gate.wg`)."""
-    from gemq_gguf.gemq.router_ft import record_routing
+    from gemq_gguf.gemq.routing import record_routing
     path = tiny_family(family)
     model = load_hf(path)
     adapter = adapter_for(model.config.architectures)

@@ -20,12 +20,12 @@ from gemq_gguf.gemq.router_ft import (
     quantize_experts_,
     route_loss,
     router_tensors,
-    routing_shift,
     score,
     split_rows,
     teacher_pass,
     tune_quantized,
 )
+from gemq_gguf.gemq.routing import routing_shift
 from gemq_gguf.ggml.quant import roundtrip
 from gemq_gguf.options import TuneOptions
 from gemq_gguf.plan import uniform_plan

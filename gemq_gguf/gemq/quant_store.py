@@ -27,7 +27,7 @@ import numpy as np
 
 from ..ggml.names import parse_expert_name
 from ..ggml.quant import QuantCache
-from .cache import _atomic
+from .cache import _atomic, _quant_key as _key, _quant_name as _name
 from .cache_key import FORMAT, arrays_digest, digest
 
 log = logging.getLogger("gemq")
@@ -44,15 +44,6 @@ def store_key(calib_key: str, imatrix: dict[str, np.ndarray] | None) -> str:
     """What the writer's bytes depend on: the calibration's key (checkpoint, settings, code and ggml) and
     the imatrix the writer quantizes with."""
     return digest("quant", FORMAT, calib_key, arrays_digest(imatrix))
-
-
-def _name(key: Key) -> str:
-    return f"{key[0]}|{key[1]}|{key[2]}"
-
-
-def _key(name: str) -> Key:
-    tensor, e, t = name.split("|")
-    return tensor, int(e), t
 
 
 def _layer(key: Key) -> int:

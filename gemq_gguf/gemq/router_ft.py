@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..archs import ArchAdapter, ExpertsCall, ExpertsView
+from ..archs import ArchAdapter
 from ..errors import GemqError
 from ..ggml.imatrix import expert_imatrix
 from ..ggml.names import expert_tensor_name, router_tensor_name
@@ -51,7 +51,8 @@ from ..ggml.quant import QuantCache, dequantize, roundtrip
 from ..ggml.types import fitting_type
 from ..options import LOSSES, SELECT, TuneOptions
 from ..plan import ExpertPlan
-from .hooks import experts_hooks, frozen, router_input_hooks
+from .hooks import frozen
+from .routing import Routes, record_routing, routing_shift
 
 ROUTE_WEIGHT = 1.0
 ROUTE_TEMPERATURE = 0.5  # in units of the per-token std of the full-precision router logits
@@ -101,61 +102,6 @@ def _roundtrip(w: torch.Tensor, layer: int, expert: int, proj: str, planned: str
     return roundtrip(rows, t, None if imat is None else imat[expert])
 
 
-# -- routing records -------------------------------------------------------------------------------
-
-@dataclass
-class Routes:
-    """Per MoE layer and forward call: selected expert ids [T, k] (CPU, int64) and, when asked, the
-    router logits [T, n_experts] (centered, CPU float16 when recorded without grad; live tensors with)."""
-
-    ids: dict[int, list[torch.Tensor]]
-    logits: dict[int, list[torch.Tensor]]
-
-
-@contextlib.contextmanager
-def record_routing(model: nn.Module, adapter: ArchAdapter, *, logits: bool = False,
-                   grad: bool = False) -> Iterator[Routes]:
-    """Hook every MoE block and record its routing per forward, in call order: the expert ids as the
-    model's experts call receives them, and router logits of the router's input.
-
-    `grad=True` keeps the router logits on the device and in the autograd graph (for the routing-match
-    loss) and skips the ids."""
-    shape = adapter.moe_shape(model.config)
-    out = Routes({l: [] for l in shape.moe_layers}, {l: [] for l in shape.moe_layers})
-
-    def logits_hook(layer: int, block: nn.Module) -> Callable[[torch.Tensor], None]:
-        def f(x: torch.Tensor) -> None:
-            if grad:
-                out.logits[layer].append(adapter.router_logits(block, x).float())
-                return
-            with torch.no_grad():
-                z = adapter.router_logits(block, x.detach()).float()
-                out.logits[layer].append((z - z.mean(-1, keepdim=True)).half().cpu())
-        return f
-
-    def ids_hook(layer: int, view: ExpertsView) -> Callable[[ExpertsCall, torch.Tensor], None]:
-        return lambda call, output: out.ids[layer].append(call.ids.detach().cpu())
-    with contextlib.ExitStack() as stack:
-        if grad or logits:
-            stack.enter_context(router_input_hooks(model, adapter, logits_hook))
-        if not grad:
-            stack.enter_context(experts_hooks(model, adapter, ids_hook))
-        yield out
-
-
-def routing_shift(fp_ids: dict[int, torch.Tensor], q_ids: dict[int, torch.Tensor]) -> dict[int, float]:
-    """Per layer, the share of (token, slot) expert choices of full precision that the quantized model
-    does not make (the top-k as a set: a swap of slot order is no shift)."""
-    shift = {}
-    for l, fp in fp_ids.items():
-        q = q_ids[l]
-        if fp.shape != q.shape:
-            raise ValueError(f"layer {l}: routing shapes differ {tuple(fp.shape)} vs {tuple(q.shape)}")
-        kept = (fp.unsqueeze(-1) == q.unsqueeze(-2)).any(-1)
-        shift[l] = float(1.0 - kept.float().mean())
-    return shift
-
-
 # -- teacher and losses ----------------------------------------------------------------------------
 
 @dataclass
@@ -185,19 +131,32 @@ def _batches(n: int, batch_size: int, order: torch.Tensor | None = None) -> list
 def teacher_pass(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, *, top_k: int = TEACHER_TOP_K,
                  batch_size: int = 4, progress: bool = False) -> Teacher:
     """Cache the full-precision targets of KD and the full-precision routing (call before quantizing)."""
-    n, seq = tokens.shape
-    logp, idx, ce = [], [], 0.0
+    batches = []
     with record_routing(model, adapter, logits=True) as routes, torch.no_grad():
-        for rows in _progress(_batches(n, batch_size), progress, "teacher"):
+        for rows in _progress(_batches(len(tokens), batch_size), progress, "teacher"):
             batch = tokens[rows].to(_device(model))
-            logits = model(input_ids=batch, use_cache=False).logits.float()
-            top, ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-            logp.append((top - logits.logsumexp(-1, keepdim=True)).cpu())
-            idx.append(ids.cpu())
-            ce += float(ce_loss(logits, batch.to(logits.device))) * len(rows)
-    routing = {l: torch.cat(r).reshape(n, seq, -1) for l, r in routes.ids.items()}
-    router_logits = {l: torch.cat(r).reshape(n, seq, -1) for l, r in routes.logits.items()}
-    return Teacher(torch.cat(logp), torch.cat(idx), routing, ce / n, router_logits)
+            batches.append(teacher_batch(model(input_ids=batch, use_cache=False).logits, batch, top_k))
+    return teacher_from(batches, routes, tokens.shape)
+
+
+def teacher_batch(logits: torch.Tensor, batch: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One batch's teacher targets: top-K log-probs, their token ids, and the CE summed over its rows."""
+    logits = logits.float()
+    top, ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+    ce = float(ce_loss(logits, batch.to(logits.device))) * len(batch)
+    return (top - logits.logsumexp(-1, keepdim=True)).cpu(), ids.cpu(), ce
+
+
+def teacher_from(batches: list[tuple[torch.Tensor, torch.Tensor, float]], routes: Routes,
+                 shape: tuple[int, int]) -> Teacher:
+    """The Teacher of the batches' `teacher_batch` results and the routing recorded meanwhile."""
+    n, seq = shape
+    return Teacher(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]), _per_sequence(routes.ids, n, seq),
+                   sum(b[2] for b in batches) / n, _per_sequence(routes.logits, n, seq))
+
+
+def _per_sequence(recorded: dict[int, list[torch.Tensor]], n: int, seq: int) -> dict[int, torch.Tensor]:
+    return {l: torch.cat(r).reshape(n, seq, -1) for l, r in recorded.items()}
 
 
 def ce_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -274,16 +233,29 @@ class Score:
 def score(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, teacher: Teacher,
           batch_size: int = 4) -> Score:
     """KD loss, CE loss and routing shift of the model on `tokens` (whose teacher rows are `teacher`)."""
-    n, seq = tokens.shape
-    kd = ce = 0.0
+    sums = []
     with record_routing(model, adapter, logits=True) as routes, torch.no_grad():
-        for rows in _batches(n, batch_size):
-            logits = model(input_ids=tokens[rows].to(_device(model)), use_cache=False).logits.float()
-            kd += float(kd_loss(logits, teacher.logp[rows].to(logits.device), teacher.idx[rows].to(logits.device))) * len(rows)
-            ce += float(ce_loss(logits, tokens[rows].to(logits.device))) * len(rows)
-    q_ids = {l: torch.cat(r).reshape(n, seq, -1) for l, r in routes.ids.items()}
+        for rows in _batches(len(tokens), batch_size):
+            logits = model(input_ids=tokens[rows].to(_device(model)), use_cache=False).logits
+            sums.append(score_batch(logits, tokens[rows], teacher.logp[rows], teacher.idx[rows]))
+    return score_from(sums, routes, teacher, tokens.shape)
+
+
+def score_batch(logits: torch.Tensor, batch: torch.Tensor, t_logp: torch.Tensor,
+                t_idx: torch.Tensor) -> tuple[float, float]:
+    """One batch's KD (against its teacher rows) and CE, summed over its rows."""
+    logits = logits.float()
+    kd = float(kd_loss(logits, t_logp.to(logits.device), t_idx.to(logits.device))) * len(batch)
+    return kd, float(ce_loss(logits, batch.to(logits.device))) * len(batch)
+
+
+def score_from(sums: list[tuple[float, float]], routes: Routes, teacher: Teacher, shape: tuple[int, int]) -> Score:
+    """The Score of the batches' `score_batch` sums and the routing recorded meanwhile."""
+    n, seq = shape
     q_logits = {l: [torch.cat(r).float()] for l, r in routes.logits.items()}
-    return Score(kd / n, ce / n, routing_shift(teacher.routing, q_ids), float(route_loss(q_logits, teacher.router_logits)))
+    return Score(sum(s[0] for s in sums) / n, sum(s[1] for s in sums) / n,
+                 routing_shift(teacher.routing, _per_sequence(routes.ids, n, seq)),
+                 float(route_loss(q_logits, teacher.router_logits)))
 
 
 # -- training --------------------------------------------------------------------------------------

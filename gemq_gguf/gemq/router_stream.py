@@ -42,8 +42,9 @@ from ..plan import ExpertPlan
 from .layer_pass import DEFAULT_BOUNDARY_LIMIT, LayerPass, Transformed, progress_bar
 from .layer_source import LayerSource
 from .progressive import Measure
-from .router_ft import (ROUTE_WEIGHT, Routes, Score, Teacher, TEACHER_TOP_K, ce_loss, kd_loss, lm_loss,
-                        quantize_block_, record_routing, route_loss, routing_shift)
+from .router_ft import (ROUTE_WEIGHT, Score, Teacher, TEACHER_TOP_K, lm_loss, quantize_block_, route_loss, score_batch,
+                        score_from, teacher_batch, teacher_from)
+from .routing import Routes, record_routing
 from .streaming import stream_stats, streamed_costs
 
 
@@ -109,22 +110,10 @@ class StreamedRunner:
     def teacher_pass(self, tokens: torch.Tensor, progress: bool = False, top_k: int = TEACHER_TOP_K,
                      batch_size: int = 4) -> Teacher:
         """`router_ft.teacher_pass` on the full-precision checkpoint."""
-        n, seq = tokens.shape
         lp, routes = self._routed_forward(self.source, tokens, batch_size, progress, "teacher (layer-streamed)")
-        logp, idx, ce = [], [], 0.0
-
-        def head(s: int, logits: torch.Tensor) -> None:
-            nonlocal ce
-            logits = logits.float()
-            top, ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-            logp.append((top - logits.logsumexp(-1, keepdim=True)).cpu())
-            idx.append(ids.cpu())
-            batch = lp.batch(s)
-            ce += float(ce_loss(logits, batch.to(logits.device))) * len(batch)
-        lp.head(head, grad=False)
-        routing = {l: torch.cat(r).reshape(n, seq, -1) for l, r in routes.ids.items()}
-        router_logits = {l: torch.cat(r).reshape(n, seq, -1) for l, r in routes.logits.items()}
-        return Teacher(torch.cat(logp), torch.cat(idx), routing, ce / n, router_logits)
+        batches: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        lp.head(lambda s, logits: batches.append(teacher_batch(logits, lp.batch(s), top_k)), grad=False)
+        return teacher_from(batches, routes, tokens.shape)
 
     def quantize(self, plan: ExpertPlan) -> None:
         """Every layer loaded from now on gets its experts quantized per `plan`."""
@@ -132,22 +121,14 @@ class StreamedRunner:
 
     def score(self, tokens: torch.Tensor, teacher: Teacher, batch_size: int = 4) -> Score:
         """`router_ft.score` of the student."""
-        n, seq = tokens.shape
         lp, routes = self._routed_forward(self.student_source, tokens, batch_size, False, "")
-        kd = ce = 0.0
+        sums: list[tuple[float, float]] = []
 
         def head(s: int, logits: torch.Tensor) -> None:
-            nonlocal kd, ce
-            logits = logits.float()
-            rows = slice(s, s + batch_size)
-            n_rows = len(lp.batch(s))
-            kd += float(kd_loss(logits, teacher.logp[rows].to(logits.device), teacher.idx[rows].to(logits.device))) * n_rows
-            ce += float(ce_loss(logits, lp.batch(s).to(logits.device))) * n_rows
+            rows = slice(s, s + batch_size)  # the batch's teacher rows
+            sums.append(score_batch(logits, lp.batch(s), teacher.logp[rows], teacher.idx[rows]))
         lp.head(head, grad=False)
-        q_ids = {l: torch.cat(r).reshape(n, seq, -1) for l, r in routes.ids.items()}
-        q_logits = {l: [torch.cat(r).float()] for l, r in routes.logits.items()}
-        return Score(kd / n, ce / n, routing_shift(teacher.routing, q_ids),
-                     float(route_loss(q_logits, teacher.router_logits)))
+        return score_from(sums, routes, teacher, tokens.shape)
 
     def routers(self) -> dict[str, torch.Tensor]:
         """The current router values; layers never loaded yet are read once for their checkpoint values."""
