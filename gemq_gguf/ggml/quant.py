@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -100,6 +101,23 @@ def dequantize(data: np.ndarray, name: str, n_per_row: int) -> np.ndarray:
 def roundtrip(rows: np.ndarray, name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
     """What llama.cpp will hold for these weights once quantized to `name` (float32, same shape)."""
     return dequantize(quantize(rows, name, imatrix), name, rows.shape[1])
+
+
+@contextmanager
+def reference_search() -> Iterator[None]:
+    """Within: the IQ2/IQ3 quantizers search grid neighbours one at a time, as stock ggml does, instead of
+    the patched SIMD search (cpp_patch 0008). Both must give the same bytes; tests and bench/iq_speed.py
+    compare them. Not for concurrent use (a process-wide switch in ggml)."""
+    lib = ggml_lib()
+    if not hasattr(lib, "ggml_quantize_set_reference"):
+        raise GemqError("this libggml-base lacks the IQ neighbour-search patch (ggml_quantize_set_reference).",
+                        "rebuild llama-cpp-python with ./setup.sh.")
+    lib.ggml_quantize_set_reference.argtypes = [ctypes.c_bool]
+    lib.ggml_quantize_set_reference(True)
+    try:
+        yield
+    finally:
+        lib.ggml_quantize_set_reference(False)
 
 
 def widen_bf16(data: np.ndarray) -> np.ndarray:
