@@ -16,7 +16,9 @@ output and cache folders sampled:
 
     PYTHONPATH=$PWD nice python bench/scale.py --layers 1 --calib-tokens 4096 [--cost-rows auto] --out-dir /tmp/gemq-scale
 
-Prints a table and writes `scale-L{N}.json` in the out dir.
+Prints a table and writes `scale-L{N}.json` in the out dir. `--steps` runs a part (`cold`: 1; `llama`: 2;
+`cached`: 3, after `cold`) and merges its rows into that file, so a run can be split across sessions with
+a time limit (a lent GPU machine); the table is printed once every row is there.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,7 +210,17 @@ def _calibration_text(tokens: int, path: Path) -> None:
     path.write_text("\n\n".join(out))
 
 
-def run(args: argparse.Namespace) -> dict:
+STEPS = ("cold", "llama", "cached")
+
+
+def child_env() -> dict[str, str]:
+    """A child process imports this checkout first, then whatever PYTHONPATH already held (e.g. carried wheels)."""
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+            "PYTHONUNBUFFERED": "1"}
+
+
+def run(args: argparse.Namespace, res: dict) -> dict:
+    """Run the asked `args.steps`, adding their rows to `res` (the rows of earlier steps)."""
     from gemq_gguf.runtime import bin_path
     out = args.out_dir.resolve()
     ckpt = out / f"qwen3-30b-shapes-L{args.layers}-V{args.vocab}"
@@ -217,20 +230,33 @@ def run(args: argparse.Namespace) -> dict:
                         "--vocab", str(args.vocab)], check=True)
         print(f"checkpoint written in {time.perf_counter() - t0:.1f} s")
     run_dir = out / f"run-L{args.layers}"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if "cold" in args.steps:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    elif "cached" in args.steps and not (run_dir / "cache").is_dir():
+        sys.exit(f"--steps cached needs the cold run's cache in {run_dir}: run --steps cold first")
     work, cache, files = run_dir / "work", run_dir / "cache", run_dir / "files"
     for d in (work, cache, files):
-        d.mkdir(parents=True)
+        d.mkdir(parents=True, exist_ok=True)
     threads = str(args.threads or os.cpu_count())
-    env = {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    env = child_env()
     ours = [sys.executable, str(ROOT / "convert.py"), str(ckpt), "--calib-memory", "stream", "--calib-tokens",
             str(args.calib_tokens), "--seq-len", "512", "--cache-dir", str(cache), "--work-dir", str(work),
-            "--cost-rows", args.cost_rows]
+            "--cost-rows", args.cost_rows, *(["--no-verify"] if args.no_verify else [])]
     disk = [work, cache, files]
-    res: dict = {"layers": args.layers, "vocab": args.vocab, "calib_tokens": args.calib_tokens, "threads": threads,
-                 "cost_rows_asked": args.cost_rows,
-                 "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")),
-                 "layer_bytes_bf16": (ckpt / f"model-00002-of-{args.layers + 2:05d}.safetensors").stat().st_size}
+    res.update({"layers": args.layers, "vocab": args.vocab, "calib_tokens": args.calib_tokens, "threads": threads,
+                "cost_rows_asked": args.cost_rows,
+                "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")),
+                "layer_bytes_bf16": (ckpt / f"model-00002-of-{args.layers + 2:05d}.safetensors").stat().st_size})
+    if "cold" in args.steps:
+        _cold(res, ours, run_dir, files, disk, env)
+    if "llama" in args.steps:
+        _llama(res, args, ckpt, run_dir, files, disk, env, threads, bin_path)
+    if "cached" in args.steps:
+        _cached(res, ours, run_dir, files, disk, env)
+    return res
+
+
+def _cold(res: dict, ours: list[str], run_dir: Path, files: Path, disk: list[Path], env: dict[str, str]) -> None:
     print("1/5 convert.py --budget 3.0 (cold cache)")
     res["ours_cold"] = measure([*ours, "--budget", "3.0", "-o", str(files / "gemq-3.0.gguf"), "--keep-intermediate"],
                                run_dir / "ours_cold.log", disk, env)
@@ -243,6 +269,9 @@ def run(args: argparse.Namespace) -> dict:
     res["intermediate_type"] = "bf16" if bf16.exists() else "other"
     res["steps"] = _step_times(run_dir / "ours_cold.log")
 
+
+def _llama(res: dict, args: argparse.Namespace, ckpt: Path, run_dir: Path, files: Path, disk: list[Path],
+           env: dict[str, str], threads: str, bin_path: Callable[[str], Path]) -> None:
     print("2/5 convert_hf_to_gguf (bf16)")
     ref = files / "ref.bf16.gguf"
     res["llama_convert"] = measure([sys.executable, "-c", "import sys; from pathlib import Path; "
@@ -262,13 +291,15 @@ def run(args: argparse.Namespace) -> dict:
     res["llama_quantize"] = measure([str(bin_path("llama-quantize")), "--imatrix", str(imat), str(ref),
                                      str(files / "q3_k_m.gguf"), "Q3_K_M", threads], run_dir / "quantize.log", disk)
     res["llama_quantize"]["file_bytes"] = (files / "q3_k_m.gguf").stat().st_size
+
+
+def _cached(res: dict, ours: list[str], run_dir: Path, files: Path, disk: list[Path], env: dict[str, str]) -> None:
     print("5/5 convert.py --budget 2.5 (cached statistics and costs)")
     res["ours_cached"] = measure([*ours, "--budget", "2.5", "-o", str(files / "gemq-2.5.gguf")],
                                  run_dir / "ours_cached.log", disk, env)
     res["steps_cached"] = _step_times(run_dir / "ours_cached.log")
     cached = json.loads((files / "gemq-2.5.json").read_text())
     res["ours_cached"]["expert_matrices"] = cached["file"].get("expert_matrices")  # the writer's reuse
-    return res
 
 
 _STEP = re.compile(r"^\[\s*([\d.]+)\] .*?(step \d/\d: [^(]*?)\s*(?:\(|$)")
@@ -323,14 +354,25 @@ def main() -> None:
     p.add_argument("--out-dir", type=Path, default=Path("/tmp/gemq-scale"))
     p.add_argument("--cost-rows", default="auto", help="convert.py's --cost-rows for both of its runs (default auto, "
                                                        "the CLI's default; 1 = exact costs)")
+    p.add_argument("--no-verify", action="store_true", help="convert.py --no-verify (where llama-cpp-python, which "
+                                                               "runs the verification, is not installed)")
+    p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {','.join(STEPS)} (default all)")
     p.add_argument("--make", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.make:
         make_checkpoint(args.make, args.layers, args.vocab)
         return
-    res = run(args)
-    (args.out_dir / f"scale-L{args.layers}.json").write_text(json.dumps(res, indent=1))
-    print(table(res))
+    args.steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if not args.steps or set(args.steps) - set(STEPS):
+        sys.exit(f"--steps takes a comma-separated list of {', '.join(STEPS)}")
+    saved = args.out_dir / f"scale-L{args.layers}.json"
+    earlier = json.loads(saved.read_text()) if saved.exists() and set(args.steps) != set(STEPS) else {}
+    res = run(args, earlier)
+    saved.write_text(json.dumps(res, indent=1))
+    if all(k in res for k in ("ours_cold", "ours_cached", "llama_convert", "llama_imatrix", "llama_quantize")):
+        print(table(res))
+    else:
+        print(f"rows so far in {saved}: " + ", ".join(k for k in res if k.startswith(("ours_", "llama_"))))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from scale import ROOT, make_checkpoint, measure
+from scale import child_env, make_checkpoint, measure
 
 TYPES = ("IQ2_XXS", "Q2_K", "IQ3_XXS", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K")  # the CLI's default candidates
 
@@ -100,19 +99,13 @@ def run(args: argparse.Namespace) -> dict:
         cmd = [sys.executable, __file__, "--child", str(ckpt), "--cache", str(cache), "--work", str(work), "--res",
                str(res), "--calib-tokens", str(args.calib_tokens), "--cost-rows", args.cost_rows,
                "--gpu-memory", str(args.gpu_memory)]
-        m = measure(cmd, run_dir / "child.log", [cache, work], _env())
+        m = measure(cmd, run_dir / "child.log", [cache, work], child_env())
         row = {"layers": n, **m, **json.loads(res.read_text()),
                "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))}
         rows.append(row)
         print(table([row], header=False), flush=True)
         shutil.rmtree(run_dir / "cache", ignore_errors=True)  # the next layer count needs the disk
     return {"calib_tokens": args.calib_tokens, "vocab": args.vocab, "rows": rows}
-
-
-def _env() -> dict[str, str]:
-    """The child imports this checkout first, then whatever PYTHONPATH already held (e.g. carried wheels)."""
-    return {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
-            "PYTHONUNBUFFERED": "1"}
 
 
 def table(rows: list[dict], header: bool = True) -> str:
