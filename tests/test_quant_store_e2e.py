@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,18 +23,19 @@ class WriterSpy:
     """Counts ggml quantize calls of the writer, and the expert matrices it asks for."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls, self.keys = 0, set()
-        real_quantize, real_bytes = writer.quantize, writer._Planner._expert_bytes
+        self.calls, self.keys, lock = 0, set(), threading.Lock()
+        real_quantize, real_bytes = writer.quantize, writer._Planner._group_bytes
 
         def quantize(*a, **k):
-            self.calls += 1
+            with lock:  # the writer quantizes experts in threads
+                self.calls += 1
             return real_quantize(*a, **k)
 
-        def expert_bytes(planner, name, data, e, t):
-            self.keys.add((name, e, t))
-            return real_bytes(planner, name, data, e, t)
+        def group_bytes(planner, name, data, members, t):
+            self.keys.update((name, e, t) for e in members)
+            return real_bytes(planner, name, data, members, t)
         monkeypatch.setattr(writer, "quantize", quantize)
-        monkeypatch.setattr(writer._Planner, "_expert_bytes", expert_bytes)
+        monkeypatch.setattr(writer._Planner, "_group_bytes", group_bytes)
 
     def reset(self) -> tuple[int, set]:
         got = self.calls, self.keys
