@@ -1,6 +1,8 @@
 """ggml's quantizer through ctypes: type facts, shape and imatrix guards, agreement with gguf-py."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
@@ -86,3 +88,15 @@ def test_mxfp4_experts_round_trip_through_bf16(rows: np.ndarray) -> None:
     as_bf16 = torch.from_numpy(d).bfloat16().float().numpy()
     assert np.array_equal(as_bf16, d)
     assert np.array_equal(quant.quantize(as_bf16, "MXFP4"), q)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_threads_follow_cpu_affinity() -> None:
+    """A container or taskset grants fewer cores than the machine has: the quantizer's threads follow the grant."""
+    granted = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(granted)})
+        assert quant.cpu_threads() == 1
+    finally:
+        os.sched_setaffinity(0, granted)
+    assert quant.cpu_threads() == len(granted)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ..errors import GemqError
 from ..ggml.layout import expert_qmap, group_major_order, group_tensor_name, qmap_name
 from ..ggml.names import EXPERT_AXIS_RE, expert_tensor_name, parse_expert_name
-from ..ggml.quant import QuantCache, quantize, widen_bf16
+from ..ggml.quant import QuantCache, cpu_threads, quantize, widen_bf16
 from ..ggml.types import fitting_type, type_info
 from ..plan import ExpertPlan, PlanOrigin
 from ..policy import TensorPolicy
@@ -183,7 +183,7 @@ class _Planner:
         imat = self._expert_imatrix(name)
         per_expert = imat is not None and imat.size == data.shape[0] * data.shape[2]
         todo = [e for e in members if (name, e, t) not in self.cache]
-        workers = os.cpu_count() or 1
+        workers = cpu_threads()
         threads = max(1, workers // max(len(todo), 1))  # a lone expert still gets every core
 
         def one(e: int) -> np.ndarray:

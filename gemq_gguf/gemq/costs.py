@@ -44,7 +44,6 @@ experts keep exact costs.
 """
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,7 +58,7 @@ from ..archs import ArchAdapter, ExpertsView
 from ..errors import GemqError
 from ..ggml.imatrix import expert_imatrix
 from ..ggml.names import PROJS, expert_tensor_name, parse_expert_name
-from ..ggml.quant import QuantCache, dequantize, quantize
+from ..ggml.quant import QuantCache, cpu_threads, dequantize, quantize
 from ..ggml.types import fitting_type, type_info
 from ..options import AUTO_COST_ROWS, AUTO_COST_ROWS_MIN, DEFAULT_TYPES
 from ..plan import ExpertPlan
@@ -424,7 +423,7 @@ def estimate_costs(model: nn.Module, adapter: ArchAdapter, stats: CalibStats,
     keep = store is None and cache is not None and rows >= 1.0 and \
         _quant_bytes(adapter, model, layers, shape.n_experts, types, fallback) <= cache_limit
     cache = {} if cache is None else cache
-    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(threads or cpu_threads()) as pool:
         it = _layer_jobs(pool, model, adapter, todo, types, imatrix, fallback, cache, rows, ahead)
         if progress:
             from tqdm import tqdm

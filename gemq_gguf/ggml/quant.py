@@ -38,6 +38,15 @@ _ROWS_PER_TASK = 32
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
+def cpu_threads() -> int:
+    """The cores this process may run on (its CPU affinity: a container or `taskset` grants fewer than the
+    machine has, and os.cpu_count() would oversubscribe them)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def _check(name: str, rows: np.ndarray, imatrix: np.ndarray | None) -> TypeInfo:
     info = type_info(name)
     if rows.ndim != 2:
@@ -75,7 +84,7 @@ def quantize(rows: np.ndarray, name: str, imatrix: np.ndarray | None = None, thr
         lib.ggml_quantize_chunk(info.id, src[start:].ctypes.data, out[start:].ctypes.data, 0, count, n, imat_ptr)
 
     starts = range(0, n_rows, _ROWS_PER_TASK)
-    workers = threads or os.cpu_count() or 1
+    workers = threads or cpu_threads()
     if workers == 1 or n_rows <= _ROWS_PER_TASK:
         for s in starts:
             task(s)
