@@ -1,9 +1,9 @@
-"""ggml's quantizers on one expert matrix: the patched IQ2/IQ3 neighbour search (cpp_patch 0008) side by side
-with stock ggml's one-at-a-time search, in one process, on the same rows and importance matrix.
+"""ggml's quantizers on one expert matrix: the patched IQ2/IQ3 neighbour search and IQ4 grid index (cpp_patch
+0008) side by side with stock ggml's loops, in one process, on the same rows and importance matrix.
 
 Each type is timed single-threaded (CPU seconds, best of --repeat) on a Qwen3-30B-A3B expert matrix shape
 (768 x 2048, Gaussian rows, a random importance matrix), after a warm-up call that builds ggml's grids; the
-table gives both times, their ratio and whether the bytes are identical. Types without a neighbour search
+table gives both times, their ratio and whether the bytes are identical. The other default candidates
 are listed for scale (what a candidate costs the cost pass and the writer).
 
     python bench/iq_speed.py [--rows 768] [--cols 2048] [--repeat 3] [--json out.json]
@@ -22,7 +22,6 @@ from rich.table import Table
 from gemq_gguf.ggml import quant
 from gemq_gguf.options import DEFAULT_TYPES
 
-SEARCH_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")
 
 
 def cpu_seconds(rows: np.ndarray, name: str, imatrix: np.ndarray, repeat: int) -> tuple[float, np.ndarray]:
@@ -45,13 +44,13 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = rng.standard_normal((args.rows, args.cols)).astype(np.float32)
     imatrix = (rng.random(args.cols) + 0.1).astype(np.float32)
-    names = list(dict.fromkeys([*SEARCH_TYPES, *DEFAULT_TYPES]))
+    names = list(dict.fromkeys([*quant.PATCHED_SEARCH_TYPES, *DEFAULT_TYPES]))
     results = []
     for name in names:
         quant.quantize(rows[:32], name, imatrix, threads=1)  # builds the grids, outside the timing
         fast, fast_bytes = cpu_seconds(rows, name, imatrix, args.repeat)
         row = {"type": name, "simd_s": fast, "default_candidate": name in DEFAULT_TYPES}
-        if name in SEARCH_TYPES:
+        if name in quant.PATCHED_SEARCH_TYPES:
             with quant.reference_search():
                 ref, ref_bytes = cpu_seconds(rows, name, imatrix, args.repeat)
             row.update(stock_s=ref, speedup=ref / fast, identical=bool(np.array_equal(ref_bytes, fast_bytes)))

@@ -112,10 +112,14 @@ def roundtrip(rows: np.ndarray, name: str, imatrix: np.ndarray | None = None) ->
     return dequantize(quantize(rows, name, imatrix), name, rows.shape[1])
 
 
+#: the types whose quantizer cpp_patch 0008 speeds up (and `reference_search` switches back to stock)
+PATCHED_SEARCH_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS", "IQ4_NL")
+
+
 @contextmanager
 def reference_search() -> Iterator[None]:
-    """Within: the IQ2/IQ3 quantizers search grid neighbours one at a time, as stock ggml does, instead of
-    the patched SIMD search (cpp_patch 0008). Both must give the same bytes; tests and bench/iq_speed.py
+    """Within: the IQ2/IQ3 quantizers search grid neighbours one at a time and the IQ4 ones index their grid
+    by binary search, as stock ggml does, instead of the patched equivalents (cpp_patch 0008). Both must give the same bytes; tests and bench/iq_speed.py
     compare them. Not for concurrent use (a process-wide switch in ggml)."""
     lib = ggml_lib()
     if not hasattr(lib, "ggml_quantize_set_reference"):
