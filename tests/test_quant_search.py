@@ -5,8 +5,9 @@ The reference is the one-at-a-time loop kept in the same library (`quant.referen
 comparison holds for the compiler and flags this build used. Rows are chosen to reach every branch of
 the searches: ordinary and heavy-tailed weights (long neighbour lists), tiny and all-zero sub-blocks
 (skipped sub-blocks), rows on IQ4's grid and its midpoints (exact ties in its index), constant and
-lattice rows under a flat importance matrix (exact ties between neighbours that are permutations of each other: the first in the list must win), and an importance
-matrix with near-zero entries (weights that vanish in the distance).
+lattice rows under a flat importance matrix (exact ties between neighbours that are permutations of each
+other: the first in the list must win), and an importance matrix with near-zero entries (weights that
+vanish in the distance).
 """
 from __future__ import annotations
 

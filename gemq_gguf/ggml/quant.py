@@ -119,11 +119,12 @@ PATCHED_SEARCH_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_X
 @contextmanager
 def reference_search() -> Iterator[None]:
     """Within: the IQ2/IQ3 quantizers search grid neighbours one at a time and the IQ4 ones index their grid
-    by binary search, as stock ggml does, instead of the patched equivalents (cpp_patch 0008). Both must give the same bytes; tests and bench/iq_speed.py
-    compare them. Not for concurrent use (a process-wide switch in ggml)."""
+    by binary search, as stock ggml does, instead of the patched equivalents (cpp_patch 0008). Both must give
+    the same bytes; tests and bench/iq_speed.py compare them. Not for concurrent use (a process-wide switch
+    in ggml)."""
     lib = ggml_lib()
     if not hasattr(lib, "ggml_quantize_set_reference"):
-        raise GemqError("this libggml-base lacks the IQ neighbour-search patch (ggml_quantize_set_reference).",
+        raise GemqError("this libggml-base lacks the quantizer-speed patch (ggml_quantize_set_reference).",
                         "rebuild llama-cpp-python with ./setup.sh.")
     lib.ggml_quantize_set_reference.argtypes = [ctypes.c_bool]
     lib.ggml_quantize_set_reference(True)
